@@ -1,0 +1,86 @@
+"""Device meshes and array placement.
+
+ddjax decides shardings once, at the top of a stage, and lets ``jit`` propagate
+them (the big_vision pattern). The mesh has two axes:
+
+* ``pool``: independent models trained side by side (evaluation seeds,
+  experts). Each device holds whole models; nothing is communicated.
+* ``data``: the examples of one batch (the inner-loop minibatch of trajectory
+  matching, the recover batch of SRe2L).
+
+Axes are ``AxisType.Auto`` (classic GSPMD propagation): ``jax.make_mesh``
+creates *Explicit* axes by default since JAX 0.10, which would make every
+sharding part of the array type and need annotations inside the model code.
+``pmap`` is not used anywhere (it is legacy since JAX 0.8).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ddjax.errors import check
+
+
+def make_mesh(pool: int = 1, data: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a ``('pool', 'data')`` mesh over ``pool * data`` devices.
+
+    Args:
+      pool: size of the model-pool axis.
+      data: size of the batch axis.
+      devices: devices to use (default: the first ``pool * data`` of ``jax.devices()``).
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    check(
+        pool * data <= len(devices),
+        f"mesh pool={pool} x data={data} needs {pool * data} devices, only {len(devices)} exist",
+    )
+    return jax.make_mesh(
+        (pool, data),
+        ("pool", "data"),
+        axis_types=(AxisType.Auto, AxisType.Auto),
+        devices=devices[: pool * data],
+    )
+
+
+def pool_mesh(num_models: int) -> Mesh:
+    """A mesh whose ``pool`` axis spreads ``num_models`` models evenly over the devices.
+
+    The pool axis gets the largest device count that divides ``num_models``, so
+    every device trains the same number of whole models (5 models on 8 devices
+    use 5 devices; 8 models use all 8).
+    """
+    n = jax.device_count()
+    size = max(d for d in range(1, min(n, num_models) + 1) if num_models % d == 0)
+    return make_mesh(pool=size, data=1)
+
+
+def pool_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading axis split over ``pool``; the rest replicated."""
+    return NamedSharding(mesh, P("pool"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array."""
+    return NamedSharding(mesh, P())
+
+
+def shard_pool(tree, mesh: Mesh):
+    """Places a pytree whose leaves have a leading model axis on the ``pool`` axis."""
+    return jax.device_put(tree, pool_sharding(mesh))
+
+
+def replicate(tree, mesh: Mesh):
+    """Places a pytree on every device of ``mesh``."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def describe(mesh: Mesh) -> str:
+    """One line for logs: ``pool=4 data=2 on 8 cpu devices``."""
+    sizes = " ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    platform = mesh.devices.flat[0].platform
+    return f"{sizes} on {math.prod(mesh.devices.shape)} {platform} devices"

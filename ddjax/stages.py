@@ -1,0 +1,169 @@
+"""The CLI's stages as Python functions: config + work directory in, files out.
+
+Each ``run_<stage>(config, workdir)`` validates the config at the boundary,
+calls the library functions (which work on arrays and know nothing of files)
+and writes the work directory. Every function is also usable from a notebook.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from ddjax import data as data_lib
+from ddjax import evaluate as evaluate_lib
+from ddjax import select as select_lib
+from ddjax.errors import check
+from ddjax.synset import SyntheticSet, load_synset, save_grid
+from ddjax.workdir import Workdir
+
+
+def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
+    """The dataset named by ``config.dataset``."""
+    return data_lib.load_dataset(
+        config.dataset.name,
+        data_dir=config.dataset.data_dir or None,
+        zca=config.dataset.zca,
+    )
+
+
+def evaluate_into(
+    workdir: Workdir,
+    synset: SyntheticSet,
+    dataset: data_lib.Dataset,
+    eval_config: ml_collections.ConfigDict,
+    key: str = "eval",
+) -> dict:
+    """Evaluates ``synset`` on every architecture of ``eval_config.models``.
+
+    Results are written to ``results.json`` after each architecture, so a killed
+    run continues with the first architecture that has no result yet.
+    """
+    results = workdir.results()
+    done = results.setdefault(key, {})
+    for model in eval_config.models:
+        if model in done:
+            continue
+        start = time.time()
+        result = evaluate_lib.evaluate_synset(
+            synset,
+            dataset,
+            model=model,
+            protocol=eval_config.protocol,
+            num_models=eval_config.num_models,
+            seed=eval_config.seed,
+            epochs=eval_config.epochs,
+            batch_size=eval_config.batch_size,
+            lr=eval_config.lr,
+            progress=True,
+        )
+        done[model] = {**result.to_json(), "seconds": round(time.time() - start, 1)}
+        workdir.log(event="eval", model=model, mean=result.mean, std=result.std)
+        workdir.save_results(results)
+        print(f"{model}: {result.summary()} % (lr {result.learning_rate:g}, {result.lr_source})")
+    return done
+
+
+def run_select(config: ml_collections.ConfigDict, workdir: str) -> SyntheticSet:
+    """``ddjax select``: a coreset saved as ``synset.npz`` + ``synset.png`` (then evaluated)."""
+    check(
+        config.method in select_lib.METHODS,
+        f"config.method={config.method!r} is not a selection method; "
+        f"valid: {list(select_lib.METHODS)}",
+    )
+    work = Workdir(workdir, config, "select")
+    dataset = load_data(config)
+    synset_file = work.file("synset.npz")
+    if synset_file.exists():
+        synset = load_synset(synset_file)
+    else:
+        synset = select_lib.select(
+            dataset,
+            config.method,
+            config.ipc,
+            seed=config.seed,
+            features=config.features,
+            feature_epochs=config.feature_epochs,
+            feature_model=config.feature_model,
+            progress=True,
+        )
+        synset.save(synset_file)
+        work.log(event="selected", method=config.method, ipc=config.ipc)
+    save_grid(work.file("synset.png"), synset, dataset.to_pixels)
+    print(f"{config.method} IPC {config.ipc}: {synset_file} ({len(synset.labels)} images)")
+    if config.evaluate:
+        evaluate_into(work, synset, dataset, config.eval)
+    return synset
+
+
+def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """``ddjax evaluate``: ``config.synset`` evaluated on ``config.eval.models``."""
+    check(bool(config.synset), "config.synset is empty; pass --config.synset=PATH/TO/synset.npz")
+    work = Workdir(workdir, config, "evaluate")
+    dataset = load_data(config)
+    synset = load_synset(config.synset)
+    return evaluate_into(work, synset, dataset, config.eval)
+
+
+def quickstart(workdir: str = "runs/quickstart", epochs: int = 300, num_models: int = 5) -> dict:
+    """The first run: coresets of the bundled digits at IPC 1 and 10, evaluated, in a table.
+
+    Uses scikit-learn's digits (no download), MTT's evaluation protocol with
+    ``epochs`` epochs (reduced from 1000 to fit a few CPU minutes) and lr 0.01,
+    ``num_models`` ConvNets per set. Writes one picture per set and
+    ``results.json``; prints the table.
+    """
+    config = ml_collections.ConfigDict(
+        {"stage": "quickstart", "epochs": epochs, "num_models": num_models, "dataset": "digits"}
+    )
+    work = Workdir(workdir, config, "quickstart")
+    dataset = data_lib.load_dataset("digits")
+    embedding = select_lib.embed(dataset, "trained", feature_epochs=20, progress=True)
+    results = work.results()
+    rows = results.setdefault("rows", {})
+    for ipc in (1, 10):
+        for method in select_lib.METHODS:
+            name = f"{method}_ipc{ipc}"
+            synset = select_lib.select(dataset, method, ipc, embedding=embedding)
+            save_grid(work.file(f"{name}.png"), synset, dataset.to_pixels)
+            if name in rows:
+                continue
+            result = evaluate_lib.evaluate_synset(
+                synset, dataset, protocol="mtt", epochs=epochs, num_models=num_models, progress=True
+            )
+            rows[name] = {"method": method, "ipc": ipc, **result.to_json()}
+            work.log(event="eval", name=name, mean=result.mean, std=result.std)
+            work.save_results(results)
+            print(f"  {method:8s} IPC {ipc:2d}: {result.summary()} %")
+    table = format_table(rows, dataset.name, epochs, num_models)
+    Path(work.file("table.md")).write_text(table)
+    print(table)
+    print(f"pictures and results in {work.path}")
+    return rows
+
+
+def format_table(rows: dict, dataset: str, epochs: int, num_models: int) -> str:
+    """A Markdown table: methods as rows, IPC as columns, mean ± std in percent."""
+    methods = list(dict.fromkeys(r["method"] for r in rows.values()))
+    ipcs = sorted({r["ipc"] for r in rows.values()})
+    lines = [
+        f"Test accuracy (%) on {dataset}, ConvNet, MTT protocol with {epochs} epochs, "
+        f"mean ± std over {num_models} networks",
+        "",
+        "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
+        "|---|" + "---|" * len(ipcs),
+    ]
+    for method in methods:
+        cells = []
+        for ipc in ipcs:
+            row = rows.get(f"{method}_ipc{ipc}")
+            cells.append(
+                f"{100 * row['mean']:.2f} ± {100 * np.std(row['accuracies']) * 1:.2f}"
+                if row
+                else "–"
+            )
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,294 @@
+"""Training: one pure step, epochs as ``lax.scan``, pools of models by ``vmap``.
+
+Everything that trains a network in ddjax -- evaluation of a synthetic set,
+expert trajectories, the SRe2L teacher, feature extractors for coresets --
+goes through :func:`make_train_step`. The step is a pure function
+
+    (state, images, labels, key) -> (state, loss)
+
+where ``state`` is a :class:`TrainState` of plain pytrees (params, BatchNorm
+statistics, optax state). An *epoch* is a shuffled pass in minibatches
+(``lax.scan`` over the full batches, plus one step on the remainder, as a
+PyTorch ``DataLoader`` with ``drop_last=False`` does). A *pool* of K models is
+the same epoch under ``jax.vmap`` with one key per model; when several devices
+exist the pool axis is sharded over the mesh (``ddjax.sharding``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from ddjax import sharding
+
+Array = jax.Array
+Augment = Callable[[Array, Array], Array]
+
+
+class TrainState(NamedTuple):
+    """The state of one network in training (a pytree; vmap adds a leading model axis).
+
+    Attributes:
+      params: the ``params`` collection.
+      batch_stats: the ``batch_stats`` collection (``{}`` for models without BatchNorm).
+      opt_state: the optax state.
+    """
+
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def sgd(learning_rate: float, momentum: float = 0.0, weight_decay: float = 0.0):
+    """SGD with PyTorch's semantics, learning rate injected as a state hyper-parameter.
+
+    PyTorch adds ``weight_decay * p`` to the gradient *before* momentum, keeps
+    ``buf = momentum * buf + g`` (the first step's buffer is ``g``) and applies
+    ``p -= lr * buf`` -- exactly ``add_decayed_weights`` then optax's ``trace``.
+    The learning rate lives in ``opt_state.hyperparams['learning_rate']`` so that
+    schedules, learned rates and decays change it without recompiling.
+    """
+
+    def build(learning_rate, momentum, weight_decay):
+        parts = []
+        if weight_decay:
+            parts.append(optax.add_decayed_weights(weight_decay))
+        parts.append(optax.sgd(learning_rate, momentum=momentum or None))
+        return optax.chain(*parts)
+
+    return optax.inject_hyperparams(build, static_args=("momentum", "weight_decay"))(
+        learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay
+    )
+
+
+def set_learning_rate(opt_state, learning_rate) -> Any:
+    """Returns ``opt_state`` (of :func:`sgd`, possibly pool-stacked) with a new learning rate."""
+    lr = opt_state.hyperparams["learning_rate"]
+    new = dict(opt_state.hyperparams, learning_rate=jnp.full_like(lr, learning_rate))
+    return opt_state._replace(hyperparams=new)
+
+
+def cross_entropy(logits: Array, labels: Array) -> Array:
+    """Mean cross-entropy with hard labels ``(N,)`` or target probabilities ``(N, C)``."""
+    if labels.ndim == 1:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return optax.softmax_cross_entropy(logits, labels).mean()
+
+
+def init_state(model, tx: optax.GradientTransformation, key: Array, image_shape) -> TrainState:
+    """Initialises a network (PyTorch-default init) and its optimiser state."""
+    variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    return TrainState(params, batch_stats, tx.init(params))
+
+
+def init_pool(model, tx, key: Array, image_shape, num_models: int, mesh=None) -> TrainState:
+    """Initialises ``num_models`` independent networks stacked on a leading axis.
+
+    Model ``i`` is initialised from ``jax.random.split(key, num_models)[i]``, so
+    the pool equals the models initialised one by one. With a ``mesh`` the pool
+    axis is sharded over its ``pool`` axis.
+    """
+    keys = jax.random.split(key, num_models)
+    init = jax.vmap(lambda k: init_state(model, tx, k, image_shape))
+    if mesh is None:
+        return jax.jit(init)(keys)
+    return jax.jit(init, out_shardings=sharding.pool_sharding(mesh))(keys)
+
+
+def make_train_step(
+    model,
+    tx: optax.GradientTransformation,
+    augment: Augment | None = None,
+    loss_fn: Callable[[Array, Array], Array] = cross_entropy,
+):
+    """Builds the pure train step ``(state, images, labels, key) -> (state, loss)``.
+
+    Args:
+      model: a Flax Linen module with ``__call__(x, train)``.
+      tx: the optax optimiser (e.g. :func:`sgd`).
+      augment: ``augment(key, images) -> images`` applied to every batch
+        (``ddjax.augment.make_augment``), or ``None``.
+      loss_fn: ``loss_fn(logits, labels) -> scalar``.
+    """
+
+    def step(state: TrainState, images: Array, labels: Array, key: Array):
+        if augment is not None:
+            images = augment(key, images)
+
+        def objective(params):
+            variables = {"params": params}
+            if state.batch_stats:
+                variables["batch_stats"] = state.batch_stats
+                logits, updates = model.apply(
+                    variables, images, train=True, mutable=["batch_stats"]
+                )
+                return loss_fn(logits, labels), updates["batch_stats"]
+            logits = model.apply(variables, images, train=True)
+            return loss_fn(logits, labels), state.batch_stats
+
+        (loss, batch_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, batch_stats, opt_state), loss
+
+    return step
+
+
+def make_epoch(step, batch_size: int):
+    """Builds ``epoch(state, images, labels, key) -> (state, mean_loss)`` for one model.
+
+    The data is reshuffled with ``key``; full batches run under ``lax.scan`` and a
+    smaller last batch (if any) runs once more, like PyTorch's ``DataLoader``
+    with ``shuffle=True, drop_last=False``. Shapes are static, so one epoch
+    function compiles once per dataset size.
+    """
+
+    def epoch(state: TrainState, images: Array, labels: Array, key: Array):
+        n = images.shape[0]
+        num_full, tail = divmod(n, batch_size)
+        perm_key, step_key = jax.random.split(key)
+        perm = jax.random.permutation(perm_key, n)
+        keys = jax.random.split(step_key, num_full + (tail > 0))
+        losses = []
+        if num_full:
+
+            def body(state, xs):
+                index, k = xs
+                return step(state, images[index], labels[index], k)
+
+            batches = perm[: num_full * batch_size].reshape(num_full, batch_size)
+            state, full_losses = jax.lax.scan(body, state, (batches, keys[:num_full]))
+            losses.append(full_losses * batch_size)
+        if tail:
+            index = perm[num_full * batch_size :]
+            state, tail_loss = step(state, images[index], labels[index], keys[-1])
+            losses.append(tail_loss[None] * tail)
+        return state, jnp.concatenate(losses).sum() / n
+
+    return epoch
+
+
+def make_pool_epoch(step, batch_size: int):
+    """``make_epoch`` vmapped over a leading model axis (state and key), jitted, donating the state.
+
+    The data is shared by all models; each model shuffles and augments with its
+    own key, exactly as if the models were trained one after another with
+    those keys.
+    """
+    epoch = make_epoch(step, batch_size)
+    pool_epoch = jax.vmap(epoch, in_axes=(0, None, None, 0))
+    return jax.jit(pool_epoch, donate_argnums=(0,))
+
+
+def fit_pool(
+    state: TrainState,
+    step,
+    images,
+    labels,
+    key: Array,
+    epochs: int,
+    batch_size: int,
+    lr_schedule: Callable[[int], float] | None = None,
+    reset_optimizer_at: Sequence[int] = (),
+    tx: optax.GradientTransformation | None = None,
+    progress: str | None = None,
+) -> tuple[TrainState, np.ndarray]:
+    """Trains a pool of models for ``epochs`` epochs (the Python driver: loop, schedule, bar).
+
+    Args:
+      state: pool-stacked :class:`TrainState` (from :func:`init_pool`).
+      step: from :func:`make_train_step`.
+      images, labels: the training data, shared by all models.
+      key: the models' keys are ``jax.random.split(fold_in(key, epoch), K)``.
+      epochs: number of epochs.
+      batch_size: minibatch size.
+      lr_schedule: ``epoch -> learning rate`` (needs the :func:`sgd` optimiser);
+        ``None`` keeps the optimiser's rate.
+      reset_optimizer_at: epochs at whose start the optimiser state is
+        re-initialised -- PyTorch code that re-creates its optimiser when it
+        decays the rate (MTT's evaluation) resets the momentum buffers.
+      tx: the optimiser, needed for ``reset_optimizer_at``.
+      progress: description for the progress bar (``None``: no bar). The bar
+        is silent when stderr is not a terminal.
+
+    Returns:
+      The trained state and the mean training loss per epoch, shape ``(epochs, K)``.
+    """
+    num_models = jax.tree.leaves(state.params)[0].shape[0]
+    pool_epoch = make_pool_epoch(step, batch_size)
+    images = jnp.asarray(images)
+    labels = jnp.asarray(labels)
+    history = []
+    bar = tqdm(
+        range(epochs), desc=progress, disable=True if progress is None else None, leave=False
+    )
+    for epoch in bar:
+        if epoch in reset_optimizer_at:
+            if tx is None:
+                raise ValueError("fit_pool: reset_optimizer_at needs the optimiser `tx`")
+            opt_state = jax.vmap(tx.init)(state.params)
+            state = state._replace(opt_state=_like(opt_state, state.opt_state))
+        if lr_schedule is not None:
+            state = state._replace(opt_state=set_learning_rate(state.opt_state, lr_schedule(epoch)))
+        keys = jax.random.split(jax.random.fold_in(key, epoch), num_models)
+        state, loss = pool_epoch(state, images, labels, keys)
+        history.append(loss)
+        if progress is not None and (epoch % 10 == 0 or epoch == epochs - 1):
+            bar.set_postfix(loss=f"{float(jnp.mean(loss)):.4f}")
+    return state, np.asarray(jnp.stack(history)) if history else np.zeros((0, num_models))
+
+
+def _like(new_tree, old_tree):
+    """Puts ``new_tree``'s leaves on the shardings of ``old_tree``'s (keeps a pool sharded)."""
+    return jax.tree.map(lambda n, o: jax.device_put(n, o.sharding), new_tree, old_tree)
+
+
+def make_predict(model, batch_size: int = 500):
+    """Builds ``predict(params, batch_stats, images) -> logits`` in inference mode, in chunks."""
+
+    def predict(params, batch_stats, images):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        n = images.shape[0]
+        num_full, tail = divmod(n, batch_size)
+        outputs = []
+        if num_full:
+            chunks = images[: num_full * batch_size].reshape(
+                num_full, batch_size, *images.shape[1:]
+            )
+            logits = jax.lax.map(lambda x: model.apply(variables, x, train=False), chunks)
+            outputs.append(logits.reshape(num_full * batch_size, -1))
+        if tail:
+            outputs.append(model.apply(variables, images[num_full * batch_size :], train=False))
+        return jnp.concatenate(outputs)
+
+    return predict
+
+
+def pool_accuracy(model, state: TrainState, images, labels, num_classes: int, batch_size=500):
+    """Test accuracy of every model of a pool.
+
+    Returns:
+      ``(accuracy (K,), per_class_accuracy (K, num_classes))`` as NumPy arrays.
+    """
+    predict = make_predict(model, batch_size)
+    labels = jnp.asarray(labels)
+
+    @jax.jit
+    def correct_per_class(params, batch_stats, images):
+        logits = jax.vmap(predict, in_axes=(0, 0, None))(params, batch_stats, images)
+        correct = (jnp.argmax(logits, -1) == labels[None]).astype(jnp.float32)
+        onehot = jax.nn.one_hot(labels, num_classes)
+        return correct.mean(-1), (correct @ onehot) / jnp.maximum(onehot.sum(0), 1)
+
+    accuracy, per_class = correct_per_class(state.params, state.batch_stats, jnp.asarray(images))
+    return np.asarray(accuracy), np.asarray(per_class)

@@ -1,0 +1,77 @@
+"""A run's work directory: resolved config, metrics, results, pictures.
+
+Layout (every stage)::
+
+    WORKDIR/config.json     the resolved config (checked on resume)
+    WORKDIR/metrics.jsonl   one JSON object per logged event
+    WORKDIR/results.json    the stage's final numbers (rewritten atomically)
+
+Re-running a stage on the same work directory with the same config resumes;
+with a different config it is refused, naming the fields that differ, so that
+results of two configs never mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from ddjax import config as config_lib
+from ddjax.errors import DDJaxError
+
+
+class Workdir:
+    """Files of one run.
+
+    Args:
+      path: the directory (created if missing).
+      config: the resolved config; compared with a saved ``config.json``.
+      stage: the stage name, stored beside the config.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: ml_collections.ConfigDict, stage: str):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        saved_file = self.path / "config.json"
+        current = {"stage": stage, **json.loads(config_lib.to_json(config))}
+        if saved_file.exists():
+            saved = json.loads(saved_file.read_text())
+            changed = config_lib.diff(saved, current)
+            if changed:
+                raise DDJaxError(
+                    f"workdir {self.path} holds a run with a different config "
+                    f"({'; '.join(changed[:3])}); use a new --workdir or the same config"
+                )
+            self.resumed = True
+        else:
+            write_json(saved_file, current)
+            self.resumed = False
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def log(self, **record: Any) -> None:
+        """Appends one event to ``metrics.jsonl`` (with a wall-clock timestamp)."""
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+    def results(self) -> dict:
+        """The current ``results.json`` (empty when the run has none yet)."""
+        file = self.path / "results.json"
+        return json.loads(file.read_text()) if file.exists() else {}
+
+    def save_results(self, results: dict) -> None:
+        write_json(self.path / "results.json", results)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Writes JSON atomically (temporary file + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
