@@ -155,6 +155,7 @@ def evaluate_synset(
     seed: int = 0,
     model_overrides: dict | None = None,
     progress: bool = False,
+    pool_mode: str = "auto",
     **protocol_overrides,
 ) -> EvalResult:
     """Trains ``num_models`` fresh networks on ``synset`` and tests them on ``dataset``.
@@ -169,6 +170,9 @@ def evaluate_synset(
         ``(seed, i)``; the same seed gives the same accuracies.
       model_overrides: keyword overrides for the architecture (e.g. ``width``).
       progress: show a progress bar over epochs.
+      pool_mode: how the K networks share the device: ``'vmap'``, ``'loop'`` or
+        ``'auto'`` (vmap on accelerators, one after another on CPU; see
+        ``ddjax.train.resolve_pool_mode``). The results are the same.
       **protocol_overrides: e.g. ``epochs=300``, ``lr=0.01``, ``batch_size=128``.
 
     Returns:
@@ -225,6 +229,7 @@ def evaluate_synset(
         reset_optimizer_at=protocol.reset_epochs,
         tx=tx,
         progress=f"eval {model}" if progress else None,
+        pool_mode=pool_mode,
     )
     accuracy, per_class = train.pool_accuracy(
         net, state, dataset.x_test, dataset.y_test, dataset.num_classes

@@ -15,6 +15,7 @@ import numpy as np
 
 from ddjax import data as data_lib
 from ddjax import evaluate as evaluate_lib
+from ddjax import models as models_lib
 from ddjax import select as select_lib
 from ddjax.errors import check
 from ddjax.synset import SyntheticSet, load_synset, save_grid
@@ -28,6 +29,23 @@ def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
         data_dir=config.dataset.data_dir or None,
         zca=config.dataset.zca,
     )
+
+
+def check_eval(eval_config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> None:
+    """Validates ``config.eval`` before any work is done (nothing half-written on bad input)."""
+    evaluate_lib.get_protocol(
+        eval_config.protocol,
+        epochs=eval_config.epochs,
+        batch_size=eval_config.batch_size,
+        lr=eval_config.lr,
+    )
+    check(
+        eval_config.num_models >= 1,
+        f"config.eval.num_models={eval_config.num_models} must be at least 1",
+    )
+    check(len(eval_config.models) >= 1, "config.eval.models is empty; e.g. ConvNet,ResNet18")
+    for name in eval_config.models:
+        models_lib.get_model(name, dataset.num_classes, dataset.image_shape)
 
 
 def evaluate_into(
@@ -74,8 +92,11 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> SyntheticSet:
         f"config.method={config.method!r} is not a selection method; "
         f"valid: {list(select_lib.METHODS)}",
     )
-    work = Workdir(workdir, config, "select")
     dataset = load_data(config)
+    data_lib.check_ipc(dataset, config.ipc)
+    if config.evaluate:
+        check_eval(config.eval, dataset)
+    work = Workdir(workdir, config, "select")
     synset_file = work.file("synset.npz")
     if synset_file.exists():
         synset = load_synset(synset_file)
@@ -102,10 +123,14 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> SyntheticSet:
 def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """``ddjax evaluate``: ``config.synset`` evaluated on ``config.eval.models``."""
     check(bool(config.synset), "config.synset is empty; pass --config.synset=PATH/TO/synset.npz")
-    work = Workdir(workdir, config, "evaluate")
     dataset = load_data(config)
     synset = load_synset(config.synset)
+    check_eval(config.eval, dataset)
+    work = Workdir(workdir, config, "evaluate")
     return evaluate_into(work, synset, dataset, config.eval)
+
+
+QUICKSTART_MODEL = {"width": 64}  # ConvNet-3 at width 64: 8x8 digits need no more
 
 
 def quickstart(workdir: str = "runs/quickstart", epochs: int = 300, num_models: int = 5) -> dict:
@@ -113,15 +138,17 @@ def quickstart(workdir: str = "runs/quickstart", epochs: int = 300, num_models: 
 
     Uses scikit-learn's digits (no download), MTT's evaluation protocol with
     ``epochs`` epochs (reduced from 1000 to fit a few CPU minutes) and lr 0.01,
-    ``num_models`` ConvNets per set. Writes one picture per set and
-    ``results.json``; prints the table.
+    ``num_models`` ConvNet-3 networks of width 64 per set. Writes one picture
+    per set, ``results.json`` and ``table.md``; prints the table.
     """
     config = ml_collections.ConfigDict(
         {"stage": "quickstart", "epochs": epochs, "num_models": num_models, "dataset": "digits"}
     )
     work = Workdir(workdir, config, "quickstart")
     dataset = data_lib.load_dataset("digits")
-    embedding = select_lib.embed(dataset, "trained", feature_epochs=20, progress=True)
+    embedding = select_lib.embed(
+        dataset, "trained", feature_epochs=20, model_overrides=QUICKSTART_MODEL, progress=True
+    )
     results = work.results()
     rows = results.setdefault("rows", {})
     for ipc in (1, 10):
@@ -132,7 +159,13 @@ def quickstart(workdir: str = "runs/quickstart", epochs: int = 300, num_models: 
             if name in rows:
                 continue
             result = evaluate_lib.evaluate_synset(
-                synset, dataset, protocol="mtt", epochs=epochs, num_models=num_models, progress=True
+                synset,
+                dataset,
+                protocol="mtt",
+                epochs=epochs,
+                num_models=num_models,
+                model_overrides=QUICKSTART_MODEL,
+                progress=True,
             )
             rows[name] = {"method": method, "ipc": ipc, **result.to_json()}
             work.log(event="eval", name=name, mean=result.mean, std=result.std)
@@ -150,7 +183,7 @@ def format_table(rows: dict, dataset: str, epochs: int, num_models: int) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows.values()))
     ipcs = sorted({r["ipc"] for r in rows.values()})
     lines = [
-        f"Test accuracy (%) on {dataset}, ConvNet, MTT protocol with {epochs} epochs, "
+        f"Test accuracy (%) on {dataset}, ConvNet-3 (width 64), MTT protocol with {epochs} epochs, "
         f"mean ± std over {num_models} networks",
         "",
         "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",

@@ -16,6 +16,7 @@ exist the pool axis is sharded over the mesh (``ddjax.sharding``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -26,6 +27,7 @@ import optax
 from tqdm.auto import tqdm
 
 from ddjax import sharding
+from ddjax.errors import check
 
 Array = jax.Array
 Augment = Callable[[Array, Array], Array]
@@ -176,16 +178,76 @@ def make_epoch(step, batch_size: int):
     return epoch
 
 
-def make_pool_epoch(step, batch_size: int):
-    """``make_epoch`` vmapped over a leading model axis (state and key), jitted, donating the state.
+POOL_MODES = ("auto", "vmap", "loop")
 
-    The data is shared by all models; each model shuffles and augments with its
-    own key, exactly as if the models were trained one after another with
-    those keys.
+
+def resolve_pool_mode(mode: str) -> str:
+    """``'auto'`` is ``'vmap'`` on GPU/TPU and ``'loop'`` on CPU.
+
+    Two facts about XLA:CPU (jax 0.10.2, measured in
+    ``benchmarks/eval_throughput.py``) decide the CPU form:
+
+    * ``vmap`` over networks turns every convolution into a grouped
+      convolution (one group per model), and a batched DSA group choice runs
+      all six groups; XLA:CPU runs the vmapped pool several times slower per
+      model than one model at a time.
+    * A convolution step inside a *rolled* loop (``lax.scan``/``lax.map``)
+      runs about 10x slower than the same step outside a loop.
+
+    So on CPU a pool is trained one model after another, each epoch a Python
+    loop over jitted minibatch steps (dispatch costs microseconds against
+    milliseconds of compute). On accelerators the pool is one vmapped program
+    whose epoch is a ``lax.scan``. Both give the same numbers (tested).
+    """
+    check(mode in POOL_MODES, f"pool_mode={mode!r} is not known; valid: {list(POOL_MODES)}")
+    if mode == "auto":
+        return "loop" if jax.default_backend() == "cpu" else "vmap"
+    return mode
+
+
+def make_pool_epoch(step, batch_size: int):
+    """``make_epoch`` vmapped over a leading model axis, jitted, donating the state.
+
+    Returns ``pool_epoch(state, images, labels, keys) -> (state, losses)``. The
+    data is shared by all models; model ``i`` shuffles and augments with
+    ``keys[i]``, exactly as if the models were trained one after another.
+    A pool-sharded state (``ddjax.sharding.shard_pool``) stays sharded: each
+    device trains its own models.
     """
     epoch = make_epoch(step, batch_size)
-    pool_epoch = jax.vmap(epoch, in_axes=(0, None, None, 0))
-    return jax.jit(pool_epoch, donate_argnums=(0,))
+    return jax.jit(jax.vmap(epoch, in_axes=(0, None, None, 0)), donate_argnums=(0,))
+
+
+def make_loop_epoch(step, batch_size: int):
+    """The same epoch as :func:`make_epoch` as a Python loop over jitted steps.
+
+    Returns ``epoch(state, images, labels, key) -> (state, mean_loss)`` for one
+    model. The permutation, the batches and the per-step keys are derived from
+    ``key`` exactly as in :func:`make_epoch`, so both forms train identically.
+    """
+
+    @jax.jit
+    def plan(key, labels):
+        perm_key, step_key = jax.random.split(key)
+        return jax.random.permutation(perm_key, labels.shape[0]), step_key
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def indexed_step(state, images, labels, index, key):
+        return step(state, images[index], labels[index], key)
+
+    def epoch(state, images, labels, key):
+        n = images.shape[0]
+        num_full, tail = divmod(n, batch_size)
+        perm, step_key = plan(key, labels)
+        keys = jax.random.split(step_key, num_full + (tail > 0))
+        total = 0.0
+        for b in range(num_full + (tail > 0)):
+            index = perm[b * batch_size : (b + 1) * batch_size]
+            state, loss = indexed_step(state, images, labels, index, keys[b])
+            total = total + loss * index.shape[0]
+        return state, total / n
+
+    return epoch
 
 
 def fit_pool(
@@ -200,6 +262,7 @@ def fit_pool(
     reset_optimizer_at: Sequence[int] = (),
     tx: optax.GradientTransformation | None = None,
     progress: str | None = None,
+    pool_mode: str = "auto",
 ) -> tuple[TrainState, np.ndarray]:
     """Trains a pool of models for ``epochs`` epochs (the Python driver: loop, schedule, bar).
 
@@ -218,32 +281,84 @@ def fit_pool(
       tx: the optimiser, needed for ``reset_optimizer_at``.
       progress: description for the progress bar (``None``: no bar). The bar
         is silent when stderr is not a terminal.
+      pool_mode: ``'vmap'``, ``'loop'`` or ``'auto'`` (see :func:`resolve_pool_mode`).
 
     Returns:
       The trained state and the mean training loss per epoch, shape ``(epochs, K)``.
     """
+    check(not reset_optimizer_at or tx is not None, "fit_pool: reset_optimizer_at needs `tx`")
     num_models = jax.tree.leaves(state.params)[0].shape[0]
-    pool_epoch = make_pool_epoch(step, batch_size)
-    images = jnp.asarray(images)
-    labels = jnp.asarray(labels)
+    loop = resolve_pool_mode(pool_mode) == "loop"
+    if loop:
+        epoch_fn = make_loop_epoch(step, batch_size)
+        # One state per model, each on the device that holds its slice of the pool.
+        states = [_take(state, i) for i in range(num_models)]
+        data = {}
+    else:
+        pool_epoch = make_pool_epoch(step, batch_size)
+        images, labels = jnp.asarray(images), jnp.asarray(labels)
     history = []
-    bar = tqdm(
-        range(epochs), desc=progress, disable=True if progress is None else None, leave=False
-    )
+    quiet = True if progress is None else None  # None: tqdm stays silent when not a terminal
+    bar = tqdm(range(epochs), desc=progress, disable=quiet, leave=False)
     for epoch in bar:
-        if epoch in reset_optimizer_at:
-            if tx is None:
-                raise ValueError("fit_pool: reset_optimizer_at needs the optimiser `tx`")
-            opt_state = jax.vmap(tx.init)(state.params)
-            state = state._replace(opt_state=_like(opt_state, state.opt_state))
-        if lr_schedule is not None:
-            state = state._replace(opt_state=set_learning_rate(state.opt_state, lr_schedule(epoch)))
         keys = jax.random.split(jax.random.fold_in(key, epoch), num_models)
-        state, loss = pool_epoch(state, images, labels, keys)
+        if loop:
+            losses = []
+            for i in range(num_models):
+                one = states[i]
+                device = jax.tree.leaves(one.params)[0].sharding
+                if device not in data:
+                    data[device] = jax.device_put((images, labels), device)
+                one = _prepare(one, epoch, lr_schedule, reset_optimizer_at, tx, vmapped=False)
+                states[i], loss = epoch_fn(one, *data[device], jax.device_put(keys[i], device))
+                losses.append(loss)
+            loss = losses  # stays on the devices: no sync, so devices run side by side
+        else:
+            state = _prepare(state, epoch, lr_schedule, reset_optimizer_at, tx, vmapped=True)
+            state, loss = pool_epoch(state, images, labels, keys)
         history.append(loss)
         if progress is not None and (epoch % 10 == 0 or epoch == epochs - 1):
-            bar.set_postfix(loss=f"{float(jnp.mean(loss)):.4f}")
-    return state, np.asarray(jnp.stack(history)) if history else np.zeros((0, num_models))
+            bar.set_postfix(loss=f"{float(np.mean(jax.device_get(loss))):.4f}")
+    if loop:
+        state = _stack(states, state)
+    history = np.asarray(jax.device_get(history), np.float32).reshape(len(history), num_models)
+    return state, history
+
+
+def _prepare(state, epoch, lr_schedule, reset_optimizer_at, tx, vmapped):
+    """Applies the optimiser reset and the learning rate for ``epoch``."""
+    if epoch in reset_optimizer_at:
+        init = jax.vmap(tx.init) if vmapped else tx.init
+        state = state._replace(opt_state=_like(init(state.params), state.opt_state))
+    if lr_schedule is not None:
+        state = state._replace(opt_state=set_learning_rate(state.opt_state, lr_schedule(epoch)))
+    return state
+
+
+def _take(pool: TrainState, i: int) -> TrainState:
+    """Model ``i`` of a pool, placed on a device that holds its shard."""
+
+    def take(x):
+        device = _device_of(x, i)
+        return jax.device_put(x[i], device)
+
+    return jax.tree.map(take, pool)
+
+
+def _device_of(x, i: int):
+    """The device holding row ``i`` of a pool-sharded array (any device of a replicated one)."""
+    for shard in x.addressable_shards:
+        rows = shard.index[0] if shard.index else slice(None)
+        start, stop, _ = rows.indices(x.shape[0])
+        if start <= i < stop:
+            return shard.device
+    return list(x.devices())[0]
+
+
+def _stack(states: list[TrainState], like: TrainState) -> TrainState:
+    """Stacks per-model states back into a pool with ``like``'s shardings."""
+    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states)
+    return jax.tree.map(lambda s, o: jax.device_put(s, o.sharding), stacked, like)
 
 
 def _like(new_tree, old_tree):

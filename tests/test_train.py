@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from ddjax import augment, models, train
+from ddjax.errors import DDJaxError
 
 
 def _data(n=20, size=8, channels=1, classes=3, seed=0):
@@ -67,30 +68,39 @@ def test_epoch_order_depends_on_the_key():
     assert not np.array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("name", ["ConvNet", "ConvNetBN"])
-def test_pool_training_equals_training_models_one_by_one(name):
+@pytest.mark.parametrize(
+    "name, pool_mode, aug", [("ConvNet", "vmap", "dsa"), ("ConvNetBN", "loop", "crop_flip")]
+)
+def test_pool_training_equals_training_models_one_by_one(name, pool_mode, aug):
+    # 20 examples in batches of 8: two full batches and a partial one per epoch.
     images, labels = _data()
     net = models.get_model(name, 3, (8, 8, 1), width=8)
     tx = train.sgd(0.05, momentum=0.9, weight_decay=5e-4)
-    step = train.make_train_step(net, tx, augment.make_augment("dsa"))
+    step = train.make_train_step(net, tx, augment.make_augment(aug))
     key = jax.random.key(3)
-    num_models, epochs = 3, 3
+    num_models, epochs = 3, 2
 
     pool = train.init_pool(net, tx, key, (8, 8, 1), num_models)
-    pool, history = train.fit_pool(pool, step, images, labels, key, epochs=epochs, batch_size=8)
+    pool, history = train.fit_pool(
+        pool, step, images, labels, key, epochs=epochs, batch_size=8, pool_mode=pool_mode
+    )
     assert history.shape == (epochs, num_models)
 
     epoch = jax.jit(train.make_epoch(step, 8))
     for i, init_key in enumerate(jax.random.split(key, num_models)):
         state = train.init_state(net, tx, init_key, (8, 8, 1))
         for e in range(epochs):
-            state, loss = epoch(
-                state, images, labels, jax.random.split(jax.random.fold_in(key, e), num_models)[i]
-            )
+            epoch_key = jax.random.split(jax.random.fold_in(key, e), num_models)[i]
+            state, loss = epoch(state, images, labels, epoch_key)
             np.testing.assert_allclose(float(loss), history[e, i], rtol=1e-4, atol=1e-5)
         one = jax.tree.map(lambda x, i=i: x[i], pool)
         for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(state), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_pool_mode_is_refused():
+    with pytest.raises(DDJaxError, match="pool_mode='pmap'"):
+        train.resolve_pool_mode("pmap")
 
 
 def test_training_reduces_the_loss_and_updates_batch_stats():

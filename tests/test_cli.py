@@ -1,0 +1,136 @@
+"""The ddjax command: stages, overrides, work directories, resume, one-line errors (exit 2)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ddjax import cli
+from ddjax.synset import load_synset
+
+FAST = ["--config.eval.epochs=2", "--config.eval.num_models=2"]
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_select_then_evaluate_writes_the_work_directory(tmp_path, capsys):
+    work = tmp_path / "sel"
+    argv = [
+        "select",
+        "--config",
+        "configs/select/digits.py",
+        "--config.ipc=2",
+        "--workdir",
+        str(work),
+        *FAST,
+    ]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    synset = load_synset(work / "synset.npz")
+    assert synset.images.shape == (20, 8, 8, 1)
+    assert (work / "synset.png").stat().st_size > 0
+    results = json.loads((work / "results.json").read_text())
+    assert len(results["eval"]["ConvNet"]["accuracies"]) == 2
+    assert json.loads((work / "config.json").read_text())["ipc"] == 2
+    lines = (work / "metrics.jsonl").read_text().splitlines()
+
+    # Re-running the same command resumes: nothing is recomputed.
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert (work / "metrics.jsonl").read_text().splitlines() == lines
+    np.testing.assert_array_equal(load_synset(work / "synset.npz").images, synset.images)
+
+    code, _, err = run(
+        [
+            "evaluate",
+            "--config",
+            "configs/evaluate/digits.py",
+            f"--config.synset={work / 'synset.npz'}",
+            "--workdir",
+            str(tmp_path / "ev"),
+            "--config.eval.protocol=dsa",
+            *FAST,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    ev = json.loads((tmp_path / "ev" / "results.json").read_text())["eval"]["ConvNet"]
+    assert ev["lr_source"] == "fixed"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--config.ipc=1000"], "ipc=1000"),
+        (["--config.method=best"], "config.method='best'"),
+        (["--config.ipcs=3"], "unknown field 'ipcs'"),
+        (["--config.ipc=three"], "--config.ipc='three': expected int"),
+        (["--config.dataset.name=nope"], "nope"),
+        (["--config.eval.protocol=fast"], "protocol='fast'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, extra, message):
+    argv = [
+        "select",
+        "--config",
+        "configs/select/digits.py",
+        "--workdir",
+        str(tmp_path / "w"),
+        *FAST,
+        *extra,
+    ]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert err.startswith("ddjax: error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_a_different_config_in_the_same_workdir_is_refused(tmp_path, capsys):
+    base = [
+        "select",
+        "--config",
+        "configs/select/digits.py",
+        "--workdir",
+        str(tmp_path),
+        "--config.ipc=1",
+        "--config.evaluate=False",
+    ]
+    assert run(base, capsys)[0] == 0
+    code, _, err = run([*base, "--config.seed=5"], capsys)
+    assert code == 2 and "seed: 0 -> 5" in err
+
+
+def test_missing_files_are_named(tmp_path, capsys):
+    code, _, err = run(
+        [
+            "evaluate",
+            "--config",
+            "configs/evaluate/digits.py",
+            "--config.synset=/no/such.npz",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capsys,
+    )
+    assert code == 2 and "/no/such.npz" in err
+    code, _, err = run(["select", "--config", "nope.py", "--workdir", str(tmp_path)], capsys)
+    assert code == 2 and "nope.py" in err
+
+
+def test_later_stages_are_refused_clearly(capsys):
+    code, _, err = run(["distill", "--config", "x.py", "--workdir", "w"], capsys)
+    assert code == 2 and "'distill'" in err and "not implemented" in err
+
+
+def test_help_lists_the_stages():
+    out = subprocess.run(
+        [sys.executable, "-m", "ddjax.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for stage in ["quickstart", "select", "evaluate", "experts", "distill", "recover"]:
+        assert stage in out

@@ -1,0 +1,132 @@
+"""ddjax.evaluate: the published protocols, K networks by vmap, devices don't change results."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from ddjax import data, evaluate, select
+from ddjax.errors import DDJaxError
+from ddjax.synset import SyntheticSet
+
+
+def test_mtt_protocol_schedule_matches_the_reference():
+    # MTT utils.evaluate_synset: for ep in range(Epoch + 1): train; if ep == Epoch // 2 + 1:
+    # lr *= 0.1 and the optimiser (momentum) is re-created.
+    p = evaluate.get_protocol("mtt")
+    assert (p.epochs, p.total_epochs, p.batch_size) == (1000, 1001, 256)
+    assert (p.momentum, p.weight_decay, p.augment, p.lr) == (0.9, 5e-4, "dsa", None)
+    lrs = [p.lr_schedule(0.02)(e) for e in range(p.total_epochs)]
+    assert lrs[:502] == [0.02] * 502
+    assert lrs[502:] == pytest.approx([0.002] * 499)
+    assert p.reset_epochs == (502,)
+    dsa = evaluate.get_protocol("dsa")
+    assert dsa.lr == 0.01 and dsa.epochs == 1000
+    dc = evaluate.get_protocol("dc")
+    assert (dc.lr, dc.epochs, dc.augment) == (0.01, 300, "none")
+
+
+def test_protocol_errors_name_the_field():
+    with pytest.raises(DDJaxError, match="protocol='fast'"):
+        evaluate.get_protocol("fast")
+    with pytest.raises(DDJaxError, match="epochs=0"):
+        evaluate.get_protocol("mtt", epochs=0)
+    with pytest.raises(DDJaxError, match="unknown protocol settings"):
+        evaluate.get_protocol("mtt", epoch=3)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return data.load_dataset("synthetic")
+
+
+def _coreset(dataset, ipc=2, lr=None):
+    synset = select.select(dataset, "random", ipc, seed=0)
+    if lr is not None:
+        synset = SyntheticSet(synset.images, synset.labels, synset.num_classes, lr)
+    return synset
+
+
+def test_evaluate_is_deterministic_and_reports_per_class(synthetic):
+    synset = _coreset(synthetic)
+    kwargs = dict(model="ConvNet", num_models=2, epochs=4, model_overrides={"width": 8})
+    a = evaluate.evaluate_synset(synset, synthetic, seed=0, **kwargs)
+    b = evaluate.evaluate_synset(synset, synthetic, seed=0, **kwargs)
+    c = evaluate.evaluate_synset(synset, synthetic, seed=1, **kwargs)
+    assert a.accuracies.shape == (2,)
+    assert a.per_class.shape == (2, synthetic.num_classes)
+    np.testing.assert_array_equal(a.accuracies, b.accuracies)
+    np.testing.assert_array_equal(a.final_train_loss, b.final_train_loss)
+    assert not np.array_equal(a.final_train_loss, c.final_train_loss)
+    # Overall accuracy is the class-size-weighted mean of the per-class accuracies.
+    counts = np.bincount(synthetic.y_test, minlength=synthetic.num_classes)
+    np.testing.assert_allclose(a.per_class @ counts / counts.sum(), a.accuracies, atol=1e-6)
+
+
+def test_learning_rate_source(synthetic):
+    kwargs = dict(num_models=1, epochs=1, model_overrides={"width": 4})
+    learned = evaluate.evaluate_synset(_coreset(synthetic, lr=0.03), synthetic, **kwargs)
+    assert (learned.learning_rate, learned.lr_source) == (0.03, "learned")
+    default = evaluate.evaluate_synset(_coreset(synthetic), synthetic, **kwargs)
+    assert (default.learning_rate, default.lr_source) == (0.01, "default")
+    fixed = evaluate.evaluate_synset(
+        _coreset(synthetic, lr=0.03), synthetic, protocol="dsa", **kwargs
+    )
+    assert (fixed.learning_rate, fixed.lr_source) == (0.01, "fixed")
+
+
+def test_training_on_a_coreset_beats_chance(synthetic):
+    result = evaluate.evaluate_synset(
+        _coreset(synthetic, ipc=5),
+        synthetic,
+        num_models=2,
+        epochs=30,
+        model_overrides={"width": 16},
+    )
+    assert result.mean > 2.0 / synthetic.num_classes
+
+
+def test_mismatched_synset_is_refused(synthetic):
+    synset = _coreset(synthetic)
+    wrong = SyntheticSet(synset.images[:, :8, :8], synset.labels, synset.num_classes)
+    with pytest.raises(DDJaxError, match="shape"):
+        evaluate.evaluate_synset(wrong, synthetic, epochs=1)
+
+
+_DEVICE_SCRIPT = textwrap.dedent(
+    """
+    import json, jax, numpy as np
+    from ddjax import data, evaluate, select
+    ds = data.load_dataset("synthetic")
+    synset = select.select(ds, "random", 2, seed=0)
+    r = evaluate.evaluate_synset(synset, ds, num_models=8, epochs=3, model_overrides={"width": 8})
+    print(json.dumps({"devices": jax.device_count(), "acc": r.accuracies.tolist(),
+                      "loss": r.final_train_loss.tolist()}))
+    """
+)
+
+
+def _run_on_devices(count):
+    env = dict(
+        os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}", JAX_PLATFORMS="cpu"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _DEVICE_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_eight_devices_give_the_same_results_as_one():
+    one, eight = _run_on_devices(1), _run_on_devices(8)
+    assert (one["devices"], eight["devices"]) == (1, 8)
+    np.testing.assert_allclose(eight["loss"], one["loss"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(eight["acc"], one["acc"], atol=1.5 / 320)
