@@ -92,7 +92,8 @@ def get_protocol(name: str, **overrides) -> Protocol:
     fields = {f.name for f in dataclasses.fields(Protocol)}
     unknown = set(overrides) - fields
     check(not unknown, f"unknown protocol settings {sorted(unknown)}; valid: {sorted(fields)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None or k == "lr"}
+    # None means "the protocol's own value" (an unset config field), never "unset it".
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     protocol = dataclasses.replace(PROTOCOLS[name], **overrides)
     check(protocol.epochs >= 1, f"epochs={protocol.epochs} must be at least 1")
     check(protocol.batch_size >= 1, f"batch_size={protocol.batch_size} must be at least 1")
