@@ -1,5 +1,7 @@
 r"""Evaluation throughput: K networks trained by ``vmap`` vs one after another.
 
+(``ddjax.train`` pool modes ``'vmap'`` and ``'loop'``; ``'auto'`` picks by backend.)
+
 Evaluating a synthetic set trains K fresh networks (K = 5 in MTT). ddjax trains
 them as one ``vmap``-ed pool; the alternative, and what the PyTorch references
 do, is to train them one after another. This benchmark times one training epoch
@@ -77,7 +79,9 @@ def bench(image_shape, num_classes, ipc, num_models, repeats, width=128, batch_s
         pool["state"], loss = pool_epoch(pool["state"], images, labels, keys)
         return loss
 
-    epoch = jax.jit(train.make_epoch(step, batch_size), donate_argnums=(0,))
+    # One after another: ddjax's 'loop' pool mode (the CPU default), a Python loop over
+    # jitted minibatch steps, model by model.
+    epoch = train.make_loop_epoch(step, batch_size)
     singles = [train.init_state(net, tx, k, image_shape) for k in keys]
 
     def run_sequential():
