@@ -233,7 +233,7 @@ def evaluate_synset(
         pool_mode=pool_mode,
     )
     accuracy, per_class = train.pool_accuracy(
-        net, state, dataset.x_test, dataset.y_test, dataset.num_classes
+        net, state, dataset.x_test, dataset.y_test, dataset.num_classes, pool_mode=pool_mode
     )
     return EvalResult(
         model=model,

@@ -389,21 +389,40 @@ def make_predict(model, batch_size: int = 500):
     return predict
 
 
-def pool_accuracy(model, state: TrainState, images, labels, num_classes: int, batch_size=500):
+def pool_accuracy(
+    model, state: TrainState, images, labels, num_classes: int, batch_size=500, pool_mode="auto"
+):
     """Test accuracy of every model of a pool.
+
+    Args:
+      model, state: the architecture and the pool-stacked trained state.
+      images, labels: the test set.
+      num_classes: number of classes.
+      batch_size: inference chunk size.
+      pool_mode: ``'vmap'``, ``'loop'`` or ``'auto'`` (see :func:`resolve_pool_mode`).
 
     Returns:
       ``(accuracy (K,), per_class_accuracy (K, num_classes))`` as NumPy arrays.
     """
     predict = make_predict(model, batch_size)
     labels = jnp.asarray(labels)
+    images = jnp.asarray(images)
+    onehot = jax.nn.one_hot(labels, num_classes)
+    class_sizes = jnp.maximum(onehot.sum(0), 1)
 
-    @jax.jit
-    def correct_per_class(params, batch_stats, images):
-        logits = jax.vmap(predict, in_axes=(0, 0, None))(params, batch_stats, images)
-        correct = (jnp.argmax(logits, -1) == labels[None]).astype(jnp.float32)
-        onehot = jax.nn.one_hot(labels, num_classes)
-        return correct.mean(-1), (correct @ onehot) / jnp.maximum(onehot.sum(0), 1)
+    def scores(logits):
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        return correct.mean(-1), (correct @ onehot) / class_sizes
 
-    accuracy, per_class = correct_per_class(state.params, state.batch_stats, jnp.asarray(images))
-    return np.asarray(accuracy), np.asarray(per_class)
+    if resolve_pool_mode(pool_mode) == "vmap":
+        score_pool = jax.jit(jax.vmap(lambda p, b: scores(predict(p, b, images))))
+        accuracy, per_class = score_pool(state.params, state.batch_stats)
+        return np.asarray(accuracy), np.asarray(per_class)
+    score_one = jax.jit(lambda p, b, x: scores(predict(p, b, x)))
+    results = []
+    for i in range(jax.tree.leaves(state.params)[0].shape[0]):
+        one = _take(state, i)
+        device = jax.tree.leaves(one.params)[0].sharding
+        results.append(score_one(one.params, one.batch_stats, jax.device_put(images, device)))
+    accuracy, per_class = zip(*jax.device_get(results), strict=True)
+    return np.stack(accuracy), np.stack(per_class)

@@ -155,12 +155,15 @@ def test_soft_labels_cross_entropy_equals_hard_for_one_hot():
     np.testing.assert_allclose(float(hard), float(soft), rtol=1e-6)
 
 
-def test_pool_accuracy_counts_per_class():
+@pytest.mark.parametrize("pool_mode", ["vmap", "loop"])
+def test_pool_accuracy_counts_per_class(pool_mode):
     net = models.get_model("ConvNet", 3, (8, 8, 1), width=4)
     tx = train.sgd(0.1)
     pool = train.init_pool(net, tx, jax.random.key(0), (8, 8, 1), 2)
     images, labels = _data(n=12)
-    acc, per_class = train.pool_accuracy(net, pool, images, labels, 3, batch_size=5)
+    acc, per_class = train.pool_accuracy(
+        net, pool, images, labels, 3, batch_size=5, pool_mode=pool_mode
+    )
     predict = train.make_predict(net, batch_size=5)
     for i in range(2):
         one = jax.tree.map(lambda x, i=i: x[i], pool)
