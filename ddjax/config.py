@@ -158,3 +158,29 @@ def eval_section(
             "seed": 0,
         }
     )
+
+
+def select_config(dataset: str) -> ml_collections.ConfigDict:
+    """The fields of a ``ddjax select`` config (``configs/select/<dataset>.py``)."""
+    config = ml_collections.ConfigDict()
+    config.dataset = dataset_section(dataset)
+    config.method = "random"  # random | herding | kcenter
+    config.ipc = 10
+    config.seed = 0
+    # Herding/k-center embed the images with a ConvNet trained `feature_epochs` epochs on the
+    # real data (DC's "trained ConvNet" features); 'random' (untrained) and 'pixels' skip that.
+    config.features = "trained"
+    config.feature_epochs = 5
+    config.feature_model = "ConvNet"
+    config.evaluate = True  # evaluate the coreset right away with config.eval
+    config.eval = eval_section()
+    return config
+
+
+def evaluate_config(dataset: str) -> ml_collections.ConfigDict:
+    """The fields of a ``ddjax evaluate`` config (``configs/evaluate/<dataset>.py``)."""
+    config = ml_collections.ConfigDict()
+    config.dataset = dataset_section(dataset)
+    config.synset = ""  # path to a synthetic set (.npz written by select/distill)
+    config.eval = eval_section()
+    return config

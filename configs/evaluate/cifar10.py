@@ -7,14 +7,8 @@ Cross-architecture: --config.eval.models=ConvNet,ResNet18,VGG11,AlexNet
 Other protocols: --config.eval.protocol=dsa (lr 0.01) or dc (lr 0.01, 300 epochs, no augmentation).
 """
 
-from ml_collections import ConfigDict
-
-from ddjax.config import dataset_section, eval_section
+from ddjax.config import evaluate_config
 
 
-def get_config() -> ConfigDict:
-    config = ConfigDict()
-    config.dataset = dataset_section("cifar10")
-    config.synset = ""  # path to a synthetic set (.npz written by select/distill)
-    config.eval = eval_section()
-    return config
+def get_config():
+    return evaluate_config("cifar10")

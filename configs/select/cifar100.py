@@ -1,27 +1,15 @@
-r"""Coreset selection on cifar100, evaluated with MTT's protocol.
+r"""Coreset selection on cifar100, evaluated with MTT's protocol (5 ConvNets, 1000 epochs).
 
   ddjax select --config configs/select/cifar100.py --config.method=herding --config.ipc=10 \
       --workdir runs/select_cifar100_herding_10
 
-Methods: random | herding | kcenter (ddjax.select). Herding and k-center embed
-the images with a ConvNet trained for `feature_epochs` epochs on the real data
-(DC's "trained ConvNet" features); set features=random or pixels to skip that.
+Fields (ddjax.config.select_config): method (random | herding | kcenter), ipc, seed,
+features (trained | random | pixels), feature_epochs, feature_model, evaluate, eval.*,
+dataset.{name,data_dir,zca}.
 """
 
-from ml_collections import ConfigDict
-
-from ddjax.config import dataset_section, eval_section
+from ddjax.config import select_config
 
 
-def get_config() -> ConfigDict:
-    config = ConfigDict()
-    config.dataset = dataset_section("cifar100")
-    config.method = "random"
-    config.ipc = 10
-    config.seed = 0
-    config.features = "trained"
-    config.feature_epochs = 5
-    config.feature_model = "ConvNet"
-    config.evaluate = True  # evaluate the coreset right away (config.eval)
-    config.eval = eval_section()
-    return config
+def get_config():
+    return select_config("cifar100")
