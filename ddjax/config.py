@@ -26,7 +26,13 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 def resolve_path(path: str) -> Path:
     """Finds a config file: as given, or relative to the repository's ``configs/``."""
-    for candidate in (Path(path), CONFIG_DIR / path, CONFIG_DIR / f"{path}.py"):
+    candidates = (
+        Path(path),
+        CONFIG_DIR.parent / path,
+        CONFIG_DIR / path,
+        CONFIG_DIR / f"{path}.py",
+    )
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise DDJaxError(
