@@ -325,6 +325,21 @@ def fit_pool(
     return state, history
 
 
+def fit(state: TrainState, step, images, labels, key: Array, epochs: int, batch_size: int, **kw):
+    """Trains one model: :func:`fit_pool` with a pool of one.
+
+    Args:
+      state: an unstacked :class:`TrainState` (from :func:`init_state`).
+      step, images, labels, key, epochs, batch_size, **kw: as in :func:`fit_pool`.
+
+    Returns:
+      The trained state and the mean training loss per epoch, shape ``(epochs,)``.
+    """
+    pool = jax.tree.map(lambda x: jnp.asarray(x)[None], state)
+    pool, history = fit_pool(pool, step, images, labels, key, epochs, batch_size, **kw)
+    return jax.tree.map(lambda x: x[0], pool), history[:, 0]
+
+
 def _prepare(state, epoch, lr_schedule, reset_optimizer_at, tx, vmapped):
     """Applies the optimiser reset and the learning rate for ``epoch``."""
     if epoch in reset_optimizer_at:

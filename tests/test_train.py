@@ -172,3 +172,17 @@ def test_pool_accuracy_counts_per_class(pool_mode):
         for c in range(3):
             m = np.asarray(labels) == c
             assert per_class[i, c] == pytest.approx(np.mean(pred[m] == c))
+
+
+def test_fit_trains_one_model_like_a_pool_of_one():
+    images, labels = _data(n=16)
+    net = models.get_model("ConvNet", 3, (8, 8, 1), width=4)
+    tx = train.sgd(0.05, momentum=0.9)
+    step = train.make_train_step(net, tx)
+    key = jax.random.key(0)
+    state = train.init_state(net, tx, key, (8, 8, 1))
+    one, history = train.fit(state, step, images, labels, key, epochs=3, batch_size=8)
+    assert history.shape == (3,) and history[-1] < history[0]
+    pool = jax.tree.map(lambda x: x[None], state)
+    pool, pool_history = train.fit_pool(pool, step, images, labels, key, epochs=3, batch_size=8)
+    np.testing.assert_allclose(history, pool_history[:, 0], rtol=1e-6)
