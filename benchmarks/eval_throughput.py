@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,26 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from _common import environment
+
 from ddjax import augment, models, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def environment() -> dict:
-    import flax
-    import optax
-
-    device = jax.devices()[0]
-    return {
-        "device": f"{device.platform}: {device.device_kind}",
-        "device_count": jax.device_count(),
-        "cpu_count": __import__("os").cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "machine": platform.machine(),
-    }
 
 
 def time_call(fn, repeats: int) -> list[float]:
