@@ -83,7 +83,8 @@ def main():
     lines = [
         f"# Accuracy on {args.dataset}",
         "",
-        f"Device: {env['device']} ({env['cpu_count']} cores), jax {env['jax']}. Protocol: {protocol}.",
+        f"Device: {env['device']} ({env['cpu_count']} cores), jax {env['jax']}.",
+        f"Protocol: {protocol}.",
         "Published: DC (Zhao et al. 2021) Table 1 (ConvNet, 1000-epoch DC/DSA protocol).",
         "",
         "| method | IPC | ddjax (%) | published (%) | seconds |",
