@@ -1,0 +1,772 @@
+"""The core of trajectory matching: the student's inner unroll and the matching loss.
+
+Matching Training Trajectories (MTT; Cazenavette et al., "Dataset Distillation by Matching
+Training Trajectories", CVPR 2022, §3 and Algorithm 1) starts a student network at an expert's
+parameters θ*_t, trains it for N SGD steps on the synthetic images with a learnable step size α,
+
+    θ̂_0 = θ*_t,    θ̂_{n+1} = θ̂_n − α ∇_θ ℓ(f(A_n(X̃[b_n]); θ̂_n), Y[b_n]),
+
+and compares where it lands with where the expert was M epochs later:
+
+    L = ‖θ̂_N − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖².
+
+The synthetic images X̃ and α are learned by the gradient of L, back-propagated through all N
+steps (a second-order unroll). TESLA (Cui et al., "Scaling Up Dataset Distillation to
+ImageNet-1K with Constant Memory", ICML 2023) replaces that gradient by a cheaper two-pass
+estimator. See ``research/trajectory_matching.md`` §1.1, §1.2 and §2.1 for the published code's
+exact behaviour, which this module reproduces.
+
+Public API (all pure functions; no I/O):
+
+* :func:`inner_batch_indices`: MTT's synthetic minibatch schedule as static-shape arrays.
+* :func:`inner_unroll`: θ̂_N from θ̂_0, with the gradient mode chosen by ``mode``.
+* :func:`match_loss`: L, differentiable w.r.t. images, ``inner_lr`` and float (soft) labels.
+* :func:`match_loss_and_grads`: jitted L and its gradients (:class:`MatchGrads`).
+* :func:`from_mtt_flat`: start/target parameters from MTT's flat PyTorch vectors.
+
+Gradient modes (``mode``):
+
+* ``'unroll'``: plain reverse-mode through the N steps; memory grows linearly in N because
+  every step's activations are kept (what MTT's ``create_graph=True`` loop does).
+* ``'remat'`` (default): ``jax.checkpoint`` around every step, so the backward pass keeps only
+  the N parameter vectors θ̂_n and recomputes one step's activations at a time. The gradient is
+  exact (equal to ``'unroll'`` up to float rounding). ``remat_every=k`` nests it: blocks of k
+  checkpointed steps are checkpointed again, so only ≈ N/k + k parameter copies are stored
+  (≈ 2√N for k ≈ √N) at the price of a second recomputation.
+* ``'tesla'``: TESLA's estimator as published: it drops the cross-step terms and so is **not**
+  the exact gradient for N > 1 (see :func:`inner_unroll`).
+
+Loop forms (``loop``): ``'unrolled'`` (default, ``lax.scan(..., unroll=True)``), ``'rolled'``
+(a plain ``lax.scan``) or an int k (a rolled scan whose body is k unrolled steps). Unrolled is
+the default because XLA:CPU handles rolled loops of conv train steps badly: a first-order conv
+step inside a rolled ``lax.scan`` ran ~10x slower than unrolled on this project's 2-core CPU,
+and second-order rolled loops of a width-128 ConvNet did not finish within 10 minutes
+(``research/jax_notes.md``, Addendum). Rolled loops compile in time independent of N, so they
+are the form for ahead-of-time memory checks at large N and worth trying on GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ddjax import augment as augment_lib
+from ddjax import models
+from ddjax.errors import check
+
+__all__ = [
+    "LOOPS",
+    "MODES",
+    "MatchGrads",
+    "from_mtt_flat",
+    "inner_batch_indices",
+    "inner_unroll",
+    "match_loss",
+    "match_loss_and_grads",
+]
+
+Array = jax.Array
+Params = Any  # a pytree of arrays: the model's 'params' collection
+Loop = str | int
+
+MODES = ("unroll", "remat", "tesla")
+LOOPS = ("unrolled", "rolled", "<positive int>")
+
+
+# --------------------------------------------------------------------------------------------
+# Minibatch schedule
+# --------------------------------------------------------------------------------------------
+
+
+def inner_batch_indices(
+    key: Array, num_images: int, batch_size: int, num_steps: int
+) -> tuple[Array, Array]:
+    """MTT's synthetic minibatches for ``num_steps`` inner steps, as static-shape arrays.
+
+    MTT's ``distill.py`` (Cazenavette et al. 2022) draws ``randperm(num_images)``, splits it
+    with ``torch.split(perm, batch_size)`` (so the *last* chunk is short when ``batch_size``
+    does not divide ``num_images``), takes ``chunks.pop()`` at every step, i.e. the last chunk
+    first, and draws a fresh permutation once every chunk has been used. A pass is therefore
+    sampling without replacement, and the short chunk is the first one of each pass.
+    Reproduced exactly, except that the randomness is JAX's:
+
+    * pass ``p`` (0-based) uses ``jax.random.permutation(jax.random.fold_in(key, p),
+      num_images)``, so a longer schedule starts with the same steps as a shorter one;
+    * a short chunk is padded to ``batch_size`` with index 0 and mask 0 so that every step
+      has the same shape; :func:`inner_unroll` takes the masked mean of the loss.
+      ``batch_size > num_images`` gives a single (padded) chunk per pass, as ``torch.split``
+      does.
+
+    Jitted with the three sizes static, so it can also be called inside a jitted step.
+
+    Args:
+        key: PRNG key.
+        num_images: number of synthetic images (static).
+        batch_size: MTT's ``batch_syn`` (static).
+        num_steps: N, the number of inner steps (MTT's ``syn_steps``; static).
+
+    Returns:
+        ``(indices, mask)``: ``indices`` int32 ``[num_steps, batch_size]`` into the images,
+        ``mask`` float32 ``[num_steps, batch_size]``, 1 for a real entry and 0 for padding.
+
+    Raises:
+        DDJaxError: if a size is not a positive integer.
+    """
+    for field, value in (
+        ("num_images", num_images),
+        ("batch_size", batch_size),
+        ("num_steps", num_steps),
+    ):
+        _check_positive_int(f"inner_batch_indices {field}", value)
+    return _batch_schedule(key, int(num_images), int(batch_size), int(num_steps))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _batch_schedule(
+    key: Array, num_images: int, batch_size: int, num_steps: int
+) -> tuple[Array, Array]:
+    num_chunks = -(-num_images // batch_size)
+    num_passes = -(-num_steps // num_chunks)
+    padded_size = num_chunks * batch_size
+
+    def one_pass(pass_index: Array) -> Array:
+        permutation = jax.random.permutation(jax.random.fold_in(key, pass_index), num_images)
+        # torch.split's chunks in order, the short one last (padded at its end) ...
+        chunks = jnp.pad(permutation, (0, padded_size - num_images)).reshape(-1, batch_size)
+        # ... and popped from the end.
+        return chunks[::-1]
+
+    indices = jax.vmap(one_pass)(jnp.arange(num_passes)).reshape(-1, batch_size)
+    chunk_mask = (jnp.arange(padded_size) < num_images).reshape(-1, batch_size)[::-1]
+    mask = jnp.tile(chunk_mask, (num_passes, 1))
+    return indices[:num_steps].astype(jnp.int32), mask[:num_steps].astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# One inner step
+# --------------------------------------------------------------------------------------------
+
+
+def _per_example_cross_entropy(logits: Array, labels: Array) -> Array:
+    """Cross-entropy per example, hard labels ``(B,)`` or probabilities ``(B, C)``.
+
+    The per-example form of :func:`ddjax.train.cross_entropy` (needed for the masked mean).
+    """
+    if labels.ndim == 1:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return optax.softmax_cross_entropy(logits, labels)
+
+
+class _Student(NamedTuple):
+    """What one inner step needs besides its arrays: hashable Python values, never traced."""
+
+    model: nn.Module
+    dsa_strategy: str | None  # validated DSA groups, or None for no augmentation
+
+
+def _batch_loss(
+    student: _Student, params: Params, batch_images: Array, batch_labels: Array, mask: Array
+) -> Array:
+    """Masked mean cross-entropy of the student on one (already augmented) minibatch.
+
+    The student runs in train mode, as MTT's: BatchNorm layers normalise with the statistics of
+    this minibatch. The ``batch_stats`` collection is mutable so that Flax creates fresh running
+    statistics on the fly; they are discarded, because MTT's ``ReparamModule`` student never
+    reads its running statistics either. (Padded rows of a short chunk are masked out of the
+    loss but do enter BatchNorm's batch statistics.)
+    """
+    logits, _ = student.model.apply(
+        {"params": params}, batch_images, train=True, mutable=["batch_stats"]
+    )
+    losses = _per_example_cross_entropy(logits, batch_labels)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _augmented(
+    student: _Student, augment_key: Array | None, step: Array, batch_images: Array
+) -> Array:
+    """A_n(x): DSA with key ``fold_in(augment_key, n)``, or ``x`` when augmentation is off."""
+    if student.dsa_strategy is None or augment_key is None:
+        return batch_images
+    key = jax.random.fold_in(augment_key, step)
+    return augment_lib.dsa(key, batch_images, student.dsa_strategy)
+
+
+def _step_gradient(
+    student: _Student,
+    params: Params,
+    images: Array,
+    labels: Array,
+    indices: Array,
+    mask: Array,
+    step: Array,
+    augment_key: Array | None,
+) -> Params:
+    """g_n = ∇_θ ℓ(f(A_n(images[b_n]); θ), labels[b_n]) at θ = ``params``."""
+    batch_images = _augmented(student, augment_key, step, images[indices])
+    return jax.grad(functools.partial(_batch_loss, student))(
+        params, batch_images, labels[indices], mask
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Loops
+# --------------------------------------------------------------------------------------------
+
+
+def _scan_unroll(loop: Loop, length: int) -> int | bool:
+    """The ``unroll`` argument of ``lax.scan`` for a loop form (validated by the caller)."""
+    if loop == "unrolled":
+        return True
+    if loop == "rolled":
+        return 1
+    return min(int(loop), max(length, 1))
+
+
+def _run_steps(
+    step: Callable[[Params, Any], tuple[Params, None]],
+    params: Params,
+    step_inputs: Any,
+    *,
+    num_steps: int,
+    remat: bool,
+    remat_every: int | None,
+    loop: Loop,
+) -> Params:
+    """Applies ``step`` over the leading axis of ``step_inputs``, with optional remat.
+
+    With ``remat_every=k`` the steps are grouped into ⌊N/k⌋ blocks of k (plus one block of the
+    remainder): each block is checkpointed as a whole and each step inside it again, so the
+    outer backward stores one parameter copy per block and a block's backward k more.
+    """
+    if not remat:
+        return jax.lax.scan(step, params, step_inputs, unroll=_scan_unroll(loop, num_steps))[0]
+    step = jax.checkpoint(step)
+    if remat_every is None or remat_every >= num_steps:
+        return jax.lax.scan(step, params, step_inputs, unroll=_scan_unroll(loop, num_steps))[0]
+
+    block_size = remat_every
+    num_blocks, remainder = divmod(num_steps, block_size)
+
+    @jax.checkpoint
+    def block(params: Params, block_inputs: Any) -> tuple[Params, None]:
+        unroll = _scan_unroll(loop, block_size)
+        return jax.lax.scan(step, params, block_inputs, unroll=unroll)[0], None
+
+    head = jax.tree.map(
+        lambda a: a[: num_blocks * block_size].reshape(num_blocks, block_size, *a.shape[1:]),
+        step_inputs,
+    )
+    params = jax.lax.scan(block, params, head, unroll=_scan_unroll(loop, num_blocks))[0]
+    if remainder:
+        tail = jax.tree.map(lambda a: a[num_blocks * block_size :], step_inputs)
+        params = block(params, tail)[0]
+    return params
+
+
+# --------------------------------------------------------------------------------------------
+# The inner unroll
+# --------------------------------------------------------------------------------------------
+
+
+def inner_unroll(
+    images: Array,
+    labels: Array,
+    inner_lr: Array | float,
+    start_params: Params,
+    batch_indices: Array,
+    batch_mask: Array,
+    *,
+    model: nn.Module,
+    augment_key: Array | None = None,
+    mode: str = "remat",
+    remat_every: int | None = None,
+    loop: Loop = "unrolled",
+    dsa_strategy: str = augment_lib.DEFAULT_STRATEGY,
+) -> Params:
+    """Trains the student for N SGD steps on the synthetic set and returns θ̂_N.
+
+    MTT's inner loop (Cazenavette et al. 2022, Algorithm 1; brief §1.1):
+    θ̂_{n+1} = θ̂_n − α ∇_θ mean_{j∈b_n} ℓ_CE(f(A_n(X̃_j); θ̂_n), Y_j), with b_n =
+    ``batch_indices[n]``, the mean weighted by ``batch_mask[n]``, and A_n a fresh DSA draw
+    (:func:`ddjax.augment.dsa`, key ``jax.random.fold_in(augment_key, n)``). The student runs
+    ``model.apply({'params': θ}, x, train=True)``; BatchNorm models normalise with each
+    minibatch's statistics and their running statistics are discarded, as in MTT.
+
+    ``mode`` only changes how reverse-mode differentiates θ̂_N (the value is the same):
+
+    * ``'unroll'`` and ``'remat'``: the exact derivative (see the module docstring).
+    * ``'tesla'``: TESLA's estimator (Cui et al. 2023; brief §2.1), a ``jax.custom_vjp``. The
+      forward pass stores θ̂_0 … θ̂_{N−1} and G = Σ_n g_n, g_n = ∇_θ ℓ(θ̂_n, A_n(X̃[b_n])).
+      Given the cotangent θ̄ = ∂L/∂θ̂_N, the backward pass treats every θ̂_n and G as
+      constants (θ̂_N ≈ θ̂_0 − α Σ_n g_n(θ̂_n fixed, X̃)):
+
+      - images: Σ_n VJP of ⟨c, g_n(θ̂_n, A_n(x))⟩ w.r.t. the un-augmented slice x = X̃[b_n]
+        (through the augmentation, with the same key, hence the same DSA draw as the forward
+        pass), scatter-added into the image gradient, with c = −α θ̄. For the matching loss
+        θ̄ = 2(θ̂_N − θ*)/D, so c = −(2α/D)(θ̂_N − θ*), TESLA's coefficient;
+      - ``inner_lr``: −⟨θ̄, G⟩ (for L: −2 Gᵀ(θ̂_N − θ*)/D);
+      - soft labels (float ``labels``): the same VJP w.r.t. Y[b_n] (DATM's ``DATM_tesla.py``);
+      - ``start_params``: θ̄ (the dropped terms make ∂θ̂_N/∂θ̂_0 the identity).
+
+      The exact gradient also contains, for every n, the effect of X̃[b_n] on the *later*
+      steps: ∂θ̂_N/∂X̃ = −α Σ_n (Π_{m>n} (I − α H_m)) ∂g_n/∂X̃, with H_m = ∂g_m/∂θ the Hessian
+      at step m, and likewise α's effect on g_m through θ̂_m. TESLA keeps only the identity
+      term of each product, so the estimate equals the exact gradient for N = 1 and differs
+      for N > 1 by O(α²). TESLA's paper calls it exact; its released code computes this.
+      Unlike TESLA, the augmented minibatches are not stored: DSA is a deterministic function
+      of its key here, so the backward pass recomputes the identical draw (it needs the
+      augmentation's forward pass for its VJP anyway).
+
+    Memory of the backward pass: ``'unroll'`` keeps N steps' activations; ``'remat'`` and
+    ``'tesla'`` keep N parameter copies and one step's activations (``'remat'`` with
+    ``remat_every=k``: ≈ N/k + k copies).
+
+    Args:
+        images: synthetic images ``[M, H, W, C]`` (X̃).
+        labels: int labels ``[M]`` or soft labels ``[M, num_classes]`` (Y).
+        inner_lr: the student's learning rate α, a scalar.
+        start_params: θ̂_0 = θ*_t, the expert's ``params`` at the start epoch.
+        batch_indices: int ``[N, B]`` image indices per step (:func:`inner_batch_indices`).
+        batch_mask: ``[N, B]`` weights, 1 for real entries and 0 for padding.
+        model: the student network (a ddjax Linen model).
+        augment_key: PRNG key for DSA; ``None`` turns augmentation off (MTT's ``--no_aug``).
+        mode: ``'unroll'`` | ``'remat'`` | ``'tesla'``.
+        remat_every: block size k for nested checkpointing; ``mode='remat'`` only.
+        loop: ``'unrolled'`` | ``'rolled'`` | a positive int (see the module docstring).
+        dsa_strategy: DSA groups joined by ``'_'`` (MTT's ``dsa_strategy``).
+
+    Returns:
+        θ̂_N, a pytree like ``start_params``.
+
+    Raises:
+        DDJaxError: unknown ``mode``/``loop``/strategy, bad ``remat_every`` or mismatched
+            shapes.
+    """
+    _check_config(mode, remat_every, loop)
+    _check_shapes(images, labels, batch_indices, batch_mask)
+    augmenting = augment_key is not None and bool(augment_lib.parse_strategy(dsa_strategy))
+    student = _Student(model, dsa_strategy if augmenting else None)
+    inner_lr = _as_learning_rate(inner_lr)
+    if mode == "tesla":
+        config = _TeslaConfig(student, loop, labels_differentiable=_is_float(labels))
+        return _tesla_unroll(
+            config, images, labels, inner_lr, start_params, batch_indices, batch_mask, augment_key
+        )
+
+    def step(params: Params, step_inputs: tuple[Array, Array, Array]) -> tuple[Params, None]:
+        indices, mask, step_number = step_inputs
+        grads = _step_gradient(
+            student, params, images, labels, indices, mask, step_number, augment_key
+        )
+        return jax.tree.map(lambda p, g: p - inner_lr * g, params, grads), None
+
+    num_steps = batch_indices.shape[0]
+    step_inputs = (batch_indices, batch_mask, jnp.arange(num_steps))
+    return _run_steps(
+        step,
+        start_params,
+        step_inputs,
+        num_steps=num_steps,
+        remat=mode == "remat",
+        remat_every=remat_every,
+        loop=loop,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# TESLA's estimator
+# --------------------------------------------------------------------------------------------
+
+
+class _TeslaConfig(NamedTuple):
+    """The static (non-array) part of a TESLA unroll."""
+
+    student: _Student
+    loop: Loop
+    labels_differentiable: bool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tesla_unroll(
+    config: _TeslaConfig,
+    images: Array,
+    labels: Array,
+    inner_lr: Array,
+    start_params: Params,
+    batch_indices: Array,
+    batch_mask: Array,
+    augment_key: Array | None,
+) -> Params:
+    final_params, _ = _tesla_forward(
+        config, images, labels, inner_lr, start_params, batch_indices, batch_mask, augment_key
+    )
+    return final_params
+
+
+def _tesla_forward(
+    config: _TeslaConfig,
+    images: Array,
+    labels: Array,
+    inner_lr: Array,
+    start_params: Params,
+    batch_indices: Array,
+    batch_mask: Array,
+    augment_key: Array | None,
+) -> tuple[Params, tuple[Any, ...]]:
+    """TESLA's first pass: the N steps, keeping θ̂_0 … θ̂_{N−1} and G = Σ g_n.
+
+    Nothing here is differentiated (it is the forward rule of a custom VJP), which is what
+    TESLA's ``detach()`` of every step achieves.
+    """
+    student = config.student
+
+    def step(carry: tuple[Params, Params], step_inputs: Any) -> tuple[Any, Params]:
+        params, grad_sum = carry
+        indices, mask, step_number = step_inputs
+        grads = _step_gradient(
+            student, params, images, labels, indices, mask, step_number, augment_key
+        )
+        new_params = jax.tree.map(lambda p, g: p - inner_lr * g, params, grads)
+        return (new_params, jax.tree.map(jnp.add, grad_sum, grads)), params
+
+    num_steps = batch_indices.shape[0]
+    step_inputs = (batch_indices, batch_mask, jnp.arange(num_steps))
+    zeros = jax.tree.map(jnp.zeros_like, start_params)
+    unroll = _scan_unroll(config.loop, num_steps)
+    (final_params, grad_sum), step_params = jax.lax.scan(
+        step, (start_params, zeros), step_inputs, unroll=unroll
+    )
+    residuals = (
+        images,
+        labels,
+        inner_lr,
+        step_params,
+        grad_sum,
+        batch_indices,
+        batch_mask,
+        augment_key,
+    )
+    return final_params, residuals
+
+
+def _tesla_backward(
+    config: _TeslaConfig, residuals: tuple[Any, ...], final_params_cotangent: Params
+) -> tuple[Any, ...]:
+    """TESLA's second pass: Σ_n of the per-step VJPs with θ̂_n fixed (see :func:`inner_unroll`)."""
+    images, labels, inner_lr, step_params, grad_sum, batch_indices, batch_mask, augment_key = (
+        residuals
+    )
+    student = config.student
+    # c = −α θ̄; for the matching loss, c = −(2α/D)(θ̂_N − θ*), TESLA's coefficient vector.
+    coefficients = jax.tree.map(lambda t: -inner_lr * t, final_params_cotangent)
+    label_argnums = (0, 1) if config.labels_differentiable else (0,)
+
+    def step_term(carry: tuple[Array, Array], step_inputs: Any) -> tuple[Any, None]:
+        image_grads, label_grads = carry
+        params, indices, mask, step_number = step_inputs
+
+        def coefficient_dot_gradient(batch_images: Array, batch_labels: Array) -> Array:
+            augmented = _augmented(student, augment_key, step_number, batch_images)
+            grads = jax.grad(functools.partial(_batch_loss, student))(
+                params, augmented, batch_labels, mask
+            )
+            return _tree_vdot(coefficients, grads)
+
+        slice_grads = jax.grad(coefficient_dot_gradient, argnums=label_argnums)(
+            images[indices], labels[indices]
+        )
+        image_grads = image_grads.at[indices].add(slice_grads[0])
+        if config.labels_differentiable:
+            label_grads = label_grads.at[indices].add(slice_grads[1])
+        return (image_grads, label_grads), None
+
+    num_steps = batch_indices.shape[0]
+    step_inputs = (step_params, batch_indices, batch_mask, jnp.arange(num_steps))
+    label_grads = jnp.zeros_like(labels) if config.labels_differentiable else jnp.zeros(())
+    unroll = _scan_unroll(config.loop, num_steps)
+    (image_grads, label_grads), _ = jax.lax.scan(
+        step_term, (jnp.zeros_like(images), label_grads), step_inputs, unroll=unroll
+    )
+    lr_grad = -_tree_vdot(final_params_cotangent, grad_sum).astype(inner_lr.dtype)
+    label_cotangent = label_grads if config.labels_differentiable else None
+    # Integer indices and the PRNG key have no cotangent (None is JAX's zero for them).
+    return (
+        image_grads,
+        label_cotangent,
+        lr_grad,
+        final_params_cotangent,
+        None,
+        None,
+        None,
+    )
+
+
+_tesla_unroll.defvjp(_tesla_forward, _tesla_backward)
+
+
+# --------------------------------------------------------------------------------------------
+# The matching loss
+# --------------------------------------------------------------------------------------------
+
+
+def match_loss(
+    images: Array,
+    labels: Array,
+    inner_lr: Array | float,
+    start_params: Params,
+    target_params: Params,
+    batch_indices: Array,
+    batch_mask: Array,
+    *,
+    model: nn.Module,
+    augment_key: Array | None = None,
+    mode: str = "remat",
+    remat_every: int | None = None,
+    loop: Loop = "unrolled",
+    dsa_strategy: str = augment_lib.DEFAULT_STRATEGY,
+) -> Array:
+    """MTT's normalised parameter-matching loss (Cazenavette et al. 2022, §3; brief §1.1).
+
+    L = ‖θ̂_N − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖², both squared norms summed over every
+    parameter (MTT divides both by the parameter count, which cancels). θ̂_N is
+    :func:`inner_unroll` from θ̂_0 = ``start_params``. Differentiable w.r.t. ``images``,
+    ``inner_lr`` and float ``labels``; ``mode`` picks the gradient (exact for ``'unroll'`` and
+    ``'remat'``, TESLA's estimator for ``'tesla'``). ``start_params`` and ``target_params`` are
+    expert snapshots and are treated as data.
+
+    Args:
+        images: synthetic images ``[M, H, W, C]``.
+        labels: int labels ``[M]`` or soft labels ``[M, num_classes]``.
+        inner_lr: the learnable student learning rate α (a scalar).
+        start_params: θ*_t, the expert's ``params`` at the start epoch.
+        target_params: θ*_{t+M}, the expert's ``params`` M epochs later.
+        batch_indices: int ``[N, B]`` (:func:`inner_batch_indices`).
+        batch_mask: ``[N, B]`` weights, 0 for padding.
+        model: the student network.
+        augment_key: PRNG key for DSA in the inner loop, or ``None`` for no augmentation.
+        mode: ``'unroll'`` | ``'remat'`` | ``'tesla'`` (see :func:`inner_unroll`).
+        remat_every: nested-checkpoint block size (``mode='remat'`` only).
+        loop: ``'unrolled'`` | ``'rolled'`` | a positive int.
+        dsa_strategy: DSA groups joined by ``'_'``.
+
+    Returns:
+        The scalar loss L.
+
+    Raises:
+        DDJaxError: see :func:`inner_unroll`; also if start and target have different
+            structures.
+    """
+    check(
+        jax.tree.structure(start_params) == jax.tree.structure(target_params),
+        "match_loss: start_params and target_params must have the same structure, got "
+        f"{jax.tree.structure(start_params)} and {jax.tree.structure(target_params)}",
+    )
+    final_params = inner_unroll(
+        images,
+        labels,
+        inner_lr,
+        start_params,
+        batch_indices,
+        batch_mask,
+        model=model,
+        augment_key=augment_key,
+        mode=mode,
+        remat_every=remat_every,
+        loop=loop,
+        dsa_strategy=dsa_strategy,
+    )
+    distance = _tree_squared_distance(final_params, target_params)
+    expert_distance = _tree_squared_distance(start_params, target_params)
+    return distance / expert_distance
+
+
+class MatchGrads(NamedTuple):
+    """Gradients of :func:`match_loss` w.r.t. what distillation learns.
+
+    Attributes:
+        images: ``[M, H, W, C]``, like the synthetic images.
+        inner_lr: a scalar, like the learning rate.
+        labels: like soft labels when they are float, else ``None`` (hard labels are fixed).
+    """
+
+    images: Array
+    inner_lr: Array
+    labels: Array | None
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "mode", "remat_every", "loop", "dsa_strategy")
+)
+def match_loss_and_grads(
+    images: Array,
+    labels: Array,
+    inner_lr: Array | float,
+    start_params: Params,
+    target_params: Params,
+    batch_indices: Array,
+    batch_mask: Array,
+    *,
+    model: nn.Module,
+    augment_key: Array | None = None,
+    mode: str = "remat",
+    remat_every: int | None = None,
+    loop: Loop = "unrolled",
+    dsa_strategy: str = augment_lib.DEFAULT_STRATEGY,
+) -> tuple[Array, MatchGrads]:
+    """:func:`match_loss` and its gradients, jitted (one compile per model and configuration).
+
+    The configuration (``model``, ``mode``, ``remat_every``, ``loop``, ``dsa_strategy``) is
+    static: Flax modules are hashable dataclasses, so equal models share a compiled program.
+    Arrays (including ``inner_lr``) are traced, so a new learning rate does not recompile.
+    Inside a larger jitted step the inner ``jit`` is simply inlined.
+
+    Args:
+        images, labels, inner_lr, start_params, target_params, batch_indices, batch_mask:
+            as for :func:`match_loss`.
+        model, augment_key, mode, remat_every, loop, dsa_strategy: as for :func:`match_loss`.
+
+    Returns:
+        ``(loss, MatchGrads(images, inner_lr, labels))``; ``labels`` is ``None`` for integer
+        labels.
+
+    Raises:
+        DDJaxError: see :func:`match_loss`.
+    """
+    differentiate_labels = _is_float(labels)
+    argnums = (0, 1, 2) if differentiate_labels else (0, 2)
+    inner_lr = _as_learning_rate(inner_lr)
+
+    def loss_fn(images: Array, labels: Array, inner_lr: Array) -> Array:
+        return match_loss(
+            images,
+            labels,
+            inner_lr,
+            start_params,
+            target_params,
+            batch_indices,
+            batch_mask,
+            model=model,
+            augment_key=augment_key,
+            mode=mode,
+            remat_every=remat_every,
+            loop=loop,
+            dsa_strategy=dsa_strategy,
+        )
+
+    loss, grads = jax.value_and_grad(loss_fn, argnums=argnums)(images, labels, inner_lr)
+    if differentiate_labels:
+        return loss, MatchGrads(grads[0], grads[2], grads[1])
+    return loss, MatchGrads(grads[0], grads[1], None)
+
+
+def from_mtt_flat(
+    start_vector: Any,
+    target_vector: Any,
+    *,
+    model: nn.Module,
+    image_shape: tuple[int, int, int],
+) -> tuple[Params, Params]:
+    """Start and target ``params`` from MTT's flat expert vectors (host-side, not jittable).
+
+    MTT's expert buffers store each epoch's parameters as ``ReparamModule``'s flat vector
+    (``torch.cat([p.reshape(-1) for p in net.parameters()])``); this converts two of them with
+    :func:`ddjax.models.from_flat_vector`. Running BatchNorm statistics are not part of the
+    vector and are not needed: the student runs in train mode.
+
+    Args:
+        start_vector: θ*_t as a 1-D array (numpy, JAX or a CPU tensor).
+        target_vector: θ*_{t+M}, same length.
+        model: the ddjax model the expert was trained as.
+        image_shape: (H, W, C) of the images.
+
+    Returns:
+        ``(start_params, target_params)``, ``params`` pytrees for :func:`match_loss`.
+
+    Raises:
+        DDJaxError: if a vector's length does not match the model.
+    """
+    start = models.from_flat_vector(start_vector, model, image_shape)["params"]
+    target = models.from_flat_vector(target_vector, model, image_shape)["params"]
+    return start, target
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers and validation
+# --------------------------------------------------------------------------------------------
+
+
+def _tree_vdot(a: Params, b: Params) -> Array:
+    """Σ over leaves of ⟨a, b⟩."""
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def _tree_squared_distance(a: Params, b: Params) -> Array:
+    """‖a − b‖² summed over every leaf."""
+    leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return sum(jnp.sum(jnp.square(x - y)) for x, y in leaves)
+
+
+def _as_learning_rate(inner_lr: Array | float) -> Array:
+    """``inner_lr`` as a float scalar array (its own float dtype is kept)."""
+    inner_lr = jnp.asarray(inner_lr)
+    check(inner_lr.ndim == 0, f"inner_lr must be a scalar, got shape {inner_lr.shape}")
+    if not jnp.issubdtype(inner_lr.dtype, jnp.floating):
+        inner_lr = inner_lr.astype(jnp.result_type(float))
+    return inner_lr
+
+
+def _is_float(labels: Array) -> bool:
+    return jnp.issubdtype(jnp.asarray(labels).dtype, jnp.floating)
+
+
+def _check_positive_int(field: str, value: Any) -> None:
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+    check(ok, f"{field} must be a positive integer, got {value!r}")
+
+
+def _check_config(mode: str, remat_every: int | None, loop: Loop) -> None:
+    check(mode in MODES, f"mode={mode!r}: expected one of {', '.join(map(repr, MODES))}")
+    valid_loop = loop in ("unrolled", "rolled") or (
+        isinstance(loop, numbers.Integral) and not isinstance(loop, bool) and loop > 0
+    )
+    check(
+        valid_loop,
+        f"loop={loop!r}: expected 'unrolled', 'rolled' or a positive integer chunk length",
+    )
+    if remat_every is not None:
+        check(
+            mode == "remat",
+            f"remat_every={remat_every!r} is only used with mode='remat', got mode={mode!r}",
+        )
+        _check_positive_int("remat_every", remat_every)
+
+
+def _check_shapes(images: Array, labels: Array, batch_indices: Array, batch_mask: Array) -> None:
+    check(
+        np.ndim(images) == 4,
+        f"images must be [M, H, W, C], got shape {tuple(np.shape(images))}",
+    )
+    num_images = np.shape(images)[0]
+    check(
+        np.ndim(labels) in (1, 2) and np.shape(labels)[0] == num_images,
+        f"labels must be [{num_images}] or [{num_images}, num_classes] to match the images, "
+        f"got shape {tuple(np.shape(labels))}",
+    )
+    check(
+        np.ndim(batch_indices) == 2 and np.shape(batch_mask) == np.shape(batch_indices),
+        "batch_indices and batch_mask must both be [num_inner_steps, batch_size], got shapes "
+        f"{tuple(np.shape(batch_indices))} and {tuple(np.shape(batch_mask))}",
+    )
+    check(
+        jnp.issubdtype(jnp.asarray(batch_indices).dtype, jnp.integer),
+        f"batch_indices must be integers, got dtype {jnp.asarray(batch_indices).dtype}",
+    )
