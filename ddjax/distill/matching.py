@@ -28,11 +28,14 @@ Gradient modes (``mode``):
 
 * ``'unroll'``: plain reverse-mode through the N steps; memory grows linearly in N because
   every step's activations are kept (what MTT's ``create_graph=True`` loop does).
-* ``'remat'`` (default): ``jax.checkpoint`` around every step, so the backward pass keeps only
-  the N parameter vectors θ̂_n and recomputes one step's activations at a time. The gradient is
+* ``'remat'`` (default): every step is checkpointed, so the backward pass keeps only the N
+  parameter vectors θ̂_n and recomputes one step's activations at a time. The gradient is
   exact (equal to ``'unroll'`` up to float rounding). ``remat_every=k`` nests it: blocks of k
   checkpointed steps are checkpointed again, so only ≈ N/k + k parameter copies are stored
-  (≈ 2√N for k ≈ √N) at the price of a second recomputation.
+  (≈ 2√N for k ≈ √N) at the price of a second recomputation. The checkpoint is a small custom
+  VJP equivalent to ``jax.checkpoint`` (nothing saveable) plus an ordering constraint, because
+  plain ``jax.checkpoint`` saved no memory at all in unrolled loops on XLA:CPU (see
+  :func:`_after`); it supports reverse mode only.
 * ``'tesla'``: TESLA's estimator as published: it drops the cross-step terms and so is **not**
   the exact gradient for N > 1 (see :func:`inner_unroll`).
 
@@ -41,8 +44,15 @@ Loop forms (``loop``): ``'unrolled'`` (default, ``lax.scan(..., unroll=True)``),
 the default because XLA:CPU handles rolled loops of conv train steps badly: a first-order conv
 step inside a rolled ``lax.scan`` ran ~10x slower than unrolled on this project's 2-core CPU,
 and second-order rolled loops of a width-128 ConvNet did not finish within 10 minutes
-(``research/jax_notes.md``, Addendum). Rolled loops compile in time independent of N, so they
-are the form for ahead-of-time memory checks at large N and worth trying on GPU.
+(``research/jax_notes.md``, Addendum); measured with this module (width-32 ConvNet-3, 50
+images of 28×28, N = 4, 2 busy cores), a rolled loop ran 6x (``'remat'``) to 9x (``'unroll'``)
+slower than the unrolled one. Compile time of the unrolled form grows with N (≈ 3-5 s per step
+for that net). Rolled loops compile
+in time independent of N, so they are the form for ahead-of-time memory checks at large N and
+worth trying on GPU; an int k bounds the unrolled code at k steps.
+
+Memory: ``'remat'`` and ``'tesla'`` are flat in N in every loop form (one parameter copy per
+step on top of one step's working set); ``'unroll'`` grows by one step's activations per step.
 """
 
 from __future__ import annotations
@@ -203,18 +213,94 @@ def _augmented(
 def _step_gradient(
     student: _Student,
     params: Params,
-    images: Array,
-    labels: Array,
-    indices: Array,
+    batch_images: Array,
+    batch_labels: Array,
     mask: Array,
     step: Array,
     augment_key: Array | None,
 ) -> Params:
-    """g_n = ∇_θ ℓ(f(A_n(images[b_n]); θ), labels[b_n]) at θ = ``params``."""
-    batch_images = _augmented(student, augment_key, step, images[indices])
-    return jax.grad(functools.partial(_batch_loss, student))(
-        params, batch_images, labels[indices], mask
+    """g_n = ∇_θ ℓ(f(A_n(x); θ), y) at θ = ``params`` for the un-augmented minibatch (x, y)."""
+    augmented = _augmented(student, augment_key, step, batch_images)
+    return jax.grad(functools.partial(_batch_loss, student))(params, augmented, batch_labels, mask)
+
+
+class _StepOperands(NamedTuple):
+    """The arrays one SGD step reads: the same for every step, then this step's schedule."""
+
+    images: Array
+    labels: Array
+    inner_lr: Array
+    augment_key: Array | None
+    indices: Array
+    mask: Array
+    step: Array
+
+
+def _sgd_step(student: _Student, params: Params, operands: _StepOperands) -> Params:
+    """θ_{n+1} = θ_n − α g_n: one inner step of the student (MTT Algorithm 1)."""
+    batch = (operands.images[operands.indices], operands.labels[operands.indices])
+    batch_images, batch_labels = _after(batch, params)
+    grads = _step_gradient(
+        student,
+        params,
+        batch_images,
+        batch_labels,
+        operands.mask,
+        operands.step,
+        operands.augment_key,
     )
+    return jax.tree.map(lambda p, g: p - operands.inner_lr * g, params, grads)
+
+
+def _after(tree: Any, dependency: Any) -> Any:
+    """``tree``, unchanged in value, made to depend on ``dependency`` (a scheduling constraint).
+
+    Adds ``0 · dependency[0]`` (one element of its first leaf) to every float leaf. XLA keeps
+    the addition (``x · 0`` is not folded for floats, NaN · 0 being NaN), so ``tree`` cannot be
+    computed before ``dependency``. In a loop unrolled into one straight-line program,
+    XLA:CPU's scheduler otherwise starts work that does not depend on the loop carry early --
+    the minibatches and augmentations of every step, and, in the backward pass, every step's
+    recomputation -- and keeps all of it alive: ``jax.checkpoint`` in an unrolled
+    ``lax.scan`` saved no memory at all (temp memory grew by one step's activations per step,
+    like plain backprop), and ``lax.optimization_barrier`` did not help either (it is expanded
+    before scheduling). Rolled loops do not need this; it costs one addition per element.
+    """
+    leaf = jax.tree.leaves(dependency)[0]
+    zero = 0.0 * jnp.reshape(leaf, -1)[0]
+
+    def tie(x: Any) -> Any:
+        if isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.floating):
+            return x + zero.astype(x.dtype)
+        return x
+
+    return jax.tree.map(tie, tree)
+
+
+def _checkpoint_in_order(fn: Callable[[Params, Any], Params]) -> Callable[[Params, Any], Params]:
+    """``jax.checkpoint(fn)`` whose recomputation waits for the cotangent (see :func:`_after`).
+
+    ``fn(carry, operands) -> carry``. The forward pass saves only ``(carry, operands)``; the
+    backward pass recomputes ``fn`` from them and pulls the cotangent back through it, exactly
+    as ``jax.checkpoint`` with nothing saveable does, so the gradient is the exact one. The
+    inputs of the recomputation are tied to the incoming cotangent so that, in an unrolled
+    loop, step n is recomputed only when the backward pass reaches it. Reverse mode only (a
+    ``jax.custom_vjp``).
+    """
+
+    @jax.custom_vjp
+    def checkpointed(carry: Params, operands: Any) -> Params:
+        return fn(carry, operands)
+
+    def forward(carry: Params, operands: Any) -> tuple[Params, Any]:
+        return fn(carry, operands), (carry, operands)
+
+    def backward(residuals: Any, cotangent: Params) -> tuple[Any, Any]:
+        carry, operands = _after(residuals, cotangent)
+        _, pullback = jax.vjp(fn, carry, operands)
+        return pullback(cotangent)
+
+    checkpointed.defvjp(forward, backward)
+    return checkpointed
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,43 +318,55 @@ def _scan_unroll(loop: Loop, length: int) -> int | bool:
 
 
 def _run_steps(
-    step: Callable[[Params, Any], tuple[Params, None]],
+    step: Callable[[Params, _StepOperands], Params],
     params: Params,
-    step_inputs: Any,
+    operands: _StepOperands,
     *,
-    num_steps: int,
     remat: bool,
     remat_every: int | None,
     loop: Loop,
 ) -> Params:
-    """Applies ``step`` over the leading axis of ``step_inputs``, with optional remat.
+    """Applies ``step`` for every row of the schedule in ``operands``, with optional remat.
 
-    With ``remat_every=k`` the steps are grouped into ⌊N/k⌋ blocks of k (plus one block of the
-    remainder): each block is checkpointed as a whole and each step inside it again, so the
-    outer backward stores one parameter copy per block and a block's backward k more.
+    ``operands.indices``, ``.mask`` and ``.step`` have a leading axis of N steps; the other
+    fields are shared by every step. With ``remat`` each step is checkpointed
+    (:func:`_checkpoint_in_order`). With ``remat_every=k`` the steps are also grouped into
+    ⌊N/k⌋ blocks of k (plus one block of the remainder), each checkpointed as a whole: the
+    outer backward pass stores one parameter copy per block and a block's backward pass k
+    more. For ``k >= N`` there is a single block, which is plain per-step remat.
     """
-    if not remat:
-        return jax.lax.scan(step, params, step_inputs, unroll=_scan_unroll(loop, num_steps))[0]
-    step = jax.checkpoint(step)
-    if remat_every is None or remat_every >= num_steps:
-        return jax.lax.scan(step, params, step_inputs, unroll=_scan_unroll(loop, num_steps))[0]
+    num_steps = operands.indices.shape[0]
+    shared = operands._replace(indices=None, mask=None, step=None)
+    schedule = (operands.indices, operands.mask, operands.step)
+    if remat:
+        step = _checkpoint_in_order(step)
+
+    def scan_steps(params: Params, shared: _StepOperands, schedule: Any) -> Params:
+        def body(params: Params, row: tuple[Array, Array, Array]) -> tuple[Params, None]:
+            indices, mask, step_number = row
+            return step(params, shared._replace(indices=indices, mask=mask, step=step_number)), None
+
+        length = schedule[0].shape[0]
+        return jax.lax.scan(body, params, schedule, unroll=_scan_unroll(loop, length))[0]
+
+    if not remat or remat_every is None or remat_every >= num_steps:
+        return scan_steps(params, shared, schedule)
 
     block_size = remat_every
     num_blocks, remainder = divmod(num_steps, block_size)
+    block = _checkpoint_in_order(lambda params, block: scan_steps(params, *block))
 
-    @jax.checkpoint
-    def block(params: Params, block_inputs: Any) -> tuple[Params, None]:
-        unroll = _scan_unroll(loop, block_size)
-        return jax.lax.scan(step, params, block_inputs, unroll=unroll)[0], None
+    def outer_body(params: Params, block_schedule: Any) -> tuple[Params, None]:
+        return block(params, (shared, block_schedule)), None
 
     head = jax.tree.map(
         lambda a: a[: num_blocks * block_size].reshape(num_blocks, block_size, *a.shape[1:]),
-        step_inputs,
+        schedule,
     )
-    params = jax.lax.scan(block, params, head, unroll=_scan_unroll(loop, num_blocks))[0]
+    params = jax.lax.scan(outer_body, params, head, unroll=_scan_unroll(loop, num_blocks))[0]
     if remainder:
-        tail = jax.tree.map(lambda a: a[num_blocks * block_size :], step_inputs)
-        params = block(params, tail)[0]
+        tail = jax.tree.map(lambda a: a[num_blocks * block_size :], schedule)
+        params = block(params, (shared, tail))
     return params
 
 
@@ -317,18 +415,21 @@ def inner_unroll(
       - soft labels (float ``labels``): the same VJP w.r.t. Y[b_n] (DATM's ``DATM_tesla.py``);
       - ``start_params``: θ̄ (the dropped terms make ∂θ̂_N/∂θ̂_0 the identity).
 
-      The exact gradient also contains, for every n, the effect of X̃[b_n] on the *later*
-      steps: ∂θ̂_N/∂X̃ = −α Σ_n (Π_{m>n} (I − α H_m)) ∂g_n/∂X̃, with H_m = ∂g_m/∂θ the Hessian
-      at step m, and likewise α's effect on g_m through θ̂_m. TESLA keeps only the identity
-      term of each product, so the estimate equals the exact gradient for N = 1 and differs
-      for N > 1 by O(α²). TESLA's paper calls it exact; its released code computes this.
+      The exact Jacobian also carries each step's effect through the *later* steps:
+      ∂θ̂_N/∂X̃ = −α Σ_n (Π_{m>n} (I − α H_m)) ∂g_n/∂X̃ and ∂θ̂_N/∂α = −Σ_n (Π_{m>n} (I − α
+      H_m)) g_n, with H_m = ∂g_m/∂θ the Hessian at step m (the product ordered with later
+      steps on the left). TESLA keeps only the identity term of each product: the estimate
+      equals the exact gradient for N = 1 and, for N > 1, misses cross-step terms of order α²
+      (images) and α (learning rate), which grow with N and with the curvature. TESLA's paper
+      calls its gradient exact; its released code computes this estimator.
       Unlike TESLA, the augmented minibatches are not stored: DSA is a deterministic function
       of its key here, so the backward pass recomputes the identical draw (it needs the
       augmentation's forward pass for its VJP anyway).
 
     Memory of the backward pass: ``'unroll'`` keeps N steps' activations; ``'remat'`` and
     ``'tesla'`` keep N parameter copies and one step's activations (``'remat'`` with
-    ``remat_every=k``: ≈ N/k + k copies).
+    ``remat_every=k``: ≈ N/k + k copies), in unrolled loops too (see :func:`_after`). Both
+    are reverse-mode only (``jax.custom_vjp``); ``'unroll'`` also supports forward mode.
 
     Args:
         images: synthetic images ``[M, H, W, C]`` (X̃).
@@ -361,25 +462,42 @@ def inner_unroll(
         return _tesla_unroll(
             config, images, labels, inner_lr, start_params, batch_indices, batch_mask, augment_key
         )
-
-    def step(params: Params, step_inputs: tuple[Array, Array, Array]) -> tuple[Params, None]:
-        indices, mask, step_number = step_inputs
-        grads = _step_gradient(
-            student, params, images, labels, indices, mask, step_number, augment_key
-        )
-        return jax.tree.map(lambda p, g: p - inner_lr * g, params, grads), None
-
-    num_steps = batch_indices.shape[0]
-    step_inputs = (batch_indices, batch_mask, jnp.arange(num_steps))
-    return _run_steps(
-        step,
+    return _sgd_steps(
+        student,
+        images,
+        labels,
+        inner_lr,
         start_params,
-        step_inputs,
-        num_steps=num_steps,
+        batch_indices,
+        batch_mask,
+        augment_key,
         remat=mode == "remat",
         remat_every=remat_every,
         loop=loop,
     )
+
+
+def _sgd_steps(
+    student: _Student,
+    images: Array,
+    labels: Array,
+    inner_lr: Array,
+    start_params: Params,
+    batch_indices: Array,
+    batch_mask: Array,
+    augment_key: Array | None,
+    *,
+    remat: bool,
+    remat_every: int | None,
+    loop: Loop,
+) -> Params:
+    """θ̂_N by N SGD steps, differentiated by plain reverse mode (with optional remat)."""
+    num_steps = batch_indices.shape[0]
+    operands = _StepOperands(
+        images, labels, inner_lr, augment_key, batch_indices, batch_mask, jnp.arange(num_steps)
+    )
+    step = functools.partial(_sgd_step, student)
+    return _run_steps(step, start_params, operands, remat=remat, remat_every=remat_every, loop=loop)
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,10 +524,20 @@ def _tesla_unroll(
     batch_mask: Array,
     augment_key: Array | None,
 ) -> Params:
-    final_params, _ = _tesla_forward(
-        config, images, labels, inner_lr, start_params, batch_indices, batch_mask, augment_key
+    # Undifferentiated calls need only θ̂_N: the plain loop, without TESLA's stored copies.
+    return _sgd_steps(
+        config.student,
+        images,
+        labels,
+        inner_lr,
+        start_params,
+        batch_indices,
+        batch_mask,
+        augment_key,
+        remat=False,
+        remat_every=None,
+        loop=config.loop,
     )
-    return final_params
 
 
 def _tesla_forward(
@@ -432,8 +560,9 @@ def _tesla_forward(
     def step(carry: tuple[Params, Params], step_inputs: Any) -> tuple[Any, Params]:
         params, grad_sum = carry
         indices, mask, step_number = step_inputs
+        batch_images, batch_labels = _after((images[indices], labels[indices]), params)
         grads = _step_gradient(
-            student, params, images, labels, indices, mask, step_number, augment_key
+            student, params, batch_images, batch_labels, mask, step_number, augment_key
         )
         new_params = jax.tree.map(lambda p, g: p - inner_lr * g, params, grads)
         return (new_params, jax.tree.map(jnp.add, grad_sum, grads)), params
@@ -473,16 +602,20 @@ def _tesla_backward(
     def step_term(carry: tuple[Array, Array], step_inputs: Any) -> tuple[Any, None]:
         image_grads, label_grads = carry
         params, indices, mask, step_number = step_inputs
+        # The terms are independent; tying each to the running sum makes XLA compute them one
+        # at a time in unrolled loops (see _after), so one step's activations are alive at once.
+        params, batch_images, batch_labels = _after(
+            (params, images[indices], labels[indices]), image_grads
+        )
 
         def coefficient_dot_gradient(batch_images: Array, batch_labels: Array) -> Array:
-            augmented = _augmented(student, augment_key, step_number, batch_images)
-            grads = jax.grad(functools.partial(_batch_loss, student))(
-                params, augmented, batch_labels, mask
+            grads = _step_gradient(
+                student, params, batch_images, batch_labels, mask, step_number, augment_key
             )
             return _tree_vdot(coefficients, grads)
 
         slice_grads = jax.grad(coefficient_dot_gradient, argnums=label_argnums)(
-            images[indices], labels[indices]
+            batch_images, batch_labels
         )
         image_grads = image_grads.at[indices].add(slice_grads[0])
         if config.labels_differentiable:
