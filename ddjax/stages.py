@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import ml_collections
-import numpy as np
 
 from ddjax import data as data_lib
 from ddjax import evaluate as evaluate_lib
@@ -193,10 +192,6 @@ def format_table(rows: dict, dataset: str, epochs: int, num_models: int) -> str:
         cells = []
         for ipc in ipcs:
             row = rows.get(f"{method}_ipc{ipc}")
-            cells.append(
-                f"{100 * row['mean']:.2f} ± {100 * np.std(row['accuracies']) * 1:.2f}"
-                if row
-                else "–"
-            )
+            cells.append(f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}" if row else "–")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
