@@ -180,6 +180,7 @@ class _Student(NamedTuple):
 
     model: nn.Module
     dsa_strategy: str | None  # validated DSA groups, or None for no augmentation
+    batch_sharding: jax.sharding.Sharding | None = None  # placement of each minibatch
 
 
 def _batch_loss(
@@ -219,7 +220,16 @@ def _step_gradient(
     step: Array,
     augment_key: Array | None,
 ) -> Params:
-    """g_n = ∇_θ ℓ(f(A_n(x); θ), y) at θ = ``params`` for the un-augmented minibatch (x, y)."""
+    """g_n = ∇_θ ℓ(f(A_n(x); θ), y) at θ = ``params`` for the un-augmented minibatch (x, y).
+
+    With ``student.batch_sharding`` the minibatch is split along its batch axis over the
+    mesh's data axis; the loss's mean and the gradient's sum over the batch become
+    all-reduces that XLA inserts (the value is the same up to summation order).
+    """
+    if student.batch_sharding is not None:
+        batch_images, batch_labels, mask = jax.lax.with_sharding_constraint(
+            (batch_images, batch_labels, mask), student.batch_sharding
+        )
     augmented = _augmented(student, augment_key, step, batch_images)
     return jax.grad(functools.partial(_batch_loss, student))(params, augmented, batch_labels, mask)
 
@@ -389,6 +399,7 @@ def inner_unroll(
     remat_every: int | None = None,
     loop: Loop = "unrolled",
     dsa_strategy: str = augment_lib.DEFAULT_STRATEGY,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> Params:
     """Trains the student for N SGD steps on the synthetic set and returns θ̂_N.
 
@@ -444,6 +455,9 @@ def inner_unroll(
         remat_every: block size k for nested checkpointing; ``mode='remat'`` only.
         loop: ``'unrolled'`` | ``'rolled'`` | a positive int (see the module docstring).
         dsa_strategy: DSA groups joined by ``'_'`` (MTT's ``dsa_strategy``).
+        batch_sharding: where each step's minibatch lives, e.g.
+            ``NamedSharding(mesh, PartitionSpec('data'))`` to split it over the mesh's data
+            axis (``None``: leave the placement to XLA).
 
     Returns:
         θ̂_N, a pytree like ``start_params``.
@@ -455,7 +469,7 @@ def inner_unroll(
     _check_config(mode, remat_every, loop)
     _check_shapes(images, labels, batch_indices, batch_mask)
     augmenting = augment_key is not None and bool(augment_lib.parse_strategy(dsa_strategy))
-    student = _Student(model, dsa_strategy if augmenting else None)
+    student = _Student(model, dsa_strategy if augmenting else None, batch_sharding)
     inner_lr = _as_learning_rate(inner_lr)
     if mode == "tesla":
         config = _TeslaConfig(student, loop, labels_differentiable=_is_float(labels))
@@ -666,6 +680,7 @@ def match_loss(
     remat_every: int | None = None,
     loop: Loop = "unrolled",
     dsa_strategy: str = augment_lib.DEFAULT_STRATEGY,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> Array:
     """MTT's normalised parameter-matching loss (Cazenavette et al. 2022, §3; brief §1.1).
 
@@ -690,6 +705,7 @@ def match_loss(
         remat_every: nested-checkpoint block size (``mode='remat'`` only).
         loop: ``'unrolled'`` | ``'rolled'`` | a positive int.
         dsa_strategy: DSA groups joined by ``'_'``.
+        batch_sharding: placement of each inner minibatch (see :func:`inner_unroll`).
 
     Returns:
         The scalar loss L.
@@ -716,6 +732,7 @@ def match_loss(
         remat_every=remat_every,
         loop=loop,
         dsa_strategy=dsa_strategy,
+        batch_sharding=batch_sharding,
     )
     distance = _tree_squared_distance(final_params, target_params)
     expert_distance = _tree_squared_distance(start_params, target_params)
@@ -737,7 +754,8 @@ class MatchGrads(NamedTuple):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "mode", "remat_every", "loop", "dsa_strategy")
+    jax.jit,
+    static_argnames=("model", "mode", "remat_every", "loop", "dsa_strategy", "batch_sharding"),
 )
 def match_loss_and_grads(
     images: Array,
@@ -754,6 +772,7 @@ def match_loss_and_grads(
     remat_every: int | None = None,
     loop: Loop = "unrolled",
     dsa_strategy: str = augment_lib.DEFAULT_STRATEGY,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[Array, MatchGrads]:
     """:func:`match_loss` and its gradients, jitted (one compile per model and configuration).
 
@@ -765,7 +784,8 @@ def match_loss_and_grads(
     Args:
         images, labels, inner_lr, start_params, target_params, batch_indices, batch_mask:
             as for :func:`match_loss`.
-        model, augment_key, mode, remat_every, loop, dsa_strategy: as for :func:`match_loss`.
+        model, augment_key, mode, remat_every, loop, dsa_strategy, batch_sharding: as for
+            :func:`match_loss`.
 
     Returns:
         ``(loss, MatchGrads(images, inner_lr, labels))``; ``labels`` is ``None`` for integer
@@ -793,6 +813,7 @@ def match_loss_and_grads(
             remat_every=remat_every,
             loop=loop,
             dsa_strategy=dsa_strategy,
+            batch_sharding=batch_sharding,
         )
 
     loss, grads = jax.value_and_grad(loss_fn, argnums=argnums)(images, labels, inner_lr)

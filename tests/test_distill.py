@@ -1,0 +1,217 @@
+"""ddjax.distill.mtt: the MTT state, ``distill_step``, its guards and the expert schedule.
+
+Tiny nets and N = 2 inner steps; every program is compiled with XLA's fast options (see
+tests/test_matching.py), which change float rounding, not what is computed.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddjax import models
+from ddjax.distill import matching, mtt
+from ddjax.errors import DDJaxError
+
+IMAGE_SHAPE = (8, 8, 1)
+NUM_CLASSES = 3
+IPC = 2
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+CONFIG = mtt.StepConfig(
+    syn_steps=2,
+    expert_epochs=1,
+    max_start_epoch=2,
+    batch_syn=4,
+    lr_img=10.0,
+    lr_lr=1e-3,
+    dsa_strategy="crop_flip",
+)
+
+
+@functools.cache
+def _model():
+    return models.get_model("ConvNet", NUM_CLASSES, IMAGE_SHAPE, width=3, depth=1, norm="none")
+
+
+@functools.cache
+def _trajectories(num_experts: int = 3, num_snapshots: int = 4):
+    """``[E, T+1, ...]`` trajectories: each expert drifts from its own init by random steps."""
+    rng = np.random.default_rng(0)
+    experts = []
+    for e in range(num_experts):
+        params = models.init_variables(_model(), jax.random.key(e), IMAGE_SHAPE)["params"]
+        snapshots = [params]
+        for _ in range(num_snapshots - 1):
+            params = jax.tree.map(
+                lambda p: p + 0.05 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params
+            )
+            snapshots.append(params)
+        experts.append(jax.tree.map(lambda *s: jnp.stack(s), *snapshots))
+    return jax.tree.map(lambda *e: jnp.stack(e), *experts)
+
+
+def _state(config=CONFIG, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(NUM_CLASSES * IPC, *IMAGE_SHAPE)).astype(np.float32)
+    labels = np.repeat(np.arange(NUM_CLASSES), IPC).astype(np.int32)
+    return mtt.init_state(images, labels, 0.01, jax.random.PRNGKey(seed), config)
+
+
+@functools.cache
+def _step(config=CONFIG, donate=False):
+    return mtt.make_distill_step(_model(), config, donate=donate, compiler_options=FAST_COMPILE)
+
+
+def test_step_is_mtt_update_with_momentum():
+    """Two steps equal match_loss_and_grads + PyTorch SGD(momentum=0.5), computed by hand."""
+    state = _state()
+    trajectories = _trajectories()
+    new, metrics = _step()(state, trajectories, jnp.int32(1))
+    newer, _ = _step()(new, trajectories, jnp.int32(2))
+
+    images, lr = np.asarray(state.images), np.float32(state.inner_lr)
+    buf_x, buf_lr = None, None
+    current = state
+    for expert in (1, 2):
+        key, start_key, batch_key, augment_key = jax.random.split(current.key, 4)
+        t = int(jax.random.randint(start_key, (), 0, CONFIG.max_start_epoch))
+        start = jax.tree.map(lambda a, e=expert, t=t: a[e, t], trajectories)
+        target = jax.tree.map(lambda a, e=expert, t=t: a[e, t + CONFIG.expert_epochs], trajectories)
+        indices, mask = matching.inner_batch_indices(batch_key, len(images), 4, 2)
+        loss, grads = matching.match_loss_and_grads(
+            jnp.asarray(images), current.labels, lr, start, target, indices, mask,
+            model=_model(), augment_key=augment_key, dsa_strategy="crop_flip",
+        )  # fmt: skip
+        if expert == 1:
+            np.testing.assert_allclose(metrics["loss"], loss, rtol=2e-4)
+            assert int(metrics["start_epoch"]) == t
+        gx, glr = np.asarray(grads.images), np.float32(grads.inner_lr)
+        buf_x = gx if buf_x is None else 0.5 * buf_x + gx
+        buf_lr = glr if buf_lr is None else 0.5 * buf_lr + glr
+        images = images - CONFIG.lr_img * buf_x
+        lr = lr - CONFIG.lr_lr * buf_lr
+        current = current._replace(images=jnp.asarray(images), inner_lr=jnp.float32(lr), key=key)
+    np.testing.assert_allclose(newer.images, images, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(newer.inner_lr, lr, rtol=1e-4)
+    assert int(newer.step) == 2
+    assert not bool(metrics["skipped"])
+    assert np.all(np.asarray(newer.labels) == np.asarray(state.labels))
+
+
+def test_step_traces_once_across_iterations_and_experts():
+    """New experts, a new subset of trajectories and new states reuse the one compiled step."""
+    step = mtt.make_distill_step(_model(), CONFIG, compiler_options=FAST_COMPILE)
+    state = _state()
+    trajectories = _trajectories()
+    other_subset = jax.tree.map(lambda a: a[::-1] + 0.0, trajectories)
+    for i in range(4):
+        state, _ = step(state, trajectories if i < 2 else other_subset, jnp.int32(i % 3))
+    assert step._cache_size() == 1
+    assert int(state.step) == 4
+
+
+def test_non_finite_loss_skips_the_update():
+    state = _state()
+    bad = jax.tree.map(lambda a: a.at[0].set(jnp.nan), _trajectories())
+    new, metrics = _step()(state, bad, jnp.int32(0))
+    assert bool(metrics["skipped"])
+    np.testing.assert_array_equal(new.images, state.images)
+    np.testing.assert_array_equal(new.inner_lr, state.inner_lr)
+    assert int(new.step) == 1
+    assert not np.array_equal(new.key, state.key)  # the next iteration draws afresh
+    good, metrics = _step()(new, _trajectories(), jnp.int32(0))
+    assert not bool(metrics["skipped"])
+    assert not np.array_equal(good.images, state.images)
+
+
+def test_lr_floor_keeps_the_learned_lr_positive():
+    """A huge lr_lr drives α negative in plain MTT; lr_floor clips it."""
+    loose = CONFIG.__class__(**{**CONFIG.__dict__, "lr_lr": 1e4})
+    floored = CONFIG.__class__(**{**CONFIG.__dict__, "lr_lr": 1e4, "lr_floor": 1e-4})
+    results = {}
+    for name, config in (("loose", loose), ("floored", floored)):
+        state = _state(config)
+        for expert in range(3):
+            state, _ = _step(config)(state, _trajectories(), jnp.int32(expert))
+        results[name] = float(state.inner_lr)
+    assert results["loose"] != pytest.approx(0.01)
+    assert results["floored"] >= 1e-4
+    if results["loose"] < 1e-4:
+        assert results["floored"] == pytest.approx(1e-4)
+
+
+def test_step_config_validation_messages():
+    with pytest.raises(DDJaxError, match="syn_steps"):
+        mtt.StepConfig(syn_steps=0).validate(10)
+    with pytest.raises(DDJaxError, match="needs experts trained for at least 28 epochs"):
+        mtt.StepConfig(max_start_epoch=25, expert_epochs=3).validate(10, num_snapshots=21)
+    with pytest.raises(DDJaxError, match="mode="):
+        mtt.StepConfig(mode="fast").validate(10)
+    with pytest.raises(DDJaxError, match="lr_floor"):
+        mtt.StepConfig(lr_floor=-1.0).validate(10)
+
+
+def test_expert_schedule_passes_and_subsets():
+    schedule = mtt.ExpertSchedule(num_experts=5, subset_size=2, seed=3)
+    used = [schedule.subset(i) for i in range(10)]
+    first_pass = [members[within] for _, members, within in used[:5]]
+    second_pass = [members[within] for _, members, within in used[5:]]
+    assert sorted(first_pass) == list(range(5)) == sorted(second_pass)
+    # Subsets of 2, 2 and 1 experts per pass; the iteration alone determines the expert.
+    assert [len(members) for _, members, _ in used[:5]] == [2, 2, 2, 2, 1]
+    again = mtt.ExpertSchedule(num_experts=5, subset_size=2, seed=3)
+    assert [again.subset(i)[1][again.subset(i)[2]] for i in range(10)] == first_pass + second_pass
+    with pytest.raises(DDJaxError, match="experts_in_memory"):
+        mtt.ExpertSchedule(num_experts=5, subset_size=0)
+
+
+_DEVICE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import test_distill as t
+    from ddjax import sharding
+    from ddjax.distill import mtt
+    n = jax.device_count()
+    batch_sharding = None
+    state, trajectories = t._state(), t._trajectories()
+    if n > 1:
+        mesh = sharding.make_mesh(pool=1, data=n)
+        batch_sharding = NamedSharding(mesh, P("data"))
+        state = sharding.replicate(state, mesh)
+        trajectories = sharding.replicate(trajectories, mesh)
+    config = mtt.StepConfig(**{{**t.CONFIG.__dict__, "batch_syn": 8, "syn_steps": 3}})
+    step = mtt.make_distill_step(t._model(), config, batch_sharding=batch_sharding)
+    for e in range(2):
+        state, metrics = step(state, trajectories, jnp.int32(e))
+    np.save({out!r} + f"/images_{{n}}.npy", np.asarray(jax.device_get(state.images)))
+    np.save({out!r} + f"/lr_{{n}}.npy", np.asarray(jax.device_get(state.inner_lr)))
+    """
+)
+
+
+def test_eight_devices_give_the_same_result_as_one(tmp_path):
+    """The inner minibatch split over 8 forced host devices (data axis) == one device."""
+    tests_dir = os.path.dirname(__file__)
+    script = _DEVICE_SCRIPT.format(tests=tests_dir, out=str(tmp_path))
+    for count in (1, 8):
+        env = dict(
+            os.environ,
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
+            JAX_PLATFORMS="cpu",
+        )
+        subprocess.run(
+            [sys.executable, "-c", script], env=env, check=True, timeout=300, capture_output=True
+        )
+    np.testing.assert_allclose(
+        np.load(tmp_path / "images_8.npy"), np.load(tmp_path / "images_1.npy"), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(np.load(tmp_path / "lr_8.npy"), np.load(tmp_path / "lr_1.npy"))
