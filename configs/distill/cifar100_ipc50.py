@@ -1,0 +1,29 @@
+r"""MTT on cifar100, IPC 50: MTT's table.
+
+  ddjax distill --config configs/distill/cifar100_ipc50.py \
+      --config.experts_dir=runs/experts_cifar100_zca --workdir runs/distill_cifar100_ipc50
+
+N (syn_steps) = 80, M (expert_epochs) = 2, T+ (max_start_epoch) = 40, batch_syn = 125,
+ZCA = True, lr_img = 1000, lr_lr = 1e-05, lr_teacher = 0.01, student ConvNet; 5,000
+iterations, evaluation every 100 with 5 networks x 1,000 epochs (MTT's protocol, learned lr).
+The experts (`ddjax experts --config configs/experts/cifar100.py`) must use the same model and
+ZCA setting. Fields: ddjax.distill.run.distill_config.
+"""
+
+from ddjax.distill.run import distill_config
+
+
+def get_config():
+    return distill_config(
+        "cifar100",
+        ipc=50,
+        syn_steps=80,
+        expert_epochs=2,
+        max_start_epoch=40,
+        batch_syn=125,
+        zca=True,
+        lr_img=1000,
+        lr_lr=1e-05,
+        lr_teacher=0.01,
+        model="ConvNet",
+    )

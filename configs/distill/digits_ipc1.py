@@ -1,0 +1,30 @@
+r"""MTT on scikit-learn's 8x8 digits, IPC 1: a small CPU configuration (not published).
+
+  ddjax experts --config configs/experts/digits.py --workdir runs/experts_digits
+  ddjax distill --config configs/distill/digits_ipc1.py \
+      --config.experts_dir=runs/experts_digits --workdir runs/distill_digits_ipc1
+
+ConvNet-3 of width 64 (ConvNetW64) as the digits experts; N = 10 inner steps on the full
+synthetic set, M = 2, T+ = 10; a few minutes on 2 CPU cores. The quick start uses these.
+Fields: ddjax.distill.run.distill_config.
+"""
+
+from ddjax.distill.run import distill_config
+
+
+def get_config():
+    config = distill_config(
+        "digits",
+        ipc=1,
+        syn_steps=10,
+        expert_epochs=2,
+        max_start_epoch=10,
+        lr_img=100.0,
+        lr_lr=1e-5,
+        lr_teacher=0.01,
+        model="ConvNetW64",
+        iterations=200,
+        eval_every=100,
+        eval_epochs=300,
+    )
+    return config

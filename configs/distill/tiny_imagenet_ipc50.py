@@ -1,0 +1,29 @@
+r"""MTT on tiny_imagenet, IPC 50: MTT's table (ConvNetD4, 64 px).
+
+  ddjax distill --config configs/distill/tiny_imagenet_ipc50.py \
+      --config.experts_dir=runs/experts_tiny_imagenet --workdir runs/distill_tiny_imagenet_ipc50
+
+N (syn_steps) = 20, M (expert_epochs) = 2, T+ (max_start_epoch) = 40, batch_syn = 300,
+ZCA = False, lr_img = 10000, lr_lr = 0.0001, lr_teacher = 0.01, student ConvNetD4; 5,000
+iterations, evaluation every 100 with 5 networks x 1,000 epochs (MTT's protocol, learned lr).
+The experts (`ddjax experts --config configs/experts/tiny_imagenet.py`) must use the same model and
+ZCA setting. Fields: ddjax.distill.run.distill_config.
+"""
+
+from ddjax.distill.run import distill_config
+
+
+def get_config():
+    return distill_config(
+        "tiny_imagenet",
+        ipc=50,
+        syn_steps=20,
+        expert_epochs=2,
+        max_start_epoch=40,
+        batch_syn=300,
+        zca=False,
+        lr_img=10000,
+        lr_lr=0.0001,
+        lr_teacher=0.01,
+        model="ConvNetD4",
+    )
