@@ -4,6 +4,7 @@
   ddjax select   --config configs/select/fashion_mnist.py --config.ipc=10 --workdir runs/a
   ddjax evaluate --config configs/evaluate/fashion_mnist.py --config.synset=runs/a/synset.npz \\
                  --workdir runs/a_eval
+  ddjax experts  --config configs/experts/digits.py --workdir runs/experts_digits
 
 Every stage takes ``--config FILE`` (a ``get_config()`` file under ``configs/``),
 any number of ``--config.field=value`` overrides and ``--workdir DIR``. Bad input
@@ -21,7 +22,6 @@ from ddjax.errors import DDJaxError
 # Stages of the pipeline that later ddjax versions add. They are listed in
 # --help so the pipeline is visible, and refused with a clear message.
 PLANNED = {
-    "experts": "train expert trajectories for trajectory matching",
     "distill": "trajectory matching (mtt, tesla, datm, selmatch)",
     "squeeze": "train the SRe2L teacher",
     "recover": "SRe2L recover: synthesise images from the teacher's BN statistics",
@@ -95,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(evaluate, "configs/evaluate/digits.py")
 
+    experts = sub.add_parser(
+        "experts",
+        help="train expert trajectories for trajectory matching (MTT), with forgetting scores",
+        description="Trains config.num_experts networks on the real data with MTT's recipe "
+        "(config.model, SGD lr 0.01 without momentum, batch 256, DSA, config.epochs epochs) and "
+        "saves each one's params at init and after every epoch as one Orbax checkpoint "
+        "WORKDIR/expert_NNNN/ (leading epoch axis), the settings and test accuracies in "
+        "WORKDIR/experts.json, and per-example forgetting counts (Toneva et al. 2019) in "
+        "WORKDIR/forgetting.npz for selection. config.experts_at_once experts train side by "
+        "side (vmap on GPU/TPU, one after another on CPU). A killed run resumes from its last "
+        "checkpoint (every config.checkpoint_every epochs) with identical results. The "
+        "distillation run must use the same dataset, ZCA setting and model.",
+    )
+    _add_common(experts, "configs/experts/digits.py")
+
     for name, text in PLANNED.items():
         sub.add_parser(name, help=f"{text} (not available in this version)", add_help=False)
     return parser
@@ -111,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest[0] in PLANNED:
         print(
             f"ddjax: error: stage {rest[0]!r} ({PLANNED[rest[0]]}) is not implemented in "
-            f"this version of ddjax; available: quickstart, select, evaluate",
+            f"this version of ddjax; available: quickstart, select, evaluate, experts",
             file=sys.stderr,
         )
         return 2

@@ -110,6 +110,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     augment: Augment | None = None,
     loss_fn: Callable[[Array, Array], Array] = cross_entropy,
+    with_correct: bool = False,
 ):
     """Builds the pure train step ``(state, images, labels, key) -> (state, loss)``.
 
@@ -119,6 +120,12 @@ def make_train_step(
       augment: ``augment(key, images) -> images`` applied to every batch
         (``ddjax.augment.make_augment``), or ``None``.
       loss_fn: ``loss_fn(logits, labels) -> scalar``.
+      with_correct: if true the step returns ``(state, (loss, correct))`` where
+        ``correct`` (bool, ``(B,)``) says whether each example of the batch was
+        classified correctly by the forward pass the gradient came from (on the
+        augmented images, before the update) -- what forgetting statistics
+        (Toneva et al. 2019) record, at no extra cost. Soft labels count as
+        their arg-max class.
     """
 
     def step(state: TrainState, images: Array, labels: Array, key: Array):
@@ -132,14 +139,20 @@ def make_train_step(
                 logits, updates = model.apply(
                     variables, images, train=True, mutable=["batch_stats"]
                 )
-                return loss_fn(logits, labels), updates["batch_stats"]
+                return loss_fn(logits, labels), (updates["batch_stats"], logits)
             logits = model.apply(variables, images, train=True)
-            return loss_fn(logits, labels), state.batch_stats
+            return loss_fn(logits, labels), (state.batch_stats, logits)
 
-        (loss, batch_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        (loss, (batch_stats, logits)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(params, batch_stats, opt_state), loss
+        state = TrainState(params, batch_stats, opt_state)
+        if not with_correct:
+            return state, loss
+        classes = labels if labels.ndim == 1 else jnp.argmax(labels, -1)
+        return state, (loss, jnp.argmax(logits, -1) == classes)
 
     return step
 
@@ -151,6 +164,11 @@ def make_epoch(step, batch_size: int):
     smaller last batch (if any) runs once more, like PyTorch's ``DataLoader``
     with ``shuffle=True, drop_last=False``. Shapes are static, so one epoch
     function compiles once per dataset size.
+
+    A step that returns ``(loss, per_example)`` (``make_train_step(...,
+    with_correct=True)``) gives ``epoch -> (state, (mean_loss, per_example))``
+    with ``per_example`` of shape ``(n, ...)`` in the data's order: every
+    example is in exactly one batch of an epoch.
     """
 
     def epoch(state: TrainState, images: Array, labels: Array, key: Array):
@@ -159,7 +177,7 @@ def make_epoch(step, batch_size: int):
         perm_key, step_key = jax.random.split(key)
         perm = jax.random.permutation(perm_key, n)
         keys = jax.random.split(step_key, num_full + (tail > 0))
-        losses = []
+        losses, per_example = [], []
         if num_full:
 
             def body(state, xs):
@@ -167,15 +185,35 @@ def make_epoch(step, batch_size: int):
                 return step(state, images[index], labels[index], k)
 
             batches = perm[: num_full * batch_size].reshape(num_full, batch_size)
-            state, full_losses = jax.lax.scan(body, state, (batches, keys[:num_full]))
+            state, out = jax.lax.scan(body, state, (batches, keys[:num_full]))
+            full_losses, full_examples = _split_output(out)
             losses.append(full_losses * batch_size)
+            if full_examples is not None:  # (num_full, batch_size, ...) -> (num_full * b, ...)
+                full_examples = full_examples.reshape(-1, *full_examples.shape[2:])
+            per_example.append(full_examples)
         if tail:
             index = perm[num_full * batch_size :]
-            state, tail_loss = step(state, images[index], labels[index], keys[-1])
+            state, out = step(state, images[index], labels[index], keys[-1])
+            tail_loss, tail_examples = _split_output(out)
             losses.append(tail_loss[None] * tail)
-        return state, jnp.concatenate(losses).sum() / n
+            per_example.append(tail_examples)
+        mean_loss = jnp.concatenate(losses).sum() / n
+        if per_example[0] is None:
+            return state, mean_loss
+        return state, (mean_loss, _in_data_order(perm, per_example))
 
     return epoch
+
+
+def _split_output(out):
+    """A step's second output as ``(loss, per_example or None)``."""
+    return out if isinstance(out, tuple) else (out, None)
+
+
+def _in_data_order(perm: Array, per_example: Sequence[Array]) -> Array:
+    """Per-example outputs of an epoch's batches, in ``perm`` order, put back in data order."""
+    in_batch_order = jnp.concatenate(per_example)
+    return jnp.zeros_like(in_batch_order).at[perm].set(in_batch_order)
 
 
 POOL_MODES = ("auto", "vmap", "loop")
@@ -222,8 +260,10 @@ def make_loop_epoch(step, batch_size: int):
     """The same epoch as :func:`make_epoch` as a Python loop over jitted steps.
 
     Returns ``epoch(state, images, labels, key) -> (state, mean_loss)`` for one
-    model. The permutation, the batches and the per-step keys are derived from
-    ``key`` exactly as in :func:`make_epoch`, so both forms train identically.
+    model (``(state, (mean_loss, per_example))`` for a step with per-example
+    outputs, as in :func:`make_epoch`). The permutation, the batches and the
+    per-step keys are derived from ``key`` exactly as in :func:`make_epoch`, so
+    both forms train identically.
     """
 
     @jax.jit
@@ -241,12 +281,18 @@ def make_loop_epoch(step, batch_size: int):
         perm, step_key = plan(key, labels)
         keys = jax.random.split(step_key, num_full + (tail > 0))
         total = 0.0
+        per_example = []
         for b in range(num_full + (tail > 0)):
             index = perm[b * batch_size : (b + 1) * batch_size]
-            state, loss = indexed_step(state, images, labels, index, keys[b])
+            state, out = indexed_step(state, images, labels, index, keys[b])
+            loss, examples = _split_output(out)
             total = total + loss * index.shape[0]
-        return state, total / n
+            per_example.append(examples)
+        if per_example[0] is None:
+            return state, total / n
+        return state, (total / n, in_data_order(perm, per_example))
 
+    in_data_order = jax.jit(_in_data_order)
     return epoch
 
 
@@ -268,7 +314,8 @@ def fit_pool(
 
     Args:
       state: pool-stacked :class:`TrainState` (from :func:`init_pool`).
-      step: from :func:`make_train_step`.
+      step: from :func:`make_train_step` (per-example outputs of a ``with_correct``
+        step are dropped).
       images, labels: the training data, shared by all models.
       key: the models' keys are ``jax.random.split(fold_in(key, epoch), K)``.
       epochs: number of epochs.
@@ -310,12 +357,13 @@ def fit_pool(
                 if device not in data:
                     data[device] = jax.device_put((images, labels), device)
                 one = _prepare(one, epoch, lr_schedule, reset_optimizer_at, tx, vmapped=False)
-                states[i], loss = epoch_fn(one, *data[device], jax.device_put(keys[i], device))
-                losses.append(loss)
+                states[i], out = epoch_fn(one, *data[device], jax.device_put(keys[i], device))
+                losses.append(_split_output(out)[0])
             loss = losses  # stays on the devices: no sync, so devices run side by side
         else:
             state = _prepare(state, epoch, lr_schedule, reset_optimizer_at, tx, vmapped=True)
-            state, loss = pool_epoch(state, images, labels, keys)
+            state, out = pool_epoch(state, images, labels, keys)
+            loss = _split_output(out)[0]
         history.append(loss)
         if progress is not None and (epoch % 10 == 0 or epoch == epochs - 1):
             bar.set_postfix(loss=f"{float(np.mean(jax.device_get(loss))):.4f}")

@@ -186,3 +186,35 @@ def test_fit_trains_one_model_like_a_pool_of_one():
     pool = jax.tree.map(lambda x: x[None], state)
     pool, pool_history = train.fit_pool(pool, step, images, labels, key, epochs=3, batch_size=8)
     np.testing.assert_allclose(history, pool_history[:, 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["scan", "loop"])
+def test_per_example_outputs_come_back_in_data_order(form):
+    # A step that tags each example of its batch with its label (here: its index) times 10.
+    def tagging_step(state, images, labels, key):
+        return state + 1, (jnp.float32(labels.shape[0]), labels * 10)
+
+    make = {"scan": lambda s, b: jax.jit(train.make_epoch(s, b)), "loop": train.make_loop_epoch}
+    epoch = make[form](tagging_step, 3)
+    steps, (mean_loss, tags) = epoch(
+        jnp.int32(0), jnp.zeros((7, 1)), jnp.arange(7), jax.random.key(0)
+    )
+    assert int(steps) == 3 and float(mean_loss) == pytest.approx(19 / 7)
+    np.testing.assert_array_equal(np.asarray(tags), np.arange(7) * 10)
+
+
+def test_with_correct_reports_the_steps_own_forward_pass_and_trains_the_same():
+    images, labels = _data(n=12)
+    net = models.get_model("ConvNet", 3, (8, 8, 1), width=4)
+    tx = train.sgd(0.1)
+    state = train.init_state(net, tx, jax.random.key(0), (8, 8, 1))
+    plain = jax.jit(train.make_train_step(net, tx))
+    with_correct = jax.jit(train.make_train_step(net, tx, with_correct=True))
+    key = jax.random.key(1)
+    new_plain, loss_plain = plain(state, images, labels, key)
+    new, (loss, correct) = with_correct(state, images, labels, key)
+    logits = net.apply({"params": state.params}, images, train=True)
+    np.testing.assert_array_equal(np.asarray(correct), np.argmax(logits, -1) == labels)
+    assert float(loss) == float(loss_plain)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(new_plain), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
