@@ -215,3 +215,105 @@ def test_eight_devices_give_the_same_result_as_one(tmp_path):
         np.load(tmp_path / "images_8.npy"), np.load(tmp_path / "images_1.npy"), rtol=1e-4, atol=1e-5
     )
     np.testing.assert_allclose(np.load(tmp_path / "lr_8.npy"), np.load(tmp_path / "lr_1.npy"))
+
+
+# --------------------------------------------------------------------------------------------
+# The run: experts -> distill with checkpoints, resume and compatibility checks
+# --------------------------------------------------------------------------------------------
+
+DATA = "synthetic:classes=3,size=8,channels=1,train=24,test=12,seed=1"
+RUN_MODEL = "ConvNetW8"
+
+
+@pytest.fixture(scope="module")
+def experts_dir(tmp_path_factory):
+    from ddjax import data, experts
+
+    out = tmp_path_factory.mktemp("experts")
+    dataset = data.load_dataset(DATA)
+    experts.train_experts(
+        dataset,
+        out_dir=out,
+        model=RUN_MODEL,
+        num_experts=3,
+        epochs=3,
+        experts_at_once=3,
+        test_every=3,
+        progress=False,
+    )
+    return out
+
+
+def _run_config(experts_path, **overrides):
+    from ddjax.distill.run import distill_config
+
+    config = distill_config(
+        DATA,
+        ipc=2,
+        syn_steps=2,
+        expert_epochs=1,
+        max_start_epoch=2,
+        lr_img=10.0,
+        lr_lr=1e-3,
+        lr_teacher=0.01,
+        model=RUN_MODEL,
+        iterations=4,
+        eval_every=4,
+        eval_epochs=2,
+        num_eval=1,
+    )
+    config.experts_dir = str(experts_path)
+    config.experts_in_memory = 2  # subsets of 2, 1 (padded): loading and padding exercised
+    config.checkpoint_every = 2
+    config.dsa_strategy = "crop_flip"
+    for key, value in overrides.items():
+        section, _, field = key.rpartition(".")
+        (config[section] if section else config)[field] = value
+    return config
+
+
+def test_killed_run_resumes_to_the_same_synthetic_set(experts_dir, tmp_path):
+    from ddjax.distill.run import run_distill
+    from ddjax.synset import load_synset
+
+    config = _run_config(experts_dir)
+    whole = run_distill(config, str(tmp_path / "whole"), compiler_options=FAST_COMPILE)
+    # Killed after iteration 3: the newest checkpoint is iteration 2, so iteration 3 is redone.
+    run_distill(config, str(tmp_path / "killed"), compiler_options=FAST_COMPILE, _stop_at=3)
+    assert sorted(int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir()) == [2]
+    resumed = run_distill(config, str(tmp_path / "killed"), compiler_options=FAST_COMPILE)
+    a = load_synset(tmp_path / "whole" / "synset.npz")
+    b = load_synset(tmp_path / "killed" / "synset.npz")
+    np.testing.assert_array_equal(a.images, b.images)
+    assert a.learning_rate == b.learning_rate
+    assert not np.array_equal(a.images, _initial_images(config))  # it did learn something
+    assert whole["evals"].keys() == resumed["evals"].keys() == {"0", "4"}
+    assert whole["best"]["mean"] == resumed["best"]["mean"]
+    for name in ("synset_best.npz", "synset.png", "curves.png", "grids/iter_000004.png"):
+        assert (tmp_path / "killed" / name).exists(), name
+
+
+def _initial_images(config):
+    from ddjax import data, select
+
+    dataset = data.load_dataset(DATA)
+    return select.select(dataset, "random", config.ipc, seed=config.seed).images
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model": "ConvNetW4"}, "model"),
+        ({"dataset.zca": True}, "ZCA|zca"),
+        ({"max_start_epoch": 3}, "epochs"),
+        ({"method": "datm"}, "not implemented"),
+        ({"experts_dir": ""}, "experts_dir"),
+    ],
+)
+def test_bad_runs_are_refused_before_any_work(experts_dir, tmp_path, overrides, message):
+    from ddjax.distill.run import run_distill
+
+    config = _run_config(experts_dir, **overrides)
+    with pytest.raises(DDJaxError, match=message):
+        run_distill(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # nothing half-written
