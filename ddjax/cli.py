@@ -22,7 +22,6 @@ from ddjax.errors import DDJaxError
 # Stages of the pipeline that later ddjax versions add. They are listed in
 # --help so the pipeline is visible, and refused with a clear message.
 PLANNED = {
-    "distill": "trajectory matching (mtt, tesla, datm, selmatch)",
     "squeeze": "train the SRe2L teacher",
     "recover": "SRe2L recover: synthesise images from the teacher's BN statistics",
     "relabel": "SRe2L relabel: FKD-style soft labels",
@@ -110,6 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(experts, "configs/experts/digits.py")
 
+    distill = sub.add_parser(
+        "distill",
+        help="trajectory matching (MTT): learn the synthetic images from expert trajectories",
+        description="MTT (Cazenavette et al. 2022) from the experts in config.experts_dir "
+        "(`ddjax experts`, same dataset, ZCA setting and model): each iteration starts a student "
+        "at a random expert epoch t < config.max_start_epoch, trains it config.syn_steps SGD "
+        "steps on the synthetic images (DSA, learnable lr), and moves images and lr (SGD "
+        "momentum 0.5, config.lr_img / config.lr_lr) to bring it to the expert's epoch "
+        "t + config.expert_epochs. Gradient: config.mode = remat (exact, memory flat in the "
+        "steps; default) | unroll (exact, MTT's memory) | tesla (TESLA's estimator). Every "
+        "config.eval_every iterations the set is evaluated with config.eval (MTT protocol, "
+        "learned lr) and the best is kept. Writes WORKDIR/synset.npz, synset_best.npz, PNG "
+        "grids, curves.png, results.json; checkpoints every config.checkpoint_every "
+        "iterations, and a re-run resumes. Configs with the published hyper-parameters: "
+        "configs/distill/<dataset>_ipc<k>.py.",
+    )
+    _add_common(distill, "configs/distill/digits_ipc10.py")
+
     for name, text in PLANNED.items():
         sub.add_parser(name, help=f"{text} (not available in this version)", add_help=False)
     return parser
@@ -126,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest[0] in PLANNED:
         print(
             f"ddjax: error: stage {rest[0]!r} ({PLANNED[rest[0]]}) is not implemented in "
-            f"this version of ddjax; available: quickstart, select, evaluate, experts",
+            f"this version of ddjax; available: quickstart, select, evaluate, experts, distill",
             file=sys.stderr,
         )
         return 2

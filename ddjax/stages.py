@@ -259,3 +259,10 @@ def run_experts(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"({meta['model']}, {meta['epochs']} epochs){accuracy}"
     )
     return meta
+
+
+def run_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """``ddjax distill``: trajectory matching (:func:`ddjax.distill.run.run_distill`)."""
+    from ddjax.distill.run import run_distill as run
+
+    return run(config, workdir)

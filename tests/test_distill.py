@@ -317,3 +317,19 @@ def test_bad_runs_are_refused_before_any_work(experts_dir, tmp_path, overrides, 
     with pytest.raises(DDJaxError, match=message):
         run_distill(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_cli_distill_bad_input_exits_2_with_one_line(experts_dir, tmp_path, capsys):
+    from ddjax import cli
+
+    base = ["distill", "--config", "configs/distill/digits_ipc1.py", "--workdir"]
+    cases = [
+        ([], "config.experts_dir is empty"),
+        ([f"--config.experts_dir={experts_dir}"], "this run uses 'digits'"),
+        (["--config.experts_dir=/nonexistent", "--config.mode=fast"], "mode"),
+    ]
+    for extra, message in cases:
+        assert cli.main([*base, str(tmp_path / "run"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ddjax: error:") and message in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()

@@ -1,6 +1,7 @@
 r"""MTT on tiny_imagenet, IPC 1: MTT's table (ConvNetD4, 64 px).
 
   ddjax distill --config configs/distill/tiny_imagenet_ipc1.py \
+      --config.dataset.name=folder:/data/tiny-imagenet-200 \
       --config.experts_dir=runs/experts_tiny_imagenet --workdir runs/distill_tiny_imagenet_ipc1
 
 N (syn_steps) = 10, M (expert_epochs) = 2, T+ (max_start_epoch) = 10, batch_syn = all,
@@ -14,8 +15,8 @@ from ddjax.distill.run import distill_config
 
 
 def get_config():
-    return distill_config(
-        "tiny_imagenet",
+    config = distill_config(
+        "folder:data/tiny-imagenet-200",
         ipc=1,
         syn_steps=10,
         expert_epochs=2,
@@ -27,3 +28,5 @@ def get_config():
         lr_teacher=0.01,
         model="ConvNetD4",
     )
+    config.dataset.normalisation = "tiny_imagenet"  # ImageNet statistics, as MTT (and the experts)
+    return config

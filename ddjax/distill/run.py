@@ -186,6 +186,8 @@ def run_distill(
       ``results.json``'s content.
     """
     _check_config(config)
+    settings = step_config(config)
+    settings.validate(0)
     experts = _experts_api()
     dataset = load_dataset(config)
     data_lib.check_ipc(dataset, config.ipc)
@@ -201,8 +203,12 @@ def run_distill(
         image_shape=dataset.image_shape,
         num_classes=dataset.num_classes,
         min_epochs=config.max_start_epoch + config.expert_epochs,
+        min_epochs_reason=(
+            f"max_start_epoch + expert_epochs = {config.max_start_epoch} + {config.expert_epochs}"
+        ),
+        mean=dataset.mean,
+        std=dataset.std,
     )
-    settings = step_config(config)
     num_images = dataset.num_classes * config.ipc
     settings.validate(num_images, num_snapshots=int(meta["epochs"]) + 1)
     model = models_lib.get_model(config.model, dataset.num_classes, dataset.image_shape)
@@ -317,7 +323,10 @@ class _Window:
 
 def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
     return data_lib.load_dataset(
-        config.dataset.name, data_dir=config.dataset.data_dir or None, zca=config.dataset.zca
+        config.dataset.name,
+        data_dir=config.dataset.data_dir or None,
+        zca=config.dataset.zca,
+        normalisation=config.dataset.get("normalisation") or None,
     )
 
 
