@@ -190,3 +190,33 @@ def evaluate_config(dataset: str) -> ml_collections.ConfigDict:
     config.synset = ""  # path to a synthetic set (.npz written by select/distill)
     config.eval = eval_section()
     return config
+
+
+def experts_config(
+    dataset: str, *, zca: bool = False, model: str = "ConvNet", **changes
+) -> ml_collections.ConfigDict:
+    """The fields of a ``ddjax experts`` config (``configs/experts/<dataset>.py``).
+
+    MTT's ``buffer.py`` defaults (100 experts, 50 epochs, SGD lr 0.01 without momentum or weight
+    decay, batch 256, DSA); ``changes`` replace any of them (e.g. ``epochs=15``).
+    """
+    config = ml_collections.ConfigDict()
+    config.dataset = dataset_section(dataset, zca=zca)
+    config.model = model  # a ddjax.models name; must be the distillation run's
+    config.num_experts = 100
+    config.epochs = 50
+    config.lr = 0.01
+    config.momentum = 0.0
+    config.weight_decay = 0.0
+    config.batch_size = 256
+    config.augment = "dsa"  # dsa | crop_flip | none
+    config.seed = 0
+    config.experts_at_once = 10  # trained side by side; does not change the results
+    config.pool_mode = "auto"  # auto | vmap | loop
+    config.test_every = 1
+    config.test_limit = ml_collections.config_dict.placeholder(int)  # unset: all test images
+    config.checkpoint_every = 5  # epochs between resume points
+    for name, value in changes.items():
+        check(name in config, f"experts_config: unknown field {name!r}")
+        config[name] = value
+    return config

@@ -18,26 +18,8 @@ test_every, test_limit (first N test images; unset: all), checkpoint_every (epoc
 resume points).
 """
 
-import ml_collections
-
-from ddjax.config import dataset_section
+from ddjax.config import experts_config
 
 
 def get_config():
-    config = ml_collections.ConfigDict()
-    config.dataset = dataset_section("cifar10", zca=True)
-    config.model = "ConvNet"
-    config.num_experts = 100
-    config.epochs = 50
-    config.lr = 0.01
-    config.momentum = 0.0
-    config.weight_decay = 0.0
-    config.batch_size = 256
-    config.augment = "dsa"
-    config.seed = 0
-    config.experts_at_once = 10
-    config.pool_mode = "auto"
-    config.test_every = 1
-    config.test_limit = ml_collections.config_dict.placeholder(int)
-    config.checkpoint_every = 5
-    return config
+    return experts_config("cifar10", zca=True)

@@ -13,26 +13,8 @@ Storage: about 103 MB per expert (51 x 504,420 params x 4 bytes), 10 GB for 100.
 Fields: as configs/experts/cifar10.py.
 """
 
-import ml_collections
-
-from ddjax.config import dataset_section
+from ddjax.config import experts_config
 
 
 def get_config():
-    config = ml_collections.ConfigDict()
-    config.dataset = dataset_section("cifar100", zca=True)
-    config.model = "ConvNet"
-    config.num_experts = 100
-    config.epochs = 50
-    config.lr = 0.01
-    config.momentum = 0.0
-    config.weight_decay = 0.0
-    config.batch_size = 256
-    config.augment = "dsa"
-    config.seed = 0
-    config.experts_at_once = 10
-    config.pool_mode = "auto"
-    config.test_every = 1
-    config.test_limit = ml_collections.config_dict.placeholder(int)
-    config.checkpoint_every = 5
-    return config
+    return experts_config("cifar100", zca=True)

@@ -16,27 +16,12 @@ Fields: as configs/experts/cifar10.py, plus dataset.normalisation (a ddjax.data.
 key, or 'computed').
 """
 
-import ml_collections
-
-from ddjax.config import dataset_section
+from ddjax.config import experts_config
 
 
 def get_config():
-    config = ml_collections.ConfigDict()
-    config.dataset = dataset_section("folder:data/tiny-imagenet-200", zca=False)
-    config.dataset.normalisation = "tiny_imagenet"
-    config.model = "ConvNetD4"
-    config.num_experts = 100
-    config.epochs = 50
-    config.lr = 0.01
-    config.momentum = 0.0
-    config.weight_decay = 0.0
-    config.batch_size = 256
-    config.augment = "dsa"
-    config.seed = 0
-    config.experts_at_once = 5
-    config.pool_mode = "auto"
-    config.test_every = 1
-    config.test_limit = ml_collections.config_dict.placeholder(int)
-    config.checkpoint_every = 5
+    config = experts_config(
+        "folder:data/tiny-imagenet-200", zca=False, model="ConvNetD4", experts_at_once=5
+    )
+    config.dataset.normalisation = "tiny_imagenet"  # ImageNet statistics, as MTT
     return config
