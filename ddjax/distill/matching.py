@@ -39,17 +39,24 @@ Gradient modes (``mode``):
 * ``'tesla'``: TESLA's estimator as published: it drops the cross-step terms and so is **not**
   the exact gradient for N > 1 (see :func:`inner_unroll`).
 
-Loop forms (``loop``): ``'unrolled'`` (default, ``lax.scan(..., unroll=True)``), ``'rolled'``
-(a plain ``lax.scan``) or an int k (a rolled scan whose body is k unrolled steps). Unrolled is
-the default because XLA:CPU handles rolled loops of conv train steps badly: a first-order conv
-step inside a rolled ``lax.scan`` ran ~10x slower than unrolled on this project's 2-core CPU,
-and second-order rolled loops of a width-128 ConvNet did not finish within 10 minutes
-(``research/jax_notes.md``, Addendum); measured with this module (width-32 ConvNet-3, 50
-images of 28×28, N = 4, 2 busy cores), a rolled loop ran 6x (``'remat'``) to 9x (``'unroll'``)
-slower than the unrolled one. Compile time of the unrolled form grows with N (≈ 3-5 s per step
-for that net). Rolled loops compile
-in time independent of N, so they are the form for ahead-of-time memory checks at large N and
-worth trying on GPU; an int k bounds the unrolled code at k steps.
+Loop forms (``loop``): ``'unrolled'`` (default: every step in straight-line code,
+``lax.scan(..., unroll=0)``), ``'rolled'`` (a plain ``lax.scan``) or an int k (a rolled scan
+whose body is k unrolled steps). Unrolled is the default because XLA:CPU compiles the
+convolutions of a rolled loop to naive loop nests. Its fast convolution kernels (Eigen,
+YNNPACK) take only NHWC inputs with HWIO kernels, and the pass that transposes other
+convolutions into that form visits the entry computation only, not while-loop bodies; the
+backward and second-order convolutions that autodiff emits (kernels in OIHW-like or
+batch/feature-swapped orders) therefore stay slow inside a loop body. Measured on this
+project's 2-core CPU (width-128 ConvNet-3, 100 images of 28×28, DSA, ``'unroll'``): one step
+run as a one-trip while loop took 74-89 s against 8.3 s in straight-line code, with the same
+loss and gradients (``benchmarks/results/memory_speed_fashion_mnist_cpu.md``, "XLA:CPU loop
+forms: findings"); with a width-32 ConvNet-3, 50 images and N = 4, a rolled loop ran 6x
+(``'remat'``) to 9x (``'unroll'``) slower than the unrolled one. That is also why
+``'unrolled'`` asks ``lax.scan`` for ``unroll=0``: ``unroll=True`` becomes ``unroll=length``,
+which for N = 1 is a rolled while loop. Compile time of the unrolled form grows with N (≈ 3-5
+s per step for that net). Rolled loops compile in time independent of N, so they are the form
+for ahead-of-time memory checks at large N and worth trying on GPU; an int k bounds the
+unrolled code at k steps (k >= N is fully unrolled).
 
 Memory: ``'remat'`` and ``'tesla'`` are flat in N in every loop form (one parameter copy per
 step on top of one step's working set); ``'unroll'`` grows by one step's activations per step.
@@ -318,13 +325,18 @@ def _checkpoint_in_order(fn: Callable[[Params, Any], Params]) -> Callable[[Param
 # --------------------------------------------------------------------------------------------
 
 
-def _scan_unroll(loop: Loop, length: int) -> int | bool:
-    """The ``unroll`` argument of ``lax.scan`` for a loop form (validated by the caller)."""
-    if loop == "unrolled":
-        return True
+def _scan_unroll(loop: Loop, length: int) -> int:
+    """The ``unroll`` argument of ``lax.scan`` for a loop form (validated by the caller).
+
+    0 is ``lax.scan``'s "unroll every step". ``unroll=True`` is not used because ``lax.scan``
+    turns it into ``unroll=length``, and a scan of length 1 with ``unroll=1`` is lowered as a
+    rolled while loop, whose convolutions XLA:CPU runs ~10x slower (module docstring).
+    """
     if loop == "rolled":
         return 1
-    return min(int(loop), max(length, 1))
+    if loop == "unrolled" or int(loop) >= length:
+        return 0
+    return int(loop)
 
 
 def _run_steps(
