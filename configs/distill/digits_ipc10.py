@@ -23,7 +23,7 @@ def get_config():
         lr_lr=1e-5,
         lr_teacher=0.01,
         model="ConvNetW64",
-        iterations=200,
+        iterations=80,
         eval_every=100,
         eval_epochs=300,
     )
