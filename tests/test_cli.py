@@ -124,8 +124,8 @@ def test_missing_files_are_named(tmp_path, capsys):
 
 
 def test_later_stages_are_refused_clearly(capsys):
-    code, _, err = run(["distill", "--config", "x.py", "--workdir", "w"], capsys)
-    assert code == 2 and "'distill'" in err and "not implemented" in err
+    code, _, err = run(["squeeze", "--config", "x.py", "--workdir", "w"], capsys)
+    assert code == 2 and "'squeeze'" in err and "not implemented" in err
 
 
 def test_help_lists_the_stages():
