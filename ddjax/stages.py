@@ -200,7 +200,7 @@ def _quickstart_mtt(work: Workdir, results: dict, epochs: int, num_models: int) 
         return
     experts_dir = work.file("experts")
     print("MTT: training 5 digits experts, then distilling IPC 1 and IPC 10 ...")
-    run_experts(load_config("configs/experts/digits.py", ["test_every=15"]), str(experts_dir))
+    run_experts(load_config("configs/experts/digits.py", ["test_every=20"]), str(experts_dir))
     for ipc, name in zip((1, 10), names, strict=True):
         if name in rows:
             continue
