@@ -5,6 +5,14 @@
   ddjax evaluate --config configs/evaluate/fashion_mnist.py --config.synset=runs/a/synset.npz \\
                  --workdir runs/a_eval
   ddjax experts  --config configs/experts/digits.py --workdir runs/experts_digits
+  ddjax distill  --config configs/distill/digits_ipc10.py \\
+                 --config.experts_dir=runs/experts_digits --workdir runs/mtt_digits
+  ddjax squeeze  --config configs/squeeze/digits.py --workdir runs/squeeze_digits
+  ddjax recover  --config configs/recover/digits.py --config.teacher=runs/squeeze_digits/teacher \\
+                 --workdir runs/recover_digits
+  ddjax relabel  --config configs/relabel/digits.py \\
+                 --config.synset=runs/recover_digits/synset.npz \\
+                 --config.teacher=runs/squeeze_digits/teacher --workdir runs/relabel_digits
 
 Every stage takes ``--config FILE`` (a ``get_config()`` file under ``configs/``),
 any number of ``--config.field=value`` overrides and ``--workdir DIR``. Bad input
@@ -22,11 +30,9 @@ from ddjax.errors import DDJaxError
 # Stages of the pipeline that later ddjax versions add. They are listed in
 # --help so the pipeline is visible, and refused with a clear message.
 PLANNED = {
-    "squeeze": "train the SRe2L teacher",
-    "recover": "SRe2L recover: synthesise images from the teacher's BN statistics",
-    "relabel": "SRe2L relabel: FKD-style soft labels",
     "bench": "run the benchmarks in benchmarks/",
 }
+AVAILABLE = "quickstart, select, evaluate, experts, distill, squeeze, recover, relabel"
 
 DESCRIPTION = """\
 ddjax: dataset distillation in JAX.
@@ -133,6 +139,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(distill, "configs/distill/digits_ipc10.py")
 
+    squeeze = sub.add_parser(
+        "squeeze",
+        help="SRe2L squeeze: train the BatchNorm teacher on the real data",
+        description="Trains config.model (ResNet18BN with the small-image stem, or ConvNetBN) "
+        "on the real training split with SRe2L's per-dataset recipe (SGD, cosine schedule, "
+        "crop/flip), logs test accuracy per epoch, checkpoints every epoch (a re-run resumes) "
+        "and saves WORKDIR/teacher (Orbax params + batch_stats, teacher.json). ImageNet-1K "
+        "uses torchvision's pretrained ResNet-18: import it with "
+        "ddjax.sre2l.teacher.import_torch_teacher.",
+    )
+    _add_common(squeeze, "configs/squeeze/digits.py")
+
+    recover = sub.add_parser(
+        "recover",
+        help="SRe2L recover: synthesise images that match the teacher's BN statistics",
+        description="Optimises images from Gaussian noise (Adam 0.5/0.9, cosine lr) so that "
+        "the teacher's per-layer batch statistics (BN inputs: mean, biased variance) match its "
+        "running statistics, plus cross-entropy on the target class, with the batch-shared "
+        "random-resized-crop/flip/roll of SRe2L and per-channel clipping. config.teacher is a "
+        "`ddjax squeeze` teacher directory. Each finished batch is saved (a re-run resumes); "
+        "writes WORKDIR/synset.npz and synset.png.",
+    )
+    _add_common(recover, "configs/recover/digits.py")
+
+    relabel = sub.add_parser(
+        "relabel",
+        help="SRe2L relabel: FKD soft labels from the teacher, and students trained on them",
+        description="Stores, per epoch, the crops, flips, mix parameters and the teacher's "
+        "fp16 logits for config.synset (one file per epoch, replayable exactly), or uses the "
+        "teacher online (config.mode), then trains config.eval.num_models students with the "
+        "KL loss at temperature T (SRe2L's recipes) and tests them. Writes WORKDIR/labels/ "
+        "and results.json.",
+    )
+    _add_common(relabel, "configs/relabel/digits.py")
+
     for name, text in PLANNED.items():
         sub.add_parser(name, help=f"{text} (not available in this version)", add_help=False)
     return parser
@@ -149,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest[0] in PLANNED:
         print(
             f"ddjax: error: stage {rest[0]!r} ({PLANNED[rest[0]]}) is not implemented in "
-            f"this version of ddjax; available: quickstart, select, evaluate, experts, distill",
+            f"this version of ddjax; available: {AVAILABLE}",
             file=sys.stderr,
         )
         return 2

@@ -319,3 +319,30 @@ def run_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from ddjax.distill.run import run_distill as run
 
     return run(config, workdir)
+
+
+def run_squeeze(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """``ddjax squeeze``: SRe2L's BatchNorm teacher (:func:`ddjax.sre2l.squeeze.run_squeeze`)."""
+    from ddjax.sre2l.squeeze import run_squeeze as run
+
+    teacher = run(config, workdir)
+    accuracy = teacher.meta.get("extra", {}).get("test_accuracy")
+    shown = f"; test accuracy {100 * accuracy:.2f} %" if accuracy is not None else ""
+    print(f"squeeze: teacher {teacher.meta['model']} in {Path(workdir) / 'teacher'}{shown}")
+    return teacher.meta
+
+
+def run_recover(config: ml_collections.ConfigDict, workdir: str) -> SyntheticSet:
+    """``ddjax recover``: SRe2L's images from the teacher's BN statistics
+    (:func:`ddjax.sre2l.recover.run_recover`)."""
+    from ddjax.sre2l.recover import run_recover as run
+
+    return run(config, workdir)
+
+
+def run_relabel(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """``ddjax relabel``: SRe2L's soft labels and the students trained on them
+    (:func:`ddjax.sre2l.relabel.run_relabel`)."""
+    from ddjax.sre2l.relabel import run_relabel as run
+
+    return run(config, workdir)

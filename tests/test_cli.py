@@ -124,13 +124,21 @@ def test_missing_files_are_named(tmp_path, capsys):
 
 
 def test_later_stages_are_refused_clearly(capsys):
-    code, _, err = run(["squeeze", "--config", "x.py", "--workdir", "w"], capsys)
-    assert code == 2 and "'squeeze'" in err and "not implemented" in err
+    code, _, err = run(["bench", "--config", "x.py", "--workdir", "w"], capsys)
+    assert code == 2 and "'bench'" in err and "not implemented" in err
+
+
+def test_sre2l_stages_reject_a_missing_teacher(tmp_path, capsys):
+    argv = ["recover", "--config", "configs/recover/digits.py", "--workdir", str(tmp_path / "r")]
+    code, _, err = run([*argv, f"--config.teacher={tmp_path / 'missing'}"], capsys)
+    assert code == 2 and "teacher" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
 
 
 def test_help_lists_the_stages():
     out = subprocess.run(
         [sys.executable, "-m", "ddjax.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for stage in ["quickstart", "select", "evaluate", "experts", "distill", "recover"]:
+    stages = ["quickstart", "select", "evaluate", "experts", "distill", "squeeze", "recover"]
+    for stage in [*stages, "relabel"]:
         assert stage in out

@@ -16,13 +16,26 @@ compiles once per configuration and donates its state. The experts' trajectories
 argument (a subset of experts stacked ``[E, T+1, ...]``, loaded like MTT's buffer files) and
 the expert is an index into it, so switching experts or subsets never recompiles.
 
+The variants built on this step are options of :class:`StepConfig` (brief §2-3):
+
+* **DATM** (Guo et al. 2024; :mod:`ddjax.distill.datm`): the start epoch drawn from
+  {T⁻, …, UpperBound − 1} with sequential generation of UpperBound (``min_start_epoch``,
+  ``current_max_start_epoch``, ``expansion_end_iteration``), learnable soft labels
+  (``soft_labels='learned'``: the state's labels are logits, learned with SGD(``lr_y``,
+  momentum ``momentum_y``)) and the loss threshold (``threshold``).
+* **TESLA's soft-label assignment** (Cui et al. 2023; ``soft_labels='tesla'``): every
+  iteration the labels are the softmax of the target expert θ*_{t+M}'s logits on the
+  un-augmented images (:func:`ddjax.distill.soft_labels.expert_soft_labels`), not learned; the
+  state keeps the latest ones for evaluation. TESLA's *gradient* is ``mode='tesla'``.
+
 ddjax differs from the reference in two documented, optional ways:
 
 * **Guards.** A non-finite loss, gradient or new learning rate skips the update (the state
-  keeps its images, α and optimiser states; the step counter and key advance) and the step
-  is reported as skipped; MTT would write NaNs into the images. With ``lr_floor`` set, α is
-  clipped to at least that value after each update (MTT leaves α unconstrained and issue #16
-  reports negative values); off by default.
+  keeps its images, labels, α and optimiser states; the step counter and key advance) and the
+  step is reported as skipped; MTT would write NaNs into the images. DATM's threshold skips
+  the same way (DATM skips a loss above it, and a NaN loss, since ``NaN <= threshold`` is
+  false). With ``lr_floor`` set, α is clipped to at least that value after each update (MTT
+  leaves α unconstrained and issue #16 reports negative values); off by default.
 * **Randomness** is JAX's: start epochs, minibatches and DSA draws come from the state's key.
 """
 
@@ -38,10 +51,11 @@ import numpy as np
 import optax
 
 from ddjax import augment as augment_lib
-from ddjax.distill import matching
+from ddjax.distill import datm, matching, soft_labels
 from ddjax.errors import check
 
 __all__ = [
+    "SOFT_LABELS",
     "DistillState",
     "ExpertSchedule",
     "StepConfig",
@@ -52,6 +66,9 @@ __all__ = [
 
 Array = jax.Array
 
+#: ``StepConfig.soft_labels``: MTT's fixed hard labels, TESLA's assignment, DATM's learned logits.
+SOFT_LABELS = ("none", "tesla", "learned")
+
 
 class DistillState(NamedTuple):
     """Everything an MTT run learns or needs to continue (a pytree of arrays).
@@ -59,13 +76,17 @@ class DistillState(NamedTuple):
     Attributes:
       images: the synthetic images ``[C·IPC, H, W, C]`` in the dataset's (normalised or ZCA)
         space.
-      labels: int labels ``[C·IPC]`` (fixed in MTT) or float logits ``[C·IPC, classes]``
-        (learnable soft labels of DATM, which add their own optimiser state).
+      labels: int labels ``[C·IPC]`` (fixed in MTT), float logits ``[C·IPC, classes]``
+        (``soft_labels='learned'``: DATM's learnable soft labels) or float probabilities
+        ``[C·IPC, classes]`` (``soft_labels='tesla'``: the latest TESLA assignment; one-hot
+        before the first iteration).
       inner_lr: the learnable student step size α (float32 scalar).
       image_opt_state: the images' SGD-momentum state.
       lr_opt_state: α's SGD-momentum state.
-      step: the number of iterations done (int32 scalar).
+      step: the number of iterations done (int32 scalar); DATM's ``it`` of the next one.
       key: PRNG key data (uint32 ``[2]``) for the next iteration.
+      label_opt_state: the label logits' SGD-momentum state (``soft_labels='learned'``), else
+        ``()``.
     """
 
     images: Array
@@ -75,6 +96,7 @@ class DistillState(NamedTuple):
     lr_opt_state: Any
     step: Array
     key: Array
+    label_opt_state: Any = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +117,18 @@ class StepConfig:
       dsa: DSA in the inner loop (MTT's default; ``False`` is ``--no_aug``).
       dsa_strategy: the DSA groups.
       lr_floor: if set, α is clipped to at least this after each update.
+      min_start_epoch: T⁻, the smallest start epoch (DATM's ``min_start_epoch``; MTT: 0).
+      current_max_start_epoch: T, DATM's sequential generation: the start epoch's upper bound
+        at iteration 0, growing to T⁺ (:func:`ddjax.distill.datm.start_epoch_upper_bound`);
+        ``None``: no sequential generation, the bound is T⁺ [``current_max_start_epoch``].
+      expansion_end_iteration: the outer iteration at which the bound reaches T⁺ (DATM's
+        ``expansion_end_epoch``, which counts outer iterations).
+      soft_labels: ``'none'`` (fixed hard labels), ``'tesla'`` (TESLA's assignment) or
+        ``'learned'`` (DATM's learnable logits); see :data:`SOFT_LABELS`.
+      lr_y: the label logits' learning rate (``'learned'`` only) [``lr_y``].
+      momentum_y: their SGD momentum (DATM: 0.9) [``Momentum_y``].
+      threshold: skip the update when the loss exceeds it (DATM's ``threshold``); ``None``:
+        never (MTT).
     """
 
     syn_steps: int = 20
@@ -110,6 +144,13 @@ class StepConfig:
     dsa: bool = True
     dsa_strategy: str = augment_lib.DEFAULT_STRATEGY
     lr_floor: float | None = None
+    min_start_epoch: int = 0
+    current_max_start_epoch: int | None = None
+    expansion_end_iteration: int | None = None
+    soft_labels: str = "none"
+    lr_y: float | None = None
+    momentum_y: float = 0.9
+    threshold: float | None = None
 
     def validate(self, num_images: int, num_snapshots: int | None = None) -> None:
         """Raises a one-line ``DDJaxError`` naming the first bad field."""
@@ -132,6 +173,7 @@ class StepConfig:
         )
         matching._check_config(self.mode, self.remat_every, self.loop)
         augment_lib.parse_strategy(self.dsa_strategy)
+        self._validate_variants()
         if num_snapshots is not None:
             need = self.max_start_epoch + self.expert_epochs
             check(
@@ -140,6 +182,54 @@ class StepConfig:
                 f"{need} epochs, the experts have {num_snapshots - 1}",
             )
         del num_images
+
+    def _validate_variants(self) -> None:
+        """The DATM / TESLA options (see the class docstring)."""
+        t_min, t_max = self.min_start_epoch, self.max_start_epoch
+        check(
+            _is_int(t_min) and 0 <= t_min < t_max,
+            f"config.min_start_epoch={t_min!r} must be an integer in [0, max_start_epoch="
+            f"{t_max}) (the start epoch is drawn from min_start_epoch..upper bound - 1)",
+        )
+        current, end = self.current_max_start_epoch, self.expansion_end_iteration
+        if current is None:
+            check(
+                end is None,
+                f"config.expansion_end_iteration={end!r} is only used with sequential "
+                "generation (set config.current_max_start_epoch too, or unset it)",
+            )
+        else:
+            check(
+                _is_int(current) and t_min < current <= t_max,
+                f"config.current_max_start_epoch={current!r} must be an integer in "
+                f"(min_start_epoch={t_min}, max_start_epoch={t_max}]",
+            )
+            check(
+                _is_int(end) and end >= 1,
+                f"config.expansion_end_iteration={end!r} must be a positive integer with "
+                "sequential generation (config.current_max_start_epoch set)",
+            )
+        check(
+            self.soft_labels in SOFT_LABELS,
+            f"config.soft_labels={self.soft_labels!r}: expected one of "
+            f"{', '.join(map(repr, SOFT_LABELS))}",
+        )
+        if self.soft_labels == "learned":
+            check(
+                self.lr_y is not None and self.lr_y > 0,
+                f"config.lr_y={self.lr_y!r} must be positive with soft_labels='learned'",
+            )
+        else:
+            check(
+                self.lr_y is None,
+                f"config.lr_y={self.lr_y!r} is the learned labels' learning rate; "
+                f"soft_labels={self.soft_labels!r} learns none (unset it)",
+            )
+        check(0 <= self.momentum_y < 1, f"config.momentum_y={self.momentum_y} must be in [0, 1)")
+        check(
+            self.threshold is None or self.threshold > 0,
+            f"config.threshold={self.threshold} must be positive (or unset: never skip)",
+        )
 
     def batch_size(self, num_images: int) -> int:
         return num_images if self.batch_syn is None else self.batch_syn
@@ -170,24 +260,44 @@ def init_state(
 
     Args:
       images: initial synthetic images ``[C·IPC, H, W, C]``.
-      labels: int labels ``[C·IPC]`` (or float logits).
+      labels: int labels ``[C·IPC]`` (``soft_labels='none'``); float ``[C·IPC, classes]``
+        label logits (``'learned'``: DATM's initial labels, e.g. from
+        :func:`ddjax.distill.datm.initial_set`) or probabilities (``'tesla'``: one-hot
+        classes, replaced by the first iteration's assignment).
       inner_lr: α₀ (MTT's ``lr_teacher``).
       key: PRNG key (typed or raw); the run's randomness all derives from it.
       config: the step settings (for the optimisers).
+
+    Raises:
+      DDJaxError: if the labels do not fit ``config.soft_labels``.
     """
     tx_img, tx_lr = make_optimizers(config.lr_img, config.lr_lr, config.momentum)
     images = jnp.asarray(images, jnp.float32)
+    labels = jnp.asarray(labels)
+    soft = config.soft_labels != "none"
+    check(
+        labels.ndim == (2 if soft else 1) and labels.shape[0] == images.shape[0],
+        f"soft_labels={config.soft_labels!r} needs labels of shape "
+        f"{'[num_images, num_classes]' if soft else '[num_images]'} for {images.shape[0]} "
+        f"images, got {tuple(labels.shape)}",
+    )
+    if soft:
+        labels = labels.astype(jnp.float32)
+    label_opt_state: Any = ()
+    if config.soft_labels == "learned":
+        label_opt_state = datm.label_optimizer(config.lr_y, config.momentum_y).init(labels)
     lr = jnp.asarray(inner_lr, jnp.float32)
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     return DistillState(
         images=images,
-        labels=jnp.asarray(labels),
+        labels=labels,
         inner_lr=lr,
         image_opt_state=tx_img.init(images),
         lr_opt_state=tx_lr.init(lr),
         step=jnp.zeros((), jnp.int32),
         key=jnp.asarray(key, jnp.uint32),
+        label_opt_state=label_opt_state,
     )
 
 
@@ -200,6 +310,17 @@ def make_distill_step(
     compiler_options: dict | None = None,
 ):
     """Builds ``distill_step(state, trajectories, expert) -> (state, metrics)``, jitted.
+
+    One outer iteration of MTT, or of DATM / MTT with TESLA's labels (module docstring):
+
+    1. t ~ U{T⁻, …, UpperBound − 1}, UpperBound from ``state.step`` (MTT: T⁻ = 0,
+       UpperBound = T⁺); start θ*_{e,t}, target θ*_{e,t+M};
+    2. labels: the state's (hard, or softmax of DATM's logits), or TESLA's assignment from the
+       target expert;
+    3. L and its gradients (:func:`ddjax.distill.matching.match_loss_and_grads`, or
+       :func:`ddjax.distill.datm.match_loss_and_grads_with_label_logits` for learned labels);
+    4. the SGD-momentum updates of the images, α and learned labels, all applied only if L,
+       the gradients and the new α are finite and L ≤ ``threshold`` (when set).
 
     Args:
       model: the student (the experts' architecture).
@@ -214,26 +335,47 @@ def make_distill_step(
     Returns:
       The jitted step. ``trajectories`` is a ``params`` pytree with leading axes
       ``[E, T+1]`` (``ddjax.experts.load_trajectories``), ``expert`` an int index into E.
-      ``metrics`` holds ``loss``, ``skipped`` (bool: non-finite loss, gradient or α -- the
-      update was not applied), ``start_epoch``, ``inner_lr`` (after the update) and
-      ``grad_norm`` (of the image gradient). The step traces once per shape.
+      ``metrics`` holds ``loss``, ``skipped`` (bool: the update was not applied),
+      ``non_finite`` (non-finite loss, gradient or α), ``over_threshold`` (finite but above
+      ``threshold``), ``start_epoch``, ``upper_bound`` (the start epoch's exclusive bound this
+      iteration), ``inner_lr`` (after the update) and ``grad_norm`` (of the image gradient),
+      plus ``label_grad_norm`` with learned labels. The step traces once per shape: the
+      iteration counter, the expert and the trajectories are arguments.
     """
     tx_img, tx_lr = make_optimizers(config.lr_img, config.lr_lr, config.momentum)
+    learn_labels = config.soft_labels == "learned"
+    tx_labels = datm.label_optimizer(config.lr_y, config.momentum_y) if learn_labels else None
     augment = config.dsa and bool(augment_lib.parse_strategy(config.dsa_strategy))
+    range_settings = dict(
+        max_start_epoch=config.max_start_epoch,
+        current_max_start_epoch=config.current_max_start_epoch,
+        expansion_end_iteration=config.expansion_end_iteration,
+    )
 
     def distill_step(state: DistillState, trajectories: Any, expert: Array):
         key, start_key, batch_key, augment_key = jax.random.split(state.key, 4)
         num_images = state.images.shape[0]
-        start_epoch = jax.random.randint(start_key, (), 0, config.max_start_epoch)
+        upper_bound = datm.start_epoch_upper_bound(state.step, **range_settings)
+        start_epoch = datm.sample_start_epoch(
+            start_key, state.step, min_start_epoch=config.min_start_epoch, **range_settings
+        )
         trajectory = jax.tree.map(lambda a: a[expert], trajectories)
         start = jax.tree.map(lambda a: a[start_epoch], trajectory)
         target = jax.tree.map(lambda a: a[start_epoch + config.expert_epochs], trajectory)
         indices, mask = matching.inner_batch_indices(
             batch_key, num_images, config.batch_size(num_images), config.syn_steps
         )
-        loss, grads = matching.match_loss_and_grads(
+        labels = state.labels
+        if config.soft_labels == "tesla":
+            labels = soft_labels.expert_soft_labels(model, target, state.images)
+        loss_and_grads = (
+            datm.match_loss_and_grads_with_label_logits
+            if learn_labels
+            else matching.match_loss_and_grads
+        )
+        loss, grads = loss_and_grads(
             state.images,
-            state.labels,
+            labels,
             state.inner_lr,
             start,
             target,
@@ -259,27 +401,50 @@ def make_distill_step(
             & jnp.isfinite(grads.inner_lr)
             & jnp.isfinite(inner_lr)
         )
-        updated = (images, inner_lr, image_opt_state, lr_opt_state)
-        kept = (state.images, state.inner_lr, state.image_opt_state, state.lr_opt_state)
-        images, inner_lr, image_opt_state, lr_opt_state = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old), updated, kept
+        label_opt_state = state.label_opt_state
+        if learn_labels:
+            label_updates, label_opt_state = tx_labels.update(grads.labels, label_opt_state)
+            labels = optax.apply_updates(state.labels, label_updates)
+            finite &= jnp.all(jnp.isfinite(grads.labels))
+        # SLA labels are a function of the expert; non-finite ones must not reach evaluation.
+        finite &= jnp.all(jnp.isfinite(labels))
+        # DATM steps its optimisers only `if grand_loss <= threshold`.
+        within = loss <= config.threshold if config.threshold is not None else jnp.bool_(True)
+        accept = finite & within
+        updated = (images, labels, inner_lr, image_opt_state, lr_opt_state, label_opt_state)
+        kept = (
+            state.images,
+            state.labels,
+            state.inner_lr,
+            state.image_opt_state,
+            state.lr_opt_state,
+            state.label_opt_state,
+        )
+        images, labels, inner_lr, image_opt_state, lr_opt_state, label_opt_state = jax.tree.map(
+            lambda new, old: jnp.where(accept, new, old), updated, kept
         )
         new_state = DistillState(
             images=images,
-            labels=state.labels,
+            labels=labels,
             inner_lr=inner_lr,
             image_opt_state=image_opt_state,
             lr_opt_state=lr_opt_state,
             step=state.step + 1,
             key=key,
+            label_opt_state=label_opt_state,
         )
         metrics = {
             "loss": loss,
-            "skipped": ~finite,
+            "skipped": ~accept,
+            "non_finite": ~finite,
+            "over_threshold": finite & ~within,
             "start_epoch": start_epoch,
+            "upper_bound": upper_bound,
             "inner_lr": inner_lr,
             "grad_norm": jnp.sqrt(jnp.sum(jnp.square(grads.images))),
         }
+        if learn_labels:
+            metrics["label_grad_norm"] = jnp.sqrt(jnp.sum(jnp.square(grads.labels)))
         return new_state, metrics
 
     return jax.jit(
@@ -287,6 +452,10 @@ def make_distill_step(
         donate_argnums=(0,) if donate else (),
         compiler_options=compiler_options,
     )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)

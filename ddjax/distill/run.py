@@ -1,16 +1,30 @@
-"""``ddjax distill``: an MTT run in a work directory -- configs, evaluation, checkpoints, resume.
+"""``ddjax distill``: an MTT or DATM run in a work directory -- configs, evaluation, resume.
 
-A run reads expert trajectories (``ddjax experts``), initialises the synthetic set (real
-images of each class, or noise), and repeats :func:`ddjax.distill.mtt.make_distill_step`'s
-step for ``iterations`` iterations. Every ``eval_every`` iterations (and at the end) K fresh
-networks are trained on the current set with the MTT protocol and the *learned* step size;
-the best mean accuracy so far is tracked and its set saved, as MTT does. The work directory::
+A run reads expert trajectories (``ddjax experts``), initialises the synthetic set, and repeats
+:func:`ddjax.distill.mtt.make_distill_step`'s step for ``iterations`` iterations. Every
+``eval_every`` iterations (and at the end) K fresh networks are trained on the current set with
+the MTT protocol and the *learned* step size; the best mean accuracy so far is tracked and its
+set saved, as MTT does.
+
+Methods (``config.method``):
+
+* ``'mtt'`` (Cazenavette et al. 2022): real or noise images, hard labels
+  (``soft_labels='none'``) or TESLA's soft-label assignment (``soft_labels='tesla'``, Cui et
+  al. 2023); TESLA's gradient is ``mode='tesla'``. Configs: :func:`distill_config`.
+* ``'datm'`` (Guo et al. 2024; :mod:`ddjax.distill.datm`): images and label logits initialised
+  from the experts (``init='samples_predicted_correctly'`` or ``'real'``), learned soft labels
+  (``soft_labels='learned'``), the matching range with sequential generation and the loss
+  threshold; evaluated with soft cross-entropy and batch 128. Configs: :func:`datm_config`.
+
+Soft labels are saved and evaluated as ``(N, C)`` probabilities: DATM's are softmax of the
+learned logits, which are stored beside each set (``<set>_label_logits.npy``). The work
+directory::
 
     WORKDIR/config.json            the resolved config (resume refuses a different one)
     WORKDIR/metrics.jsonl          loss, α, start epoch, skipped updates, evaluations
     WORKDIR/checkpoints/<step>/    Orbax checkpoints of the state (the last `keep` kept)
-    WORKDIR/synset.npz, .png       the latest set
-    WORKDIR/synset_best.npz, .png  the best-evaluated set
+    WORKDIR/synset.npz, .png       the latest set (DATM: + synset_label_logits.npy)
+    WORKDIR/synset_best.npz, .png  the best-evaluated set (DATM: + synset_best_label_logits.npy)
     WORKDIR/grids/iter_<it>.png    the set at every evaluation
     WORKDIR/curves.png             loss and accuracy curves
     WORKDIR/results.json           evaluations, best, final cross-architecture results
@@ -23,6 +37,7 @@ and all other randomness comes from the checkpointed key).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -41,20 +56,21 @@ from ddjax import models as models_lib
 from ddjax import select as select_lib
 from ddjax import sharding
 from ddjax.config import dataset_section, eval_section
-from ddjax.distill import mtt
+from ddjax.distill import datm, mtt, soft_labels
 from ddjax.errors import DDJaxError, check
 from ddjax.synset import SyntheticSet, save_grid
 from ddjax.workdir import Workdir
 
-__all__ = ["METHODS", "distill_config", "run_distill", "step_config"]
+__all__ = ["METHODS", "datm_config", "distill_config", "run_distill", "step_config"]
 
-METHODS = ("mtt",)
+METHODS = ("mtt", "datm")
 #: Variants built on the same core that later ddjax versions add (refused with a message).
 PLANNED_METHODS = {
-    "datm": "DATM (difficulty-aligned range, soft labels)",
     "selmatch": "SelMatch (selection init + partial update)",
-    "tesla": "TESLA's soft-label assignment (the TESLA *gradient* is config.mode='tesla')",
 }
+#: Per method: the valid ``config.soft_labels`` and ``config.init``.
+_METHOD_LABELS = {"mtt": ("none", "tesla"), "datm": ("learned",)}
+_METHOD_INITS = {"mtt": ("real", "noise"), "datm": datm.INITS}
 
 
 def distill_config(
@@ -74,29 +90,43 @@ def distill_config(
     eval_every: int = 100,
     eval_epochs: int = 1000,
     num_eval: int = 5,
+    eval_batch_size: int = 256,
 ) -> ml_collections.ConfigDict:
     """The fields of a ``ddjax distill`` config (``configs/distill/<dataset>_ipc<k>.py``).
 
-    Arguments are MTT's hyper-parameters (brief §1.8), named as MTT's arguments.
+    Arguments are MTT's hyper-parameters (brief §1.8), named as MTT's arguments. The DATM and
+    TESLA-label fields start at MTT's behaviour (T⁻ = 0, no sequential generation, hard labels,
+    no threshold); :func:`datm_config` sets them for DATM.
     """
     config = ml_collections.ConfigDict()
     config.dataset = dataset_section(dataset, zca=zca)
-    config.method = "mtt"
+    config.method = "mtt"  # mtt | datm (datm_config)
     config.model = model  # the student; must be the experts' architecture
     config.experts_dir = ""  # a `ddjax experts` work directory (required)
     config.experts_in_memory = 10  # experts loaded at once (MTT: one buffer file of 10)
     config.ipc = ipc
-    config.init = "real"  # real (random real images per class) | noise
+    # mtt: real (random real images per class) | noise; datm: samples_predicted_correctly | real
+    config.init = "real"
     config.iterations = iterations
     config.syn_steps = syn_steps  # N
     config.expert_epochs = expert_epochs  # M
     config.max_start_epoch = max_start_epoch  # T+ (start epoch drawn from 0..T+-1)
+    config.min_start_epoch = 0  # T-: start epoch drawn from T-..upper bound - 1 (DATM)
+    # DATM's sequential generation: the upper bound grows from T to T+ over
+    # expansion_end_iteration outer iterations (DATM's expansion_end_epoch); unset: off.
+    config.current_max_start_epoch = ml_collections.config_dict.placeholder(int)
+    config.expansion_end_iteration = ml_collections.config_dict.placeholder(int)
     config.batch_syn = ml_collections.config_dict.placeholder(int)  # None: all images
     config.batch_syn = batch_syn
     config.lr_img = lr_img
     config.lr_lr = lr_lr
     config.lr_teacher = lr_teacher  # initial learnable step size alpha
     config.momentum = 0.5  # outer SGD momentum (images and alpha)
+    # none: hard labels | tesla: TESLA's soft-label assignment (mtt) | learned: DATM's logits
+    config.soft_labels = "none"
+    config.lr_y = ml_collections.config_dict.placeholder(float)  # learned labels' lr (DATM)
+    config.momentum_y = 0.9  # learned labels' SGD momentum (DATM)
+    config.threshold = ml_collections.config_dict.placeholder(float)  # skip if loss > it (DATM)
     config.mode = "remat"  # remat | unroll | tesla
     config.remat_every = ml_collections.config_dict.placeholder(int)
     # auto: unrolled on CPU (XLA:CPU runs rolled loops of conv steps slowly), rolled elsewhere
@@ -112,6 +142,69 @@ def distill_config(
     config.keep_checkpoints = 2
     config.log_every = 10
     config.eval = eval_section(epochs=eval_epochs, num_models=num_eval, models=(model,))
+    config.eval.batch_size = eval_batch_size
+    return config
+
+
+def datm_config(
+    dataset: str,
+    ipc: int,
+    *,
+    syn_steps: int,
+    expert_epochs: int,
+    min_start_epoch: int,
+    max_start_epoch: int,
+    lr_img: float,
+    lr_lr: float,
+    lr_teacher: float,
+    lr_y: float,
+    threshold: float,
+    current_max_start_epoch: int | None = None,
+    expansion_end_iteration: int | None = None,
+    batch_syn: int | None = None,
+    zca: bool = True,
+    init: str = "samples_predicted_correctly",
+    model: str = "ConvNet",
+    iterations: int = 10000,
+    eval_every: int = 500,
+    eval_epochs: int = 1000,
+    num_eval: int = 1,
+) -> ml_collections.ConfigDict:
+    """The fields of a DATM ``ddjax distill`` config (``configs/distill/datm_<dataset>_ipc<k>.py``).
+
+    Arguments are DATM's hyper-parameters (brief §3.2; ``NUS-HPC-AI-Lab/DATM`` configs), named as
+    its arguments except ``expansion_end_iteration`` (DATM's ``expansion_end_epoch``, a number of
+    outer iterations). Sequential generation is on when ``current_max_start_epoch`` is given.
+    The rest is DATM's: 10,000 iterations, learned labels with momentum 0.9, evaluation with
+    soft cross-entropy and batch 128 every 500 iterations with one network (DATM re-evaluates
+    the best set with 5 afterwards: ``ddjax evaluate`` on ``synset_best.npz``).
+    """
+    config = distill_config(
+        dataset,
+        ipc,
+        syn_steps=syn_steps,
+        expert_epochs=expert_epochs,
+        max_start_epoch=max_start_epoch,
+        lr_img=lr_img,
+        lr_lr=lr_lr,
+        lr_teacher=lr_teacher,
+        batch_syn=batch_syn,
+        zca=zca,
+        model=model,
+        iterations=iterations,
+        eval_every=eval_every,
+        eval_epochs=eval_epochs,
+        num_eval=num_eval,
+        eval_batch_size=128,
+    )
+    config.method = "datm"
+    config.init = init
+    config.soft_labels = "learned"
+    config.min_start_epoch = min_start_epoch
+    config.current_max_start_epoch = current_max_start_epoch
+    config.expansion_end_iteration = expansion_end_iteration
+    config.lr_y = float(lr_y)
+    config.threshold = float(threshold)
     return config
 
 
@@ -136,6 +229,13 @@ def step_config(config: ml_collections.ConfigDict) -> mtt.StepConfig:
         dsa=config.dsa,
         dsa_strategy=config.dsa_strategy,
         lr_floor=config.lr_floor,
+        min_start_epoch=config.min_start_epoch,
+        current_max_start_epoch=config.current_max_start_epoch,
+        expansion_end_iteration=config.expansion_end_iteration,
+        soft_labels=config.soft_labels,
+        lr_y=None if config.lr_y is None else float(config.lr_y),
+        momentum_y=float(config.momentum_y),
+        threshold=None if config.threshold is None else float(config.threshold),
     )
 
 
@@ -146,8 +246,22 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
             f"config.method={method!r} ({PLANNED_METHODS[method]}) is not implemented in this "
             f"version of ddjax; available: {list(METHODS)}"
         )
-    check(method in METHODS, f"config.method={method!r} is not known; valid: {list(METHODS)}")
-    check(config.init in ("real", "noise"), f"config.init={config.init!r}: expected real | noise")
+    check(
+        method in METHODS,
+        f"config.method={method!r} is not known; valid: {list(METHODS)} (TESLA is method='mtt' "
+        "with mode='tesla' for its gradient and soft_labels='tesla' for its labels)",
+    )
+    labels, inits = _METHOD_LABELS[method], _METHOD_INITS[method]
+    check(
+        config.soft_labels in labels,
+        f"config.soft_labels={config.soft_labels!r} with method={method!r}: expected "
+        f"{' | '.join(labels)}"
+        + (" (DATM configs: datm_config, configs/distill/datm_*.py)" if method == "datm" else ""),
+    )
+    check(
+        config.init in inits,
+        f"config.init={config.init!r} with method={method!r}: expected {' | '.join(inits)}",
+    )
     check(
         bool(config.experts_dir),
         "config.experts_dir is empty; pass --config.experts_dir=WORKDIR_OF_DDJAX_EXPERTS",
@@ -202,6 +316,7 @@ def run_distill(
         model_overrides=None,
         image_shape=dataset.image_shape,
         num_classes=dataset.num_classes,
+        # T+ + M: the latest target snapshot (DATM's experts: FTD's, 100 epochs).
         min_epochs=config.max_start_epoch + config.expert_epochs,
         min_epochs_reason=(
             f"max_start_epoch + expert_epochs = {config.max_start_epoch} + {config.expert_epochs}"
@@ -218,19 +333,25 @@ def run_distill(
 
     work = Workdir(workdir, config, "distill")
     mesh, batch_sharding = _mesh(config)
-    state = _initial_state(config, dataset, settings)
-    if mesh is not None:
-        state = sharding.replicate(state, mesh)
+    schedule = mtt.ExpertSchedule(
+        len(done), min(config.experts_in_memory, len(done)), seed=config.seed
+    )
     checkpoints = checkpoint_lib.Checkpoints(work.file("checkpoints"), keep=config.keep_checkpoints)
     latest = checkpoints.latest_step()
+    if latest is None:
+        # DATM's label expert for init='real': the first expert of the first subset used,
+        # as DATM's buffer[0][-1] is the first expert of the first buffer file it loads.
+        label_expert = int(schedule.subset(0)[1][0])
+        state = _initial_state(config, dataset, settings, model, experts, done, label_expert, work)
+    else:  # only the structure is needed: the checkpoint replaces every value
+        state = _state_template(config, dataset, settings)
+    if mesh is not None:
+        state = sharding.replicate(state, mesh)
     if latest is not None:
         state = checkpoints.restore(latest, state)
         print(f"resuming {work.path} at iteration {latest}")
     step_fn = mtt.make_distill_step(
         model, settings, batch_sharding=batch_sharding, compiler_options=compiler_options
-    )
-    schedule = mtt.ExpertSchedule(
-        len(done), min(config.experts_in_memory, len(done)), seed=config.seed
     )
     num_snapshots = config.max_start_epoch + config.expert_epochs + 1
 
@@ -246,6 +367,7 @@ def run_distill(
         disable=None if progress else True,
     )
     window = _Window(iteration)  # seconds per iteration since the last log, without evaluations
+    skipped = 0  # updates skipped since the last log
     while iteration < stop:
         if iteration % config.eval_every == 0:
             _evaluate(work, results, state, dataset, config, iteration, bar)
@@ -262,20 +384,40 @@ def run_distill(
         iteration += 1
         metrics = jax.device_get(metrics)
         if metrics["skipped"]:
-            work.log(event="skipped", iteration=iteration, loss=float(metrics["loss"]))
-            tqdm.write(f"iteration {iteration}: non-finite loss/gradient/lr; update skipped")
+            skipped += 1
+            reason = (
+                "non-finite loss/gradient/lr"
+                if metrics["non_finite"]
+                else f"loss above threshold {config.threshold}"
+            )
+            work.log(
+                event="skipped",
+                iteration=iteration,
+                loss=float(metrics["loss"]),
+                start_epoch=int(metrics["start_epoch"]),
+                reason=reason,
+            )
+            if metrics["non_finite"]:  # threshold skips are routine in DATM: logged only
+                tqdm.write(f"iteration {iteration}: {reason}; update skipped")
         if iteration % config.log_every == 0 or iteration == stop:
             seconds = window.seconds_per_iteration(iteration)
             window.reset(iteration)
+            extra = {}
+            if "label_grad_norm" in metrics:
+                extra["label_grad_norm"] = float(metrics["label_grad_norm"])
             work.log(
                 event="step",
                 iteration=iteration,
                 loss=float(metrics["loss"]),
                 inner_lr=float(metrics["inner_lr"]),
                 start_epoch=int(metrics["start_epoch"]),
+                upper_bound=int(metrics["upper_bound"]),
                 grad_norm=float(metrics["grad_norm"]),
+                skipped=skipped,
                 seconds_per_iteration=round(seconds, 3),
+                **extra,
             )
+            skipped = 0
         bar.update(1)
         bar.set_postfix(
             loss=f"{float(metrics['loss']):.4f}", lr=f"{float(metrics['inner_lr']):.4g}"
@@ -287,8 +429,8 @@ def run_distill(
     if iteration < config.iterations:  # stopped early (tests)
         return results
     _evaluate(work, results, state, dataset, config, iteration, None)
-    final = _synset(state, dataset, config, iteration)
-    final.save(work.file("synset.npz"))
+    final, final_logits = _synset(state, dataset, config, iteration)
+    _save_synset(work, "synset", final, final_logits)
     save_grid(work.file("synset.png"), final, dataset.to_pixels)
     _plot_curves(work)
     best = results.get("best")
@@ -338,15 +480,69 @@ def _mesh(config):
     return mesh, NamedSharding(mesh, P("data"))
 
 
-def _initial_state(config, dataset: data_lib.Dataset, settings: mtt.StepConfig):
-    """Real images (MTT's pix_init='real': random real images per class) or N(0, 1) noise."""
+def _initial_state(
+    config,
+    dataset: data_lib.Dataset,
+    settings: mtt.StepConfig,
+    model,
+    experts,
+    done,
+    label_expert,
+    work: Workdir,
+) -> mtt.DistillState:
+    """The run's first state.
+
+    MTT: real images (MTT's pix_init='real': random real images per class) or N(0, 1) noise,
+    hard labels (one-hot probabilities with TESLA's assignment, which replaces them from the
+    first iteration on). DATM: images and label logits from the experts
+    (:func:`ddjax.distill.datm.initial_set`; the final snapshots are loaded one expert at a
+    time, each once), and DATM's "InitialAcc" (how many initial labels' arg-max is the
+    image's class) logged as an ``init`` event.
+    """
     key = jax.random.PRNGKey(config.seed)
     init_key, run_key = jax.random.split(key)
+    if config.method == "datm":
+        finals = {}
+
+        def final_params(position: int):
+            if position not in finals:
+                trajectory = experts.load_trajectory(config.experts_dir, int(done[position]))
+                finals[position] = jax.tree.map(lambda a: jnp.asarray(a[-1]), trajectory)
+            return finals[position]
+
+        images, classes, label_logits = datm.initial_set(
+            dataset,
+            config.ipc,
+            config.init,
+            model=model,
+            final_params=final_params,
+            num_experts=len(done),
+            label_expert=label_expert,
+            seed=config.seed,
+        )
+        accuracy = float(np.mean(np.argmax(label_logits, axis=1) == classes))
+        work.log(event="init", init=config.init, label_accuracy=accuracy, experts=len(done))
+        print(f"DATM init ({config.init}): initial labels' accuracy {100 * accuracy:.1f} %")
+        return mtt.init_state(images, label_logits, config.lr_teacher, run_key, settings)
     real = select_lib.select(dataset, "random", config.ipc, seed=config.seed)
     images = np.asarray(real.images, np.float32)
     if config.init == "noise":
         images = np.asarray(jax.random.normal(init_key, images.shape), np.float32)
-    return mtt.init_state(images, real.labels, config.lr_teacher, run_key, settings)
+    labels = real.labels
+    if config.soft_labels == "tesla":
+        labels = np.eye(dataset.num_classes, dtype=np.float32)[labels]
+    return mtt.init_state(images, labels, config.lr_teacher, run_key, settings)
+
+
+def _state_template(config, dataset: data_lib.Dataset, settings: mtt.StepConfig):
+    """A state with the run's structure, shapes and dtypes (to restore a checkpoint into)."""
+    num_images = dataset.num_classes * config.ipc
+    images = np.zeros((num_images, *dataset.image_shape), np.float32)
+    if config.soft_labels == "none":
+        labels = np.zeros((num_images,), np.int32)
+    else:
+        labels = np.zeros((num_images, dataset.num_classes), np.float32)
+    return mtt.init_state(images, labels, config.lr_teacher, jax.random.PRNGKey(0), settings)
 
 
 def _load_subset(experts, experts_dir, done, members, subset_size, num_snapshots):
@@ -361,22 +557,49 @@ def _load_subset(experts, experts_dir, done, members, subset_size, num_snapshots
     return jax.tree.map(lambda a: jnp.asarray(a[:, :num_snapshots], jnp.float32), trajectories)
 
 
-def _synset(state: mtt.DistillState, dataset, config, iteration: int) -> SyntheticSet:
-    return SyntheticSet(
+def _synset(
+    state: mtt.DistillState, dataset, config, iteration: int
+) -> tuple[SyntheticSet, np.ndarray | None]:
+    """The state as a synthetic set, and DATM's label logits (``None`` for other labels).
+
+    Soft labels are (N, C) probabilities: DATM's are softmax of its learned logits (what
+    ``SoftCrossEntropy`` trains on), TESLA's the last iteration's assignment.
+    """
+    labels = np.asarray(jax.device_get(state.labels))
+    logits = None
+    meta = {
+        "method": config.method,
+        "dataset": dataset.name,
+        "ipc": config.ipc,
+        "zca": config.dataset.zca,
+        "model": config.model,
+        "iteration": iteration,
+        "seed": config.seed,
+    }
+    if config.soft_labels == "learned":
+        logits = labels.astype(np.float32)
+        labels = np.asarray(soft_labels.label_probabilities(logits), np.float32)
+        meta["labels"] = "softmax of the learned label logits (saved beside: *_label_logits.npy)"
+    elif config.soft_labels == "tesla":
+        meta["labels"] = "TESLA's soft-label assignment of the last iteration"
+    synset = SyntheticSet(
         images=np.asarray(jax.device_get(state.images)),
-        labels=np.asarray(jax.device_get(state.labels)),
+        labels=labels,
         num_classes=dataset.num_classes,
         learning_rate=float(state.inner_lr),
-        meta={
-            "method": config.method,
-            "dataset": dataset.name,
-            "ipc": config.ipc,
-            "zca": config.dataset.zca,
-            "model": config.model,
-            "iteration": iteration,
-            "seed": config.seed,
-        },
+        meta=meta,
     )
+    return synset, logits
+
+
+def _save_synset(work: Workdir, name: str, synset: SyntheticSet, logits) -> None:
+    """``<name>.npz`` and, for DATM, the label logits as ``<name>_label_logits.npy`` (atomic)."""
+    synset.save(work.file(f"{name}.npz"))
+    if logits is not None:
+        path = work.file(f"{name}_label_logits.npy")
+        tmp = path.with_name(path.name + ".tmp.npy")
+        np.save(tmp, np.asarray(logits, np.float32))
+        os.replace(tmp, path)
 
 
 def _evaluate(work: Workdir, results: dict, state, dataset, config, iteration: int, bar) -> None:
@@ -384,7 +607,7 @@ def _evaluate(work: Workdir, results: dict, state, dataset, config, iteration: i
     evals = results["evals"]
     if str(iteration) in evals:
         return
-    synset = _synset(state, dataset, config, iteration)
+    synset, logits = _synset(state, dataset, config, iteration)
     Path(work.file("grids")).mkdir(exist_ok=True)
     save_grid(work.file(f"grids/iter_{iteration:06d}.png"), synset, dataset.to_pixels)
     result = evaluate_lib.evaluate_synset(
@@ -409,9 +632,9 @@ def _evaluate(work: Workdir, results: dict, state, dataset, config, iteration: i
     best = results.get("best")
     if best is None or result.mean > best["mean"]:
         results["best"] = record
-        synset.save(work.file("synset_best.npz"))
+        _save_synset(work, "synset_best", synset, logits)
         save_grid(work.file("synset_best.png"), synset, dataset.to_pixels)
-    synset.save(work.file("synset.npz"))
+    _save_synset(work, "synset", synset, logits)
     work.save_results(results)
     work.log(event="eval", iteration=iteration, mean=result.mean, std=result.std)
     message = (
