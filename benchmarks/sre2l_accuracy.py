@@ -86,6 +86,22 @@ def main() -> None:
     args.student = student
 
     rows = []
+    device = "gpu" if env["device"].startswith("gpu") else "cpu"
+    name = f"sre2l_{args.dataset}_{device}{args.out_suffix}"
+
+    def save() -> dict:
+        report = {
+            "environment": env,
+            "settings": vars(args),
+            "teacher_test_accuracy": teacher_accuracy,
+            "rows": rows,
+            "seconds": time.time() - started,
+        }
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
+        (RESULTS / f"{name}.md").write_text(markdown(report))
+        return report
+
     for ipc in args.ipc:
         recover = load_config(
             f"configs/recover/{args.dataset}.py",
@@ -116,6 +132,7 @@ def main() -> None:
             if method == "sre2l":
                 row["recover_seconds"] = recover_seconds
             rows.append(row)
+            save()
             print(f"{method} IPC {ipc} KD: {result.summary()} %", flush=True)
         t = time.time()
         hard = evaluate_lib.evaluate_synset(
@@ -130,21 +147,9 @@ def main() -> None:
         row = {"method": "random", "ipc": ipc, "labels": "hard (MTT protocol)"}
         row.update(hard.to_json(), seconds=time.time() - t)
         rows.append(row)
+        save()
         print(f"random IPC {ipc} hard labels: {hard.summary()} %", flush=True)
-
-    report = {
-        "environment": env,
-        "settings": vars(args),
-        "teacher_test_accuracy": teacher_accuracy,
-        "rows": rows,
-        "seconds": time.time() - started,
-    }
-    device = "gpu" if env["device"].startswith("gpu") else "cpu"
-    name = f"sre2l_{args.dataset}_{device}{args.out_suffix}"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
-    (RESULTS / f"{name}.md").write_text(markdown(report))
-    print(markdown(report))
+    print(markdown(save()))
 
 
 def markdown(report: dict) -> str:
