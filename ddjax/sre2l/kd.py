@@ -1,0 +1,663 @@
+"""SRe2L's post-training: students trained on the synthetic set with the teacher's soft labels.
+
+After relabelling, SRe2L (Yin, Xing & Shen, NeurIPS 2023) trains a fresh network on the recovered
+images against the teacher's soft predictions at temperature T, with a KL loss, on the same
+augmented views the predictions were made for (``research/sre2l.md`` §5). The published scripts
+differ per dataset, and each is a named :class:`Recipe` here (:data:`RECIPES`):
+
+* ``'imagenet'`` -- ``SRe2L/validate/train_FKD.py`` + ``train_FKD.sh``: AdamW (lr 1e-3, weight
+  decay 0.01 only on parameters named ``weight`` with ndim > 1, i.e. conv and linear kernels),
+  ``LambdaLR(0.5·(1 + cos(π·epoch/300)))`` stepped per epoch, 300 epochs, batch 1024, KL at
+  T = 20 *without* the T² factor (commented out in the script), views replayed from the stored
+  FKD labels: RandomResizedCrop (0.08, 1) + flip + CutMix.
+* ``'tiny_imagenet'`` -- ``zeyuanyin/tiny-imagenet`` ``train_kd.py`` + ``train_kd.sh``: SGD
+  (lr 0.2, momentum 0.9, weight decay 1e-4 on all parameters), 100 epochs, batch 256, 5 epochs
+  of ``LinearLR(start_factor=0.01)`` warm-up then ``CosineAnnealingLR(T_max=95)``, per epoch;
+  RandomResizedCrop(64) + flip, no mix; ``KLDivLoss(log_target=True)`` at T = 20 *times T²*;
+  teacher online in eval mode.
+* ``'cifar'`` -- ``SRe2L/*small_dataset/relabel_cifar.py`` + ``.sh``: AdamW (lr 1e-3, weight
+  decay 0.01 on all parameters), ``CosineAnnealingLR(T_max=epochs)`` per epoch, 400 epochs,
+  batch 128, RandomCrop(32, padding 4) + flip, MixUp (α = 0.8) on every batch, KL at T = 30
+  without T², and the teacher *in train mode* (the script never calls ``.eval()`` on it, so its
+  BatchNorm layers normalise with each batch's statistics): ``teacher_mode='train'``, a field
+  like any other, defaults to the published behaviour.
+
+Every field can be overridden (``get_recipe('imagenet', epochs=50, batch_size=128)``).
+
+**Label sources.** With a relabel store (``ddjax.sre2l.relabel``), every epoch replays the
+stored batches: the same images, crops, flips and mixes, and the stored fp16 logits (FKD's
+``fkd_load`` mode; the batch size must equal the store's, as FKD asserts). Without one, the
+teacher labels each batch online from the same seeded batch map and the same per-batch keys as
+the store would have used (:func:`ddjax.sre2l.relabel.make_labeller`), so online KD with the
+store's seed trains on the same views and on the fp32 logits that the store holds in fp16.
+
+**K students at once.** All K students see the same batches and the same labels, and differ
+only in their initialisation; one teacher forward serves all of them. (Running the published
+scripts K times would also redraw the augmentation per run in the online case; sharing it is
+ddjax's choice, made so that the teacher's cost does not grow with K.) The students are trained
+by ``vmap`` on accelerators and one after another on CPU (``ddjax.train.resolve_pool_mode``),
+with :func:`ddjax.train.make_train_step` as the step, and scored like
+:func:`ddjax.evaluate.evaluate_synset` (the same :class:`ddjax.evaluate.EvalResult`). Test
+images are the dataset's own test split; ImageNet's Resize(256)/CenterCrop(224) is not applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from ddjax import models as models_lib
+from ddjax import sharding, train
+from ddjax.data import Dataset
+from ddjax.errors import DDJaxError, check
+from ddjax.evaluate import EvalResult
+from ddjax.sre2l import relabel
+from ddjax.synset import SyntheticSet
+
+if TYPE_CHECKING:
+    from ddjax.sre2l.recover import DataContract
+
+__all__ = [
+    "OPTIMIZERS",
+    "RECIPES",
+    "Recipe",
+    "evaluate_kd",
+    "get_recipe",
+    "kd_loss",
+    "online_batches",
+    "recipe_from_config",
+    "stored_batches",
+    "train_kd",
+]
+
+Array = jax.Array
+Batches = Callable[[int], Iterator[tuple[Array, Array]]]
+
+OPTIMIZERS = ("adamw", "sgd")
+DECAYS = ("kernels", "all")
+
+
+def kd_loss(
+    student_logits: Array, teacher_logits: Array, temperature: float, *, t_squared: bool
+) -> Array:
+    """Knowledge-distillation loss: ``KL(batchmean)(log_softmax(s/T), softmax(t/T))``.
+
+    PyTorch's ``nn.KLDivLoss(reduction='batchmean')(log_softmax(s/T), softmax(t/T))`` =
+    ``Σ_i Σ_c p_t·(log p_t − log p_s) / B`` (FKD's ``train_FKD.py``, ``relabel_cifar.py``);
+    Tiny-ImageNet's ``train_kd.py`` computes the same KL from log-targets and multiplies it by
+    T² (Hinton et al. 2015), selected by ``t_squared``. Teacher logits may be fp16 (stored
+    labels); they are converted to float32 first, as FKD does.
+
+    Args:
+      student_logits: ``(B, C)``.
+      teacher_logits: ``(B, C)`` raw logits.
+      temperature: T.
+      t_squared: multiply by T².
+
+    Returns:
+      The scalar loss.
+    """
+    teacher_logits = jnp.asarray(teacher_logits, jnp.float32)
+    log_p_student = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+    log_p_teacher = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    p_teacher = jnp.exp(log_p_teacher)
+    loss = jnp.sum(p_teacher * (log_p_teacher - log_p_student)) / student_logits.shape[0]
+    return loss * temperature**2 if t_squared else loss
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One published way of training a student on SRe2L data (see the module docstring).
+
+    Attributes:
+      name: the preset it came from.
+      epochs: training epochs (at most the store's epochs when labels are stored).
+      batch_size: images per step (must equal a store's batch size).
+      optimizer: ``'adamw'`` (PyTorch ``AdamW``, betas (0.9, 0.999), eps 1e-8) or ``'sgd'``
+        (PyTorch ``SGD``, weight decay added to the gradient before momentum).
+      lr: base learning rate.
+      weight_decay: AdamW's decoupled decay or SGD's L2 coefficient.
+      decay: which parameters are decayed: ``'kernels'`` (ndim > 1, FKD's ``get_parameters``)
+        or ``'all'``.
+      momentum: SGD momentum (unused by AdamW).
+      warmup_epochs: epochs of ``LinearLR`` warm-up before the cosine (0: none).
+      warmup_start: ``LinearLR``'s ``start_factor`` (torchvision's ``--lr-warmup-decay``).
+      temperature: KD temperature T.
+      t_squared: multiply the KL by T² (Tiny-ImageNet's script).
+      crop, min_scale, max_scale, padding, flip, mix, cutmix_alpha, mixup_alpha: the views,
+        see :class:`ddjax.sre2l.relabel.AugmentSpec`.
+      teacher_mode: ``'eval'`` or ``'train'`` (CIFAR's quirk; online labels only -- a store
+        records the mode its logits were made in, and must match).
+    """
+
+    name: str
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    decay: str
+    momentum: float = 0.9
+    warmup_epochs: int = 0
+    warmup_start: float = 0.01
+    temperature: float = 20.0
+    t_squared: bool = False
+    crop: str = "rrc"
+    min_scale: float = 0.08
+    max_scale: float = 1.0
+    padding: int = 4
+    flip: bool = True
+    mix: str = "cutmix"
+    cutmix_alpha: float = 1.0
+    mixup_alpha: float = 0.8
+    teacher_mode: str = "eval"
+
+    def __post_init__(self) -> None:
+        for field in ("epochs", "batch_size"):
+            value = getattr(self, field)
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"recipe {field}={value!r} must be a positive integer",
+            )
+        check(
+            self.optimizer in OPTIMIZERS,
+            f"recipe optimizer={self.optimizer!r} is not known; valid: {list(OPTIMIZERS)}",
+        )
+        check(
+            self.decay in DECAYS, f"recipe decay={self.decay!r} is not known; valid: {list(DECAYS)}"
+        )
+        for field, low in (("lr", 0.0), ("temperature", 0.0)):
+            value = getattr(self, field)
+            check(_number(value) and value > low, f"recipe {field}={value!r} must be > {low}")
+        for field in ("weight_decay", "momentum"):
+            value = getattr(self, field)
+            check(_number(value) and value >= 0, f"recipe {field}={value!r} must be >= 0")
+        check(
+            isinstance(self.warmup_epochs, int) and 0 <= self.warmup_epochs < self.epochs,
+            f"recipe warmup_epochs={self.warmup_epochs!r} must be an integer in "
+            f"[0, epochs={self.epochs})",
+        )
+        check(
+            _number(self.warmup_start) and 0 < self.warmup_start <= 1,
+            f"recipe warmup_start={self.warmup_start!r} must be in (0, 1]",
+        )
+        check(
+            isinstance(self.t_squared, bool), f"recipe t_squared={self.t_squared!r} must be a bool"
+        )
+        check(
+            self.teacher_mode in relabel.TEACHER_MODES,
+            f"recipe teacher_mode={self.teacher_mode!r} is not known; valid: "
+            f"{list(relabel.TEACHER_MODES)}",
+        )
+        self.augment_spec()  # validates the augmentation fields
+
+    def augment_spec(self, dataset: Dataset | DataContract | None = None) -> relabel.AugmentSpec:
+        """The views as an :class:`ddjax.sre2l.relabel.AugmentSpec` (fill from ``dataset``)."""
+        return relabel.AugmentSpec(
+            crop=self.crop,
+            min_scale=self.min_scale,
+            max_scale=self.max_scale,
+            padding=self.padding,
+            flip=self.flip,
+            mix=self.mix,
+            cutmix_alpha=self.cutmix_alpha,
+            mixup_alpha=self.mixup_alpha,
+            fill=relabel.padding_fill(dataset) if dataset is not None else (),
+        )
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of ``epoch`` (0-based), schedules stepped once per epoch.
+
+        ``lr·(s + (1 − s)·epoch/W)`` for the ``W`` warm-up epochs (``LinearLR``), then
+        ``lr·½(1 + cos(π·(epoch − W)/(epochs − W)))`` (``CosineAnnealingLR`` with
+        ``eta_min=0``; with ``W = 0`` also FKD's ``LambdaLR``).
+        """
+        warmup = self.warmup_epochs
+        if epoch < warmup:
+            return self.lr * (self.warmup_start + (1.0 - self.warmup_start) * epoch / warmup)
+        progress = (epoch - warmup) / (self.epochs - warmup)
+        return self.lr * 0.5 * (1.0 + float(np.cos(np.pi * progress)))
+
+    def make_optimizer(self) -> optax.GradientTransformation:
+        """The optax optimiser, learning rate injected (``opt_state.hyperparams``).
+
+        PyTorch's ``AdamW`` is optax's ``adamw`` (``p -= lr·(m̂/(√v̂ + eps) + wd·p)``); PyTorch's
+        ``SGD`` is weight decay added to the gradient, then ``trace`` momentum.
+        """
+        mask = _kernels if self.decay == "kernels" else None
+        if self.optimizer == "adamw":
+            factory = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
+            return factory(
+                learning_rate=self.lr,
+                b1=0.9,
+                b2=0.999,
+                eps=1e-8,
+                weight_decay=self.weight_decay,
+                mask=mask,
+            )
+        factory = optax.inject_hyperparams(_sgd, static_args=("momentum", "weight_decay", "mask"))
+        return factory(
+            learning_rate=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            mask=mask,
+        )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float | np.floating | np.integer) and not isinstance(value, bool)
+
+
+def _kernels(params: Any) -> Any:
+    """FKD's decay mask: only tensors with more than one dimension (conv and linear kernels)."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def _sgd(learning_rate, momentum: float, weight_decay: float, mask):
+    parts = []
+    if weight_decay:
+        parts.append(optax.add_decayed_weights(weight_decay, mask))
+    parts.append(optax.sgd(learning_rate, momentum=momentum or None))
+    return optax.chain(*parts)
+
+
+RECIPES: dict[str, Recipe] = {
+    "imagenet": Recipe(
+        name="imagenet",
+        epochs=300,
+        batch_size=1024,
+        optimizer="adamw",
+        lr=1e-3,
+        weight_decay=0.01,
+        decay="kernels",
+        temperature=20.0,
+        t_squared=False,
+        crop="rrc",
+        flip=True,
+        mix="cutmix",
+        teacher_mode="eval",
+    ),
+    "tiny_imagenet": Recipe(
+        name="tiny_imagenet",
+        epochs=100,
+        batch_size=256,
+        optimizer="sgd",
+        lr=0.2,
+        weight_decay=1e-4,
+        decay="all",
+        momentum=0.9,
+        warmup_epochs=5,
+        warmup_start=0.01,
+        temperature=20.0,
+        t_squared=True,
+        crop="rrc",
+        flip=True,
+        mix="none",
+        teacher_mode="eval",
+    ),
+    "cifar": Recipe(
+        name="cifar",
+        epochs=400,
+        batch_size=128,
+        optimizer="adamw",
+        lr=1e-3,
+        weight_decay=0.01,
+        decay="all",
+        temperature=30.0,
+        t_squared=False,
+        crop="random_crop",
+        padding=4,
+        flip=True,
+        mix="mixup",
+        mixup_alpha=0.8,
+        teacher_mode="train",
+    ),
+}
+
+
+def get_recipe(recipe: str | Recipe, **overrides: Any) -> Recipe:
+    """A preset of :data:`RECIPES` (or a given :class:`Recipe`) with fields replaced.
+
+    ``None`` values mean "keep the recipe's" (an unset config field). Unknown fields and invalid
+    values are refused with a message naming them.
+    """
+    if isinstance(recipe, str):
+        check(recipe in RECIPES, f"recipe={recipe!r} is not known; valid: {sorted(RECIPES)}")
+        recipe = RECIPES[recipe]
+    check(isinstance(recipe, Recipe), f"recipe must be a name or a Recipe, got {recipe!r}")
+    fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
+    unknown = sorted(set(overrides) - fields)
+    check(not unknown, f"unknown recipe settings {unknown}; valid: {sorted(fields)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(recipe, **overrides)
+
+
+def recipe_from_config(section: Mapping[str, Any]) -> Recipe:
+    """The :class:`Recipe` of a config's ``recipe`` section (``name`` + every field)."""
+    values = dict(section.items() if hasattr(section, "items") else section)
+    check("name" in values, "config.recipe has no name; e.g. 'imagenet'")
+    name = values.pop("name")
+    return get_recipe(name, **values)
+
+
+# --------------------------------------------------------------------------------------------
+# Label sources: (views, teacher logits) for every batch of an epoch
+# --------------------------------------------------------------------------------------------
+
+
+def stored_batches(store: relabel.LabelStore, images: Any) -> Batches:
+    """Batches replayed from a relabel store (FKD's ``fkd_load``).
+
+    Args:
+      store: an opened store.
+      images: the synthetic set's images (the ones the store was made from).
+
+    Returns:
+      ``batches(epoch)`` yielding ``(views, logits)``: the stored augmentation re-applied
+      (:func:`ddjax.sre2l.relabel.augmented_batch`) and the stored fp16 logits as float32.
+    """
+    augment = relabel.augmenter(store.spec)
+    images = jnp.asarray(images, jnp.float32)
+
+    def batches(epoch: int) -> Iterator[tuple[Array, Array]]:
+        for batch in relabel.replay(store, epoch):
+            views = augment(images, jnp.asarray(batch.indices), batch.augment)
+            yield views, jnp.asarray(batch.logits, jnp.float32)
+
+    return batches
+
+
+def online_batches(
+    teacher: Any,
+    images: Any,
+    spec: relabel.AugmentSpec,
+    *,
+    teacher_mode: str,
+    batch_size: int,
+    seed: int,
+) -> Batches:
+    """Batches labelled by the teacher as they are drawn (online KD; nothing stored).
+
+    The batch map and the per-batch keys are those of a store with the same ``seed``
+    (:func:`ddjax.sre2l.relabel.batch_map`, :func:`~ddjax.sre2l.relabel.batch_key`), and the
+    labelling function is the one :func:`ddjax.sre2l.relabel.write_store` uses.
+
+    Args:
+      teacher: a ``ddjax.sre2l.teacher.Teacher``.
+      images: the synthetic images.
+      spec: the views.
+      teacher_mode: ``'eval'`` or ``'train'``.
+      batch_size: images per batch.
+      seed: the augmentation seed.
+
+    Returns:
+      ``batches(epoch)`` yielding ``(views, fp32 logits)``.
+    """
+    label = relabel.make_labeller(teacher.model, spec, teacher_mode)
+    variables = jax.tree.map(jnp.asarray, dict(teacher.variables))
+    images = jnp.asarray(images, jnp.float32)
+
+    def batches(epoch: int) -> Iterator[tuple[Array, Array]]:
+        yield from relabel.iterate_online(label, variables, images, batch_size, seed, epoch)
+
+    return batches
+
+
+# --------------------------------------------------------------------------------------------
+# Training K students
+# --------------------------------------------------------------------------------------------
+
+
+def train_kd(
+    model: nn.Module,
+    recipe: Recipe,
+    batches: Batches,
+    *,
+    image_shape: tuple[int, int, int],
+    num_models: int = 1,
+    seed: int = 0,
+    pool_mode: str = "auto",
+    progress: str | None = None,
+) -> tuple[train.TrainState, np.ndarray]:
+    """Trains ``num_models`` students with the KD loss on the views and logits of ``batches``.
+
+    Per epoch: the learning rate :meth:`Recipe.lr_at`, then one step per batch of
+    ``batches(epoch)`` with :func:`ddjax.train.make_train_step` and :func:`kd_loss` (students
+    in train mode; their BatchNorm statistics are updated as in PyTorch). ``'vmap'`` trains
+    the pool as one program, its model axis sharded over the devices' ``pool`` mesh axis;
+    ``'loop'`` trains the students one after another on the default device. The step is
+    compiled once per batch shape (the learning rate is injected, not baked in).
+
+    Args:
+      model: the student architecture.
+      recipe: optimiser, schedule, temperature.
+      batches: :func:`stored_batches` or :func:`online_batches`.
+      image_shape: ``(H, W, C)``.
+      num_models: K students; student ``i`` is initialised (PyTorch's default init, as every
+        ddjax model) from ``split(split(key(seed, impl='rbg'))[0], K)[i]``. ddjax's evaluation
+        uses threefry keys; the ``rbg`` ones give the same distribution and compile the
+        initialisation several times faster on XLA:CPU (``ddjax.models.init_variables``).
+      seed: the students' seed.
+      pool_mode: ``'vmap'``, ``'loop'`` or ``'auto'`` (:func:`ddjax.train.resolve_pool_mode`).
+      progress: description for a progress bar over epochs (``None``: none).
+
+    Returns:
+      The pool-stacked trained :class:`ddjax.train.TrainState` and the mean loss per epoch
+      ``(epochs, K)``.
+    """
+    check(num_models >= 1, f"num_models={num_models} must be at least 1")
+    tx, one_step, pool_step = _steps(model, recipe)
+    unused_key = jax.random.key(0)  # the step augments nothing; the views come augmented
+    init_key, _ = jax.random.split(jax.random.key(seed, impl="rbg"))
+    vmapped = train.resolve_pool_mode(pool_mode) == "vmap"
+    if vmapped:
+        mesh = sharding.pool_mesh(num_models)
+        state = train.init_pool(model, tx, init_key, image_shape, num_models, mesh)
+    else:
+        pool = train.init_pool(model, tx, init_key, image_shape, num_models)
+        states = [jax.tree.map(lambda x, i=i: x[i], pool) for i in range(num_models)]
+
+    history = []
+    bar = tqdm(range(recipe.epochs), desc=progress, disable=True if progress is None else None)
+    for epoch in bar:
+        lr = recipe.lr_at(epoch)
+        if vmapped:
+            state = state._replace(opt_state=train.set_learning_rate(state.opt_state, lr))
+        else:
+            states = [
+                s._replace(opt_state=train.set_learning_rate(s.opt_state, lr)) for s in states
+            ]
+        totals, count = jnp.zeros((num_models,)), 0
+        for views, logits in batches(epoch):
+            size = views.shape[0]
+            if vmapped:
+                views, logits = sharding.replicate((views, logits), mesh)
+                state, loss = pool_step(state, views, logits, unused_key)
+            else:
+                losses = []
+                for i in range(num_models):
+                    states[i], one_loss = one_step(states[i], views, logits, unused_key)
+                    losses.append(one_loss)
+                loss = jnp.stack(losses)
+            totals = totals + loss * size
+            count += size
+        history.append(totals / count)
+        if progress is not None and (epoch % 10 == 0 or epoch == recipe.epochs - 1):
+            bar.set_postfix(loss=f"{float(jnp.mean(history[-1])):.4f}", lr=f"{lr:.2e}")
+    if not vmapped:
+        state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    history = np.asarray(jax.device_get(history), np.float32).reshape(recipe.epochs, num_models)
+    return state, history
+
+
+@functools.lru_cache(maxsize=16)
+def _steps(model: nn.Module, recipe: Recipe):
+    """``(tx, one_step, pool_step)`` of a student and recipe, jitted once per process.
+
+    ``one_step`` trains one student, ``pool_step`` a stacked pool by ``vmap`` over the state
+    (the views and logits are shared); both donate the state. Only the optimiser and the loss
+    depend on the recipe, but the recipe is the natural (hashable) cache key.
+    """
+    tx = recipe.make_optimizer()
+    loss_fn = functools.partial(kd_loss, temperature=recipe.temperature, t_squared=recipe.t_squared)
+    step = train.make_train_step(model, tx, None, loss_fn)
+    one_step = jax.jit(step, donate_argnums=0)
+    pool_step = jax.jit(jax.vmap(step, in_axes=(0, None, None, None)), donate_argnums=0)
+    return tx, one_step, pool_step
+
+
+def evaluate_kd(
+    synset: SyntheticSet,
+    dataset: Dataset,
+    teacher: Any | None,
+    *,
+    recipe: str | Recipe,
+    store: relabel.LabelStore | str | Path | None = None,
+    model: str = "ResNet18BN",
+    model_overrides: dict | None = None,
+    num_models: int = 5,
+    seed: int = 0,
+    augment_seed: int | None = None,
+    pool_mode: str = "auto",
+    progress: bool = False,
+    **overrides: Any,
+) -> EvalResult:
+    """SRe2L's evaluation: K students trained by KD on ``synset``, tested on ``dataset``.
+
+    Args:
+      synset: the recovered synthetic set (its hard labels are not used: the loss is KD only,
+        as in every published SRe2L script).
+      dataset: the real dataset (its test split scores the students).
+      teacher: a ``ddjax.sre2l.teacher.Teacher``; needed for online labels; with a store it is
+        only compared with the one the store was made with (``None`` skips that check).
+      recipe: a name of :data:`RECIPES` or a :class:`Recipe`.
+      store: a relabel store (or its directory) for stored labels; ``None`` for online KD.
+      model: student architecture (``ddjax.models.get_model``).
+      model_overrides: student fields, e.g. ``{'width': 16}``.
+      num_models: K.
+      seed: students' initialisation seed (see :func:`train_kd`).
+      augment_seed: the batch-map/augmentation seed of online labels (default: ``seed``); the
+        store's seed with a store. Online KD with a store's seed draws the store's batches.
+      pool_mode: ``'vmap'``, ``'loop'`` or ``'auto'``.
+      progress: progress bar over epochs.
+      **overrides: recipe fields, e.g. ``epochs=100``, ``batch_size=256``, ``temperature=4``.
+
+    Returns:
+      A :class:`ddjax.evaluate.EvalResult` (``lr_source='fixed'``: the recipe's base rate).
+
+    Raises:
+      DDJaxError: mismatched shapes or classes, a store made for another synthetic set, teacher
+        or dataset, a batch size or augmentation that differs from the store's, or epochs the
+        store does not hold.
+    """
+    recipe = get_recipe(recipe, **overrides)
+    check(num_models >= 1, f"num_models={num_models} must be at least 1")
+    check(
+        synset.images.shape[1:] == dataset.image_shape,
+        f"synthetic images have shape {synset.images.shape[1:]} but dataset "
+        f"{dataset.name!r} has {dataset.image_shape}",
+    )
+    check(
+        synset.num_classes == dataset.num_classes,
+        f"synthetic set has {synset.num_classes} classes, dataset {dataset.name!r} has "
+        f"{dataset.num_classes}",
+    )
+    spec = recipe.augment_spec(dataset)
+    if store is not None:
+        if not isinstance(store, relabel.LabelStore):
+            store = relabel.open_store(store)
+        relabel.check_store(store, synset=synset, teacher=teacher, dataset=dataset)
+        _check_recipe_fits_store(recipe, spec, store)
+        batches = stored_batches(store, synset.images)
+    else:
+        check(teacher is not None, "online KD needs a teacher (or pass store= for stored labels)")
+        relabel.check_teacher_fits(teacher, dataset)
+        batches = online_batches(
+            teacher,
+            synset.images,
+            spec,
+            teacher_mode=recipe.teacher_mode,
+            batch_size=recipe.batch_size,
+            seed=seed if augment_seed is None else augment_seed,
+        )
+    net = models_lib.get_model(
+        model, dataset.num_classes, dataset.image_shape, **(model_overrides or {})
+    )
+    state, history = train_kd(
+        net,
+        recipe,
+        batches,
+        image_shape=dataset.image_shape,
+        num_models=num_models,
+        seed=seed,
+        pool_mode=pool_mode,
+        progress=f"kd {model}" if progress else None,
+    )
+    accuracy, per_class = train.pool_accuracy(
+        net, state, dataset.x_test, dataset.y_test, dataset.num_classes, pool_mode=pool_mode
+    )
+    return EvalResult(
+        model=model,
+        accuracies=accuracy,
+        per_class=per_class,
+        learning_rate=float(recipe.lr),
+        lr_source="fixed",
+        final_train_loss=history[-1],
+    )
+
+
+def _check_recipe_fits_store(
+    recipe: Recipe, spec: relabel.AugmentSpec, store: relabel.LabelStore
+) -> None:
+    """Stored labels are replayed as they are: batch size, views and epochs must agree."""
+    check(
+        recipe.batch_size == store.batch_size,
+        f"batch_size={recipe.batch_size} differs from the relabel store's batch size "
+        f"{store.batch_size} ({store.path}); stored labels are replayed batch by batch, so train "
+        f"with batch_size={store.batch_size}",
+    )
+    stored = store.spec
+    fields = (
+        "crop",
+        "min_scale",
+        "max_scale",
+        "padding",
+        "flip",
+        "mix",
+        "cutmix_alpha",
+        "mixup_alpha",
+    )
+    for field in fields:
+        mine, theirs = getattr(spec, field), getattr(stored, field)
+        check(
+            mine == theirs,
+            f"recipe {recipe.name!r} has {field}={mine!r} but the relabel store {store.path} was "
+            f"made with {field}={theirs!r}; pass {field}={theirs!r} (stored views are replayed)",
+        )
+    check(
+        recipe.teacher_mode == store.teacher_mode,
+        f"recipe {recipe.name!r} has teacher_mode={recipe.teacher_mode!r} but the relabel store "
+        f"{store.path} holds logits of the teacher in {store.teacher_mode!r} mode",
+    )
+    missing = [e for e in range(recipe.epochs) if e not in set(store.completed_epochs)]
+    if missing:
+        raise DDJaxError(
+            f"epochs={recipe.epochs} needs labels for epochs 0-{recipe.epochs - 1}, but the "
+            f"relabel store {store.describe()} lacks {len(missing)} of them (first: epoch "
+            f"{missing[0]}); re-run relabel or train fewer epochs"
+        )
