@@ -92,9 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     select = sub.add_parser(
         "select",
-        help="coreset baselines (random, herding, k-center) -> synthetic set",
+        help="coresets (random, herding, k-center, forgetting, sliding window) -> synthetic set",
         description="Selects IPC real images per class (config.method: random | herding | "
-        "kcenter), saves WORKDIR/synset.npz and synset.png, and (config.evaluate) evaluates it.",
+        "kcenter | forgetting (hardest or easiest per class by difficulty scores) | window "
+        "(SelMatch's sliding window; config.betas searches β)), saves WORKDIR/synset.npz and "
+        "synset.png, and (config.evaluate) evaluates it. Difficulty scores: config.scores = "
+        "forgetting (the counts of config.experts_dir) or a .npy/.npz file (C-scores: "
+        "config.scores_higher=easier).",
     )
     _add_common(select, "configs/select/digits.py")
 
@@ -135,8 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
         "config.eval_every iterations the set is evaluated with config.eval (MTT protocol, "
         "learned lr) and the best is kept. Writes WORKDIR/synset.npz, synset_best.npz, PNG "
         "grids, curves.png, results.json; checkpoints every config.checkpoint_every "
-        "iterations, and a re-run resumes. Configs with the published hyper-parameters: "
-        "configs/distill/<dataset>_ipc<k>.py.",
+        "iterations, and a re-run resumes. config.method = mtt | datm (learned soft labels, "
+        "difficulty-aligned start epochs, loss threshold) | selmatch (sliding-window "
+        "selection, only the easier part of each class learned); config.soft_labels=tesla is "
+        "TESLA's label assignment. Configs with the published hyper-parameters: "
+        "configs/distill/<dataset>_ipc<k>.py, datm_*.py, selmatch_*.py.",
     )
     _add_common(distill, "configs/distill/digits_ipc10.py")
 

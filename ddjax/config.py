@@ -189,6 +189,18 @@ def evaluate_config(dataset: str) -> ml_collections.ConfigDict:
     config.dataset = dataset_section(dataset)
     config.synset = ""  # path to a synthetic set (.npz written by select/distill)
     config.eval = eval_section()
+    # SRe2L-style evaluation: with a teacher, students learn its soft labels by KD
+    # (ddjax.sre2l.kd) instead of the set's labels under config.eval.protocol.
+    config.kd = ml_collections.ConfigDict(
+        {
+            "teacher": "",  # a teacher directory (ddjax squeeze); empty: no KD
+            "store": "",  # a `ddjax relabel` label store (WORKDIR/labels); empty: online teacher
+            "recipe": "imagenet",  # a ddjax.sre2l.kd recipe: imagenet | tiny_imagenet | cifar
+            "epochs": ml_collections.config_dict.placeholder(int),  # unset: the recipe's
+            "batch_size": ml_collections.config_dict.placeholder(int),  # unset: the recipe's
+            "seed": 42,  # online labels: batch-map and augmentation seed (FKD's)
+        }
+    )
     return config
 
 

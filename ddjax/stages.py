@@ -88,33 +88,43 @@ def evaluate_into(
 
 
 def run_select(config: ml_collections.ConfigDict, workdir: str) -> SyntheticSet:
-    """``ddjax select``: a coreset saved as ``synset.npz`` + ``synset.png`` (then evaluated)."""
+    """``ddjax select``: a coreset saved as ``synset.npz`` + ``synset.png`` (then evaluated).
+
+    Methods: random, herding, k-center, and the difficulty coresets (``forgetting``:
+    hardest/easiest per class; ``window``: SelMatch's sliding window, β fixed or searched),
+    see :func:`ddjax.select.select_from_config`.
+    """
     check(
-        config.method in select_lib.METHODS,
+        config.method in select_lib.ALL_METHODS,
         f"config.method={config.method!r} is not a selection method; "
-        f"valid: {list(select_lib.METHODS)}",
+        f"valid: {list(select_lib.ALL_METHODS)}",
     )
     dataset = load_data(config)
     data_lib.check_ipc(dataset, config.ipc)
-    if config.evaluate:
+    if config.evaluate or tuple(config.get("betas", ())):
         check_eval(config.eval, dataset)
+    if config.method in select_lib.DIFFICULTY_METHODS:
+        # Read the scores now: a missing or mismatched scores file is refused before the
+        # work directory is created.
+        from ddjax import difficulty
+
+        check("scores" in config, "config lacks the difficulty fields (select.difficulty_fields)")
+        difficulty.scores_from_source(
+            config.scores,
+            higher=config.scores_higher,
+            train_labels=dataset.y_train,
+            experts_dir=config.experts_dir,
+        )
     work = Workdir(workdir, config, "select")
     synset_file = work.file("synset.npz")
     if synset_file.exists():
         synset = load_synset(synset_file)
     else:
-        synset = select_lib.select(
-            dataset,
-            config.method,
-            config.ipc,
-            seed=config.seed,
-            features=config.features,
-            feature_epochs=config.feature_epochs,
-            feature_model=config.feature_model,
-            progress=True,
-        )
+        synset = select_lib.select_from_config(dataset, config, progress=True)
         synset.save(synset_file)
         work.log(event="selected", method=config.method, ipc=config.ipc)
+        if "window_search" in synset.meta:
+            work.log(event="window_search", accuracy_by_beta=synset.meta["window_search"])
     save_grid(work.file("synset.png"), synset, dataset.to_pixels)
     print(f"{config.method} IPC {config.ipc}: {synset_file} ({len(synset.labels)} images)")
     if config.evaluate:
@@ -123,13 +133,49 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> SyntheticSet:
 
 
 def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """``ddjax evaluate``: ``config.synset`` evaluated on ``config.eval.models``."""
+    """``ddjax evaluate``: ``config.synset`` evaluated on ``config.eval.models``.
+
+    With ``config.kd.teacher`` the students learn the teacher's soft labels by KD (SRe2L's
+    evaluation, :func:`ddjax.sre2l.kd.evaluate_kd`: stored labels from ``config.kd.store`` or
+    the teacher online) instead of training on the set's labels with ``config.eval.protocol``.
+    """
     check(bool(config.synset), "config.synset is empty; pass --config.synset=PATH/TO/synset.npz")
     dataset = load_data(config)
     synset = load_synset(config.synset)
+    kd_config = config.get("kd")
+    if kd_config is not None and kd_config.teacher:
+        return _evaluate_kd(config, workdir, synset, dataset)
     check_eval(config.eval, dataset)
     work = Workdir(workdir, config, "evaluate")
     return evaluate_into(work, synset, dataset, config.eval)
+
+
+def _evaluate_kd(config, workdir: str, synset: SyntheticSet, dataset) -> dict:
+    """``ddjax evaluate`` with ``config.kd.teacher``: K students per model trained by KD."""
+    from ddjax.sre2l import kd, relabel
+    from ddjax.sre2l import teacher as teacher_lib
+
+    teacher = teacher_lib.load_teacher(config.kd.teacher)
+    teacher_lib.check_teacher(teacher, dataset)
+    overrides = {k: config.kd[k] for k in ("epochs", "batch_size") if config.kd[k] is not None}
+    recipe = kd.get_recipe(config.kd.recipe, **overrides)
+    store = relabel.open_store(config.kd.store) if config.kd.store else None
+    check(config.eval.num_models >= 1, f"config.eval.num_models={config.eval.num_models} < 1")
+    for name in config.eval.models:
+        models_lib.get_model(name, dataset.num_classes, dataset.image_shape)
+    work = Workdir(workdir, config, "evaluate")
+    return kd.evaluate_into(
+        work,
+        synset,
+        dataset,
+        teacher,
+        recipe=recipe,
+        store=store,
+        models=config.eval.models,
+        num_models=config.eval.num_models,
+        seed=config.eval.seed,
+        augment_seed=config.kd.seed,
+    )
 
 
 QUICKSTART_MODEL = {"width": 64}  # ConvNet-3 at width 64: 8x8 digits need no more

@@ -142,3 +142,34 @@ def test_help_lists_the_stages():
     stages = ["quickstart", "select", "evaluate", "experts", "distill", "squeeze", "recover"]
     for stage in [*stages, "relabel"]:
         assert stage in out
+
+
+def test_select_window_from_a_scores_file_and_refusals(tmp_path, capsys):
+    from ddjax import data
+
+    labels = data.load_dataset("digits").y_train
+    scores = np.arange(labels.shape[0], dtype=np.float32)  # higher index = harder
+    np.save(tmp_path / "scores.npy", scores)
+    base = ["select", "--config", "configs/select/digits.py", "--config.ipc=2"]
+    base += ["--config.evaluate=False"]
+    work = tmp_path / "win"
+    argv = [*base, "--config.method=window", f"--config.scores={tmp_path / 'scores.npy'}"]
+    code, out, err = run([*argv, "--config.beta=0.5", "--workdir", str(work)], capsys)
+    assert code == 0, err
+    synset = load_synset(work / "synset.npz")
+    # Per class, hardest first = largest index first; the window starts at floor(2 * 0.5) = 1.
+    for c in range(10):
+        ranked = np.flatnonzero(labels == c)[::-1]
+        picked = synset.images[synset.labels == c]
+        expected = data.load_dataset("digits").x_train[ranked[1:3]]
+        np.testing.assert_array_equal(np.sort(picked.ravel()), np.sort(expected.ravel()))
+
+    # Forgetting scores without an experts directory: one line, exit 2, nothing written.
+    bad = tmp_path / "bad"
+    code, _, err = run([*base, "--config.method=forgetting", "--workdir", str(bad)], capsys)
+    assert code == 2 and "experts_dir" in err and len(err.strip().splitlines()) == 1
+    assert not bad.exists()
+    np.save(tmp_path / "short.npy", scores[:10])
+    argv = [*base, "--config.method=window", f"--config.scores={tmp_path / 'short.npy'}"]
+    code, _, err = run([*argv, "--workdir", str(bad)], capsys)
+    assert code == 2 and "short.npy" in err and not bad.exists()

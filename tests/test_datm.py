@@ -566,7 +566,7 @@ def test_datm_state_round_trips_through_a_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"method": "selmatch"}, "not implemented"),
+        ({"method": "selmatch"}, "start from selmatch_config"),
         ({"method": "tesla"}, "soft_labels='tesla' for its labels"),
         ({"soft_labels": "none"}, "soft_labels='none' with method='datm'"),
         ({"init": "noise"}, "init='noise' with method='datm'"),

@@ -306,7 +306,7 @@ def _initial_images(config):
         ({"model": "ConvNetW4"}, "model"),
         ({"dataset.zca": True}, "ZCA|zca"),
         ({"max_start_epoch": 3}, "epochs"),
-        ({"method": "selmatch"}, "not implemented"),
+        ({"method": "selmatch"}, "start from selmatch_config"),
         ({"experts_dir": ""}, "experts_dir"),
     ],
 )

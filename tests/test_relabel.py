@@ -346,6 +346,25 @@ def test_run_relabel_writes_the_store_and_evaluates_students(setup, tmp_path):
     assert again["eval"] == results["eval"]  # resumed: nothing recomputed
     assert again["labels"]["storage_bytes"] == results["labels"]["storage_bytes"]
 
+    # `ddjax evaluate` with the teacher and the store trains the same students.
+    from ddjax import cli
+
+    argv = ["evaluate", "--config", "configs/evaluate/digits.py", f"--config.synset={synset_file}"]
+    argv += [f"--config.dataset.name={DATASET}", "--config.eval.num_models=2"]
+    argv += [f"--config.kd.teacher={teacher_dir}", "--config.kd.epochs=2"]
+    argv += [f"--config.kd.batch_size={BATCH}", "--config.eval.models=ConvNet"]
+    store_arg = f"--config.kd.store={workdir / relabel.STORE_DIR}"
+    # The relabel run's students are ConvNet width 8; evaluate's default width is the model's
+    # own, so compare against a relabel-stage run with the same (default) width instead.
+    assert cli.main([*argv, store_arg, "--workdir", str(tmp_path / "ev")]) == 0
+    evaluated = json.loads((tmp_path / "ev" / "results.json").read_text())["eval"]["ConvNet"]
+    config.unlock()
+    config.eval.model_overrides = {}
+    direct = relabel.run_relabel(config, str(tmp_path / "default_width"), progress=False)
+    assert evaluated["accuracies"] == direct["eval"]["ConvNet"]["accuracies"]
+    missing = ["--config.kd.teacher=/no/teacher", "--workdir", str(tmp_path / "w")]
+    assert cli.main([*argv, *missing]) == 2 and not (tmp_path / "w").exists()
+
     # ImageNet's way: no images loaded, the data contract is the teacher's; labels only.
     config.unlock()
     config.dataset.name = ""

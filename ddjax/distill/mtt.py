@@ -27,6 +27,11 @@ The variants built on this step are options of :class:`StepConfig` (brief §2-3)
   iteration the labels are the softmax of the target expert θ*_{t+M}'s logits on the
   un-augmented images (:func:`ddjax.distill.soft_labels.expert_soft_labels`), not learned; the
   state keeps the latest ones for evaluation. TESLA's *gradient* is ``mode='tesla'``.
+* **SelMatch's partial update** (Lee & Chung 2024; :mod:`ddjax.distill.selmatch`;
+  ``num_frozen``): the last ``num_frozen`` images (the selected real ones) take part in the
+  inner loop, hence in the loss, but are not learned. They are kept out of the optimised
+  pytree, as SelMatch's ``SGD([image_syn_c])``: the image optimiser's state covers only the
+  leading learnable images, so the frozen images are bit-identical after any number of steps.
 
 ddjax differs from the reference in two documented, optional ways:
 
@@ -75,13 +80,14 @@ class DistillState(NamedTuple):
 
     Attributes:
       images: the synthetic images ``[C·IPC, H, W, C]`` in the dataset's (normalised or ZCA)
-        space.
+        space; with ``num_frozen`` the learnable ones first, the frozen ones last.
       labels: int labels ``[C·IPC]`` (fixed in MTT), float logits ``[C·IPC, classes]``
         (``soft_labels='learned'``: DATM's learnable soft labels) or float probabilities
         ``[C·IPC, classes]`` (``soft_labels='tesla'``: the latest TESLA assignment; one-hot
         before the first iteration).
       inner_lr: the learnable student step size α (float32 scalar).
-      image_opt_state: the images' SGD-momentum state.
+      image_opt_state: the SGD-momentum state of the learnable images (all but the last
+        ``num_frozen``).
       lr_opt_state: α's SGD-momentum state.
       step: the number of iterations done (int32 scalar); DATM's ``it`` of the next one.
       key: PRNG key data (uint32 ``[2]``) for the next iteration.
@@ -129,6 +135,8 @@ class StepConfig:
       momentum_y: their SGD momentum (DATM: 0.9) [``Momentum_y``].
       threshold: skip the update when the loss exceeds it (DATM's ``threshold``); ``None``:
         never (MTT).
+      num_frozen: SelMatch's partial update: the last ``num_frozen`` images are in every
+        inner minibatch draw and in the loss but never updated (0: all are learned, MTT).
     """
 
     syn_steps: int = 20
@@ -151,6 +159,7 @@ class StepConfig:
     lr_y: float | None = None
     momentum_y: float = 0.9
     threshold: float | None = None
+    num_frozen: int = 0
 
     def validate(self, num_images: int, num_snapshots: int | None = None) -> None:
         """Raises a one-line ``DDJaxError`` naming the first bad field."""
@@ -181,7 +190,15 @@ class StepConfig:
                 f"max_start_epoch + expert_epochs = {need} needs experts trained for at least "
                 f"{need} epochs, the experts have {num_snapshots - 1}",
             )
-        del num_images
+        check(
+            _is_int(self.num_frozen) and self.num_frozen >= 0,
+            f"num_frozen={self.num_frozen!r} must be a non-negative integer",
+        )
+        if num_images:
+            check(
+                self.num_frozen < num_images,
+                f"num_frozen={self.num_frozen} leaves nothing to learn among {num_images} images",
+            )
 
     def _validate_variants(self) -> None:
         """The DATM / TESLA options (see the class docstring)."""
@@ -289,11 +306,16 @@ def init_state(
     lr = jnp.asarray(inner_lr, jnp.float32)
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
+    check(
+        0 <= config.num_frozen < images.shape[0],
+        f"num_frozen={config.num_frozen} must be in [0, {images.shape[0]}) for "
+        f"{images.shape[0]} images",
+    )
     return DistillState(
         images=images,
         labels=labels,
         inner_lr=lr,
-        image_opt_state=tx_img.init(images),
+        image_opt_state=tx_img.init(_learnable(images, config.num_frozen)),
         lr_opt_state=tx_lr.init(lr),
         step=jnp.zeros((), jnp.int32),
         key=jnp.asarray(key, jnp.uint32),
@@ -319,8 +341,9 @@ def make_distill_step(
        target expert;
     3. L and its gradients (:func:`ddjax.distill.matching.match_loss_and_grads`, or
        :func:`ddjax.distill.datm.match_loss_and_grads_with_label_logits` for learned labels);
-    4. the SGD-momentum updates of the images, α and learned labels, all applied only if L,
-       the gradients and the new α are finite and L ≤ ``threshold`` (when set).
+    4. the SGD-momentum updates of the images (all but the last ``num_frozen``: SelMatch's
+       partial update), α and learned labels, all applied only if L, the gradients and the
+       new α are finite and L ≤ ``threshold`` (when set).
 
     Args:
       model: the student (the experts' architecture).
@@ -389,15 +412,20 @@ def make_distill_step(
             dsa_strategy=config.dsa_strategy,
             batch_sharding=batch_sharding,
         )
-        image_updates, image_opt_state = tx_img.update(grads.images, state.image_opt_state)
+        # SelMatch's partial update: only the leading learnable images are optimised; the
+        # frozen tail is copied through untouched (no update is ever added to it).
+        image_grads = _learnable(grads.images, config.num_frozen)
+        image_updates, image_opt_state = tx_img.update(image_grads, state.image_opt_state)
         lr_updates, lr_opt_state = tx_lr.update(grads.inner_lr, state.lr_opt_state)
-        images = optax.apply_updates(state.images, image_updates)
+        images = optax.apply_updates(_learnable(state.images, config.num_frozen), image_updates)
+        if config.num_frozen:
+            images = jnp.concatenate([images, state.images[num_images - config.num_frozen :]])
         inner_lr = optax.apply_updates(state.inner_lr, lr_updates)
         if config.lr_floor is not None:
             inner_lr = jnp.maximum(inner_lr, config.lr_floor)
         finite = (
             jnp.isfinite(loss)
-            & jnp.all(jnp.isfinite(grads.images))
+            & jnp.all(jnp.isfinite(image_grads))
             & jnp.isfinite(grads.inner_lr)
             & jnp.isfinite(inner_lr)
         )
@@ -441,7 +469,7 @@ def make_distill_step(
             "start_epoch": start_epoch,
             "upper_bound": upper_bound,
             "inner_lr": inner_lr,
-            "grad_norm": jnp.sqrt(jnp.sum(jnp.square(grads.images))),
+            "grad_norm": jnp.sqrt(jnp.sum(jnp.square(image_grads))),
         }
         if learn_labels:
             metrics["label_grad_norm"] = jnp.sqrt(jnp.sum(jnp.square(grads.labels)))
@@ -452,6 +480,11 @@ def make_distill_step(
         donate_argnums=(0,) if donate else (),
         compiler_options=compiler_options,
     )
+
+
+def _learnable(images: Array, num_frozen: int) -> Array:
+    """The learnable leading part of ``images`` (all of them when nothing is frozen)."""
+    return images[: images.shape[0] - num_frozen] if num_frozen else images
 
 
 def _is_int(value: Any) -> bool:

@@ -1,4 +1,4 @@
-"""``ddjax distill``: an MTT or DATM run in a work directory -- configs, evaluation, resume.
+"""``ddjax distill``: an MTT, DATM or SelMatch run in a work directory: configs, eval, resume.
 
 A run reads expert trajectories (``ddjax experts``), initialises the synthetic set, and repeats
 :func:`ddjax.distill.mtt.make_distill_step`'s step for ``iterations`` iterations. Every
@@ -15,6 +15,12 @@ Methods (``config.method``):
   from the experts (``init='samples_predicted_correctly'`` or ``'real'``), learned soft labels
   (``soft_labels='learned'``), the matching range with sequential generation and the loss
   threshold; evaluated with soft cross-entropy and batch 128. Configs: :func:`datm_config`.
+* ``'selmatch'`` (Lee & Chung 2024; :mod:`ddjax.distill.selmatch`): the set initialised from
+  a sliding window of each class's hardest-first difficulty ranking (``init='window'``, scores
+  from ``config.scores``) or at random, laid out ``cat(distilled, selected)``; only the
+  distilled part is learned (``num_frozen``); evaluated at SelMatch's iterations
+  (``eval_iterations``) with its protocol (``'selmatch'``: ResNet-18-BN, lr 0.1 cosine,
+  combined augmentation). Configs: :func:`selmatch_config`.
 
 Soft labels are saved and evaluated as ``(N, C)`` probabilities: DATM's are softmax of the
 learned logits, which are stored beside each set (``<set>_label_logits.npy``). The work
@@ -23,6 +29,7 @@ directory::
     WORKDIR/config.json            the resolved config (resume refuses a different one)
     WORKDIR/metrics.jsonl          loss, α, start epoch, skipped updates, evaluations
     WORKDIR/checkpoints/<step>/    Orbax checkpoints of the state (the last `keep` kept)
+    WORKDIR/selmatch_init.npz      SelMatch: train indices of D_distill and D_select
     WORKDIR/synset.npz, .png       the latest set (DATM: + synset_label_logits.npy)
     WORKDIR/synset_best.npz, .png  the best-evaluated set (DATM: + synset_best_label_logits.npy)
     WORKDIR/grids/iter_<it>.png    the set at every evaluation
@@ -51,26 +58,34 @@ from tqdm.auto import tqdm
 
 from ddjax import checkpoint as checkpoint_lib
 from ddjax import data as data_lib
+from ddjax import difficulty, sharding
 from ddjax import evaluate as evaluate_lib
 from ddjax import models as models_lib
 from ddjax import select as select_lib
-from ddjax import sharding
 from ddjax.config import dataset_section, eval_section
-from ddjax.distill import datm, mtt, soft_labels
-from ddjax.errors import DDJaxError, check
+from ddjax.distill import datm, mtt, selmatch, soft_labels
+from ddjax.errors import check
 from ddjax.synset import SyntheticSet, save_grid
 from ddjax.workdir import Workdir
 
-__all__ = ["METHODS", "datm_config", "distill_config", "run_distill", "step_config"]
+__all__ = [
+    "METHODS",
+    "SELMATCH_EVAL_ITERATIONS",
+    "datm_config",
+    "distill_config",
+    "run_distill",
+    "selmatch_config",
+    "step_config",
+]
 
-METHODS = ("mtt", "datm")
-#: Variants built on the same core that later ddjax versions add (refused with a message).
-PLANNED_METHODS = {
-    "selmatch": "SelMatch (selection init + partial update)",
-}
+METHODS = ("mtt", "datm", "selmatch")
 #: Per method: the valid ``config.soft_labels`` and ``config.init``.
-_METHOD_LABELS = {"mtt": ("none", "tesla"), "datm": ("learned",)}
-_METHOD_INITS = {"mtt": ("real", "noise"), "datm": datm.INITS}
+_METHOD_LABELS = {"mtt": ("none", "tesla"), "datm": ("learned",), "selmatch": ("none",)}
+_METHOD_INITS = {"mtt": ("real", "noise"), "datm": datm.INITS, "selmatch": selmatch.INITS}
+#: SelMatch's ``eval_it_pool``: the iterations at which distill.py evaluates its set.
+SELMATCH_EVAL_ITERATIONS = (0, 500, 1000, 2500, 5000, 7500, 10000)
+#: The fields selmatch_config adds to distill_config's.
+_SELMATCH_FIELDS = ("alpha", "beta", "scores", "scores_higher", "eval_iterations")
 
 
 def distill_config(
@@ -208,8 +223,99 @@ def datm_config(
     return config
 
 
-def step_config(config: ml_collections.ConfigDict) -> mtt.StepConfig:
-    """The :class:`~ddjax.distill.mtt.StepConfig` of a distill config."""
+def selmatch_config(
+    dataset: str,
+    ipc: int,
+    *,
+    alpha: float,
+    beta: float,
+    eval_epochs: int,
+    scores: str = "forgetting",
+    scores_higher: str = "harder",
+    syn_steps: int = 55,
+    expert_epochs: int = 2,
+    max_start_epoch: int = 80,
+    lr_img: float = 1000.0,
+    lr_lr: float = 1e-5,
+    lr_teacher: float = 0.001,
+    batch_syn: int | None = 125,
+    model: str = "ConvNetBN",
+    eval_model: str = "ResNet18BN",
+    iterations: int = 10000,
+    eval_iterations: tuple[int, ...] = SELMATCH_EVAL_ITERATIONS,
+    num_eval: int = 5,
+) -> ml_collections.ConfigDict:
+    """The fields of a SelMatch ``ddjax distill`` config (``configs/distill/selmatch_*.py``).
+
+    The defaults are SelMatch's ``distill.py`` arguments (brief §4.3): ConvNet-BN student,
+    N = 55, M = 2, T⁺ = 80, batch_syn 125, lr_img 1000, lr_lr 1e-5, α₀ (``lr_init``) 0.001,
+    10,000 iterations, no ZCA, evaluation at iterations {0, 500, 1000, 2500, 5000, 7500,
+    10000} with 5 ResNet-18-BN networks under the ``'selmatch'`` protocol (lr 0.1 cosine,
+    batch 128, combined augmentation) for ``eval_epochs`` epochs (SelMatch's
+    ``epoch_eval_train``, scaled with IPC: :func:`ddjax.evaluate.selmatch_epochs`). As in
+    SelMatch, the evaluation's DSA uses the inner loop's ``dsa_strategy``.
+
+    Args:
+      dataset, ipc: the data and images per class.
+      alpha: α, the distilled fraction: cpc = ⌊IPC·α⌋ images per class are learned, the
+        other spc = IPC − cpc stay real.
+      beta: β, the window start ths = ⌊IPC·β⌋ in each class's hardest-first ranking.
+      eval_epochs: evaluation epochs (SelMatch scales them with IPC).
+      scores: ``'forgetting'`` (the experts' forgetting counts, ``config.experts_dir``) or a
+        ``.npy``/``.npz`` file of per-example scores (SelMatch's CIFAR runs: C-scores).
+      scores_higher: ``'harder'`` (forgetting counts) or ``'easier'`` (C-scores).
+      syn_steps, expert_epochs, max_start_epoch, lr_img, lr_lr, lr_teacher, batch_syn, model:
+        as in :func:`distill_config`.
+      eval_model: the evaluation architecture (SelMatch's ``model_eval``).
+      iterations: outer iterations.
+      eval_iterations: evaluate exactly at these iterations (and at the end); empty: every
+        ``eval_every``.
+      num_eval: networks per evaluation.
+    """
+    config = distill_config(
+        dataset,
+        ipc,
+        syn_steps=syn_steps,
+        expert_epochs=expert_epochs,
+        max_start_epoch=max_start_epoch,
+        lr_img=lr_img,
+        lr_lr=lr_lr,
+        lr_teacher=lr_teacher,
+        batch_syn=batch_syn,
+        zca=False,
+        model=model,
+        iterations=iterations,
+        eval_every=500,  # unused while eval_iterations is set
+        eval_epochs=eval_epochs,
+        num_eval=num_eval,
+        eval_batch_size=128,
+    )
+    config.method = "selmatch"
+    config.init = "window"  # window (SelMatch's default) | random
+    config.alpha = float(alpha)  # distilled fraction: cpc = floor(ipc * alpha)
+    config.beta = float(beta)  # window start: ths = floor(ipc * beta), hardest first
+    config.scores = scores  # 'forgetting' (experts_dir's counts) | a .npy/.npz scores file
+    config.scores_higher = scores_higher  # harder (forgetting) | easier (C-scores)
+    config.eval_iterations = tuple(int(i) for i in eval_iterations)
+    config.eval.protocol = "selmatch"
+    config.eval.models = (eval_model,)
+    return config
+
+
+def step_config(
+    config: ml_collections.ConfigDict, num_classes: int | None = None
+) -> mtt.StepConfig:
+    """The :class:`~ddjax.distill.mtt.StepConfig` of a distill config.
+
+    Args:
+      config: a distill config.
+      num_classes: the dataset's classes; SelMatch's frozen count ``C·spc`` needs it (without
+        it nothing is frozen, which is enough to validate the other fields).
+    """
+    num_frozen = 0
+    if config.method == "selmatch" and num_classes is not None:
+        split = difficulty.window_split(config.ipc, config.alpha, config.beta)
+        num_frozen = num_classes * split.select_per_class
     loop = config.loop
     if loop == "auto":
         loop = "unrolled" if jax.default_backend() == "cpu" else "rolled"
@@ -236,21 +342,24 @@ def step_config(config: ml_collections.ConfigDict) -> mtt.StepConfig:
         lr_y=None if config.lr_y is None else float(config.lr_y),
         momentum_y=float(config.momentum_y),
         threshold=None if config.threshold is None else float(config.threshold),
+        num_frozen=num_frozen,
     )
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
     method = config.method
-    if method in PLANNED_METHODS:
-        raise DDJaxError(
-            f"config.method={method!r} ({PLANNED_METHODS[method]}) is not implemented in this "
-            f"version of ddjax; available: {list(METHODS)}"
-        )
     check(
         method in METHODS,
         f"config.method={method!r} is not known; valid: {list(METHODS)} (TESLA is method='mtt' "
         "with mode='tesla' for its gradient and soft_labels='tesla' for its labels)",
     )
+    if method == "selmatch":
+        missing = [name for name in _SELMATCH_FIELDS if name not in config]
+        check(
+            not missing,
+            f"config.method='selmatch' needs the fields {missing}, which this config lacks; "
+            "start from selmatch_config (configs/distill/selmatch_*.py)",
+        )
     labels, inits = _METHOD_LABELS[method], _METHOD_INITS[method]
     check(
         config.soft_labels in labels,
@@ -262,6 +371,8 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         config.init in inits,
         f"config.init={config.init!r} with method={method!r}: expected {' | '.join(inits)}",
     )
+    if method == "selmatch":
+        _check_selmatch(config)
     check(
         bool(config.experts_dir),
         "config.experts_dir is empty; pass --config.experts_dir=WORKDIR_OF_DDJAX_EXPERTS",
@@ -270,6 +381,39 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         value = config[name]
         check(isinstance(value, int) and value >= 1, f"config.{name}={value!r} must be >= 1")
     check(config.lr_teacher > 0, f"config.lr_teacher={config.lr_teacher} must be positive")
+
+
+def _check_selmatch(config: ml_collections.ConfigDict) -> None:
+    """SelMatch's fields (α, β, scores, evaluation iterations); data-dependent checks later."""
+    split = difficulty.window_split(config.ipc, config.alpha, config.beta)
+    check(
+        split.distill_per_class >= 1,
+        f"config.alpha={config.alpha} with ipc={config.ipc} distils floor(ipc * alpha) = 0 "
+        "images per class; raise alpha (or use ddjax select method='window' for selection only)",
+    )
+    check(
+        config.scores_higher in difficulty.HIGHER,
+        f"config.scores_higher={config.scores_higher!r}: expected 'harder' (forgetting counts) "
+        "or 'easier' (C-scores)",
+    )
+    if config.init == "window":
+        check(
+            bool(config.scores),
+            "config.scores is empty: 'forgetting' (the experts' forgetting counts) or a "
+            ".npy/.npz file of per-example scores (SelMatch's CIFAR runs use C-scores: "
+            "--config.scores=PATH --config.scores_higher=easier)",
+        )
+    check(
+        len(config.eval.models) >= 1,
+        "config.eval.models is empty; SelMatch evaluates on its first (ResNet18BN)",
+    )
+    iterations = config.eval_iterations
+    check(
+        isinstance(iterations, tuple)
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in iterations),
+        f"config.eval_iterations={iterations!r} must be a tuple of non-negative iterations "
+        "(empty: every eval_every)",
+    )
 
 
 def _experts_api():
@@ -286,10 +430,10 @@ def run_distill(
     compiler_options: dict | None = None,
     _stop_at: int | None = None,
 ) -> dict:
-    """``ddjax distill``: runs (or resumes) an MTT distillation in ``workdir``.
+    """``ddjax distill``: runs (or resumes) an MTT, DATM or SelMatch distillation in ``workdir``.
 
     Args:
-      config: a :func:`distill_config` config.
+      config: a :func:`distill_config`, :func:`datm_config` or :func:`selmatch_config` config.
       workdir: the run directory.
       progress: show a progress bar (silent when not a terminal).
       compiler_options: XLA compiler options for the distill step (tests compile fast).
@@ -325,6 +469,11 @@ def run_distill(
         std=dataset.std,
     )
     num_images = dataset.num_classes * config.ipc
+    selmatch_set = None
+    if config.method == "selmatch":
+        # Scores, windows and the frozen count are checked before the work directory exists.
+        selmatch_set = _selmatch_initial_set(config, dataset)
+        settings = step_config(config, num_classes=dataset.num_classes)
     settings.validate(num_images, num_snapshots=int(meta["epochs"]) + 1)
     model = models_lib.get_model(config.model, dataset.num_classes, dataset.image_shape)
     for name in config.eval.models:
@@ -342,7 +491,9 @@ def run_distill(
         # DATM's label expert for init='real': the first expert of the first subset used,
         # as DATM's buffer[0][-1] is the first expert of the first buffer file it loads.
         label_expert = int(schedule.subset(0)[1][0])
-        state = _initial_state(config, dataset, settings, model, experts, done, label_expert, work)
+        state = _initial_state(
+            config, dataset, settings, model, experts, done, label_expert, work, selmatch_set
+        )
     else:  # only the structure is needed: the checkpoint replaces every value
         state = _state_template(config, dataset, settings)
     if mesh is not None:
@@ -369,7 +520,7 @@ def run_distill(
     window = _Window(iteration)  # seconds per iteration since the last log, without evaluations
     skipped = 0  # updates skipped since the last log
     while iteration < stop:
-        if iteration % config.eval_every == 0:
+        if _evaluates_at(config, iteration):
             _evaluate(work, results, state, dataset, config, iteration, bar)
             window.reset(iteration)
         subset_id, members, within = schedule.subset(iteration)
@@ -434,7 +585,7 @@ def run_distill(
     save_grid(work.file("synset.png"), final, dataset.to_pixels)
     _plot_curves(work)
     best = results.get("best")
-    if best is not None and tuple(config.eval.models) != (config.model,):
+    if best is not None and tuple(config.eval.models) != (_eval_model(config),):
         from ddjax.stages import evaluate_into
         from ddjax.synset import load_synset
 
@@ -448,6 +599,44 @@ def run_distill(
             f"{best['iteration']} (lr {best['learning_rate']:.4g}); sets in {work.path}"
         )
     return results
+
+
+def _evaluates_at(config: ml_collections.ConfigDict, iteration: int) -> bool:
+    """Whether the set is evaluated before ``iteration`` (SelMatch: its list; else periodic)."""
+    listed = tuple(config.get("eval_iterations", ()) or ())
+    if listed:
+        return iteration in listed
+    return iteration % config.eval_every == 0
+
+
+def _eval_model(config: ml_collections.ConfigDict) -> str:
+    """The architecture of the evaluations during the run.
+
+    MTT/DATM evaluate the student's architecture; SelMatch evaluates ``model_eval``
+    (ResNet-18-BN), the first of ``config.eval.models``.
+    """
+    return config.eval.models[0] if config.method == "selmatch" else config.model
+
+
+def _selmatch_initial_set(config, dataset: data_lib.Dataset) -> selmatch.SelMatchSet:
+    """SelMatch's initial set (validates the scores file and the windows on the way)."""
+    scores = None
+    if config.init == "window":
+        scores = difficulty.scores_from_source(
+            config.scores,
+            higher=config.scores_higher,
+            train_labels=dataset.y_train,
+            experts_dir=config.experts_dir,
+        )
+    return selmatch.initial_set(
+        dataset,
+        config.ipc,
+        config.alpha,
+        config.beta,
+        scores=scores,
+        init=config.init,
+        seed=config.seed,
+    )
 
 
 class _Window:
@@ -489,6 +678,7 @@ def _initial_state(
     done,
     label_expert,
     work: Workdir,
+    selmatch_set: selmatch.SelMatchSet | None = None,
 ) -> mtt.DistillState:
     """The run's first state.
 
@@ -497,10 +687,30 @@ def _initial_state(
     first iteration on). DATM: images and label logits from the experts
     (:func:`ddjax.distill.datm.initial_set`; the final snapshots are loaded one expert at a
     time, each once), and DATM's "InitialAcc" (how many initial labels' arg-max is the
-    image's class) logged as an ``init`` event.
+    image's class) logged as an ``init`` event. SelMatch: ``selmatch_set`` (distilled images
+    first, then the selected ones), hard labels; the train indices of both parts are saved
+    as ``selmatch_init.npz`` and the window logged as an ``init`` event.
     """
     key = jax.random.PRNGKey(config.seed)
     init_key, run_key = jax.random.split(key)
+    if config.method == "selmatch":
+        split = selmatch_set.split
+        _save_npz(
+            work.file("selmatch_init.npz"),
+            distilled=selmatch_set.distilled_indices,
+            selected=selmatch_set.selected_indices,
+        )
+        work.log(
+            event="init",
+            init=config.init,
+            distilled_per_class=split.distill_per_class,
+            selected_per_class=split.select_per_class,
+            window_start=split.start,
+            num_frozen=selmatch_set.num_frozen,
+        )
+        return mtt.init_state(
+            selmatch_set.images, selmatch_set.labels, config.lr_teacher, run_key, settings
+        )
     if config.method == "datm":
         finals = {}
 
@@ -557,6 +767,13 @@ def _load_subset(experts, experts_dir, done, members, subset_size, num_snapshots
     return jax.tree.map(lambda a: jnp.asarray(a[:, :num_snapshots], jnp.float32), trajectories)
 
 
+def _save_npz(path: Path, **arrays) -> None:
+    """``np.savez`` written atomically (temporary file + rename)."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 def _synset(
     state: mtt.DistillState, dataset, config, iteration: int
 ) -> tuple[SyntheticSet, np.ndarray | None]:
@@ -582,6 +799,20 @@ def _synset(
         meta["labels"] = "softmax of the learned label logits (saved beside: *_label_logits.npy)"
     elif config.soft_labels == "tesla":
         meta["labels"] = "TESLA's soft-label assignment of the last iteration"
+    if config.method == "selmatch":
+        split = difficulty.window_split(config.ipc, config.alpha, config.beta)
+        meta.update(
+            init=config.init,
+            alpha=split.alpha,
+            beta=split.beta,
+            scores=config.scores if config.init == "window" else "",
+            scores_higher=config.scores_higher,
+            window_start=split.start,
+            distilled_per_class=split.distill_per_class,
+            selected_per_class=split.select_per_class,
+            # The leading distilled images: the 'combined' evaluation augments them with DSA.
+            num_distilled=dataset.num_classes * split.distill_per_class,
+        )
     synset = SyntheticSet(
         images=np.asarray(jax.device_get(state.images)),
         labels=labels,
@@ -610,16 +841,19 @@ def _evaluate(work: Workdir, results: dict, state, dataset, config, iteration: i
     synset, logits = _synset(state, dataset, config, iteration)
     Path(work.file("grids")).mkdir(exist_ok=True)
     save_grid(work.file(f"grids/iter_{iteration:06d}.png"), synset, dataset.to_pixels)
+    # SelMatch's evaluate_synset augments with args.dsa_strategy, the inner loop's strategy.
+    extra = {"dsa_strategy": config.dsa_strategy} if config.method == "selmatch" else {}
     result = evaluate_lib.evaluate_synset(
         synset,
         dataset,
-        model=config.model,
+        model=_eval_model(config),
         protocol=config.eval.protocol,
         num_models=config.eval.num_models,
         seed=config.eval.seed,
         epochs=config.eval.epochs,
         batch_size=config.eval.batch_size,
         lr=config.eval.lr,
+        **extra,
     )
     record = {
         "iteration": iteration,

@@ -1180,28 +1180,19 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
     work.save_results(results)
 
     if config.evaluate:
-        done = results.setdefault("eval", {})
-        for name in config.eval.models:
-            if name in done:
-                continue
-            start = time.time()
-            result = kd.evaluate_kd(
-                synset,
-                dataset,
-                teacher,
-                recipe=recipe,
-                store=store,
-                model=name,
-                model_overrides=model_overrides,
-                num_models=config.eval.num_models,
-                seed=config.eval.seed,
-                augment_seed=config.seed,
-                pool_mode=config.eval.pool_mode,
-                progress=progress,
-            )
-            done[name] = {**result.to_json(), "seconds": round(time.time() - start, 1)}
-            work.log(event="eval", model=name, mean=result.mean, std=result.std)
-            work.save_results(results)
-            if progress:
-                print(f"{name}: {result.summary()} % (KD, {recipe.name} recipe, {config.labels})")
+        results["eval"] = kd.evaluate_into(
+            work,
+            synset,
+            dataset,
+            teacher,
+            recipe=recipe,
+            store=store,
+            models=config.eval.models,
+            num_models=config.eval.num_models,
+            seed=config.eval.seed,
+            augment_seed=config.seed,
+            model_overrides=model_overrides,
+            pool_mode=config.eval.pool_mode,
+            progress=progress,
+        )
     return results
