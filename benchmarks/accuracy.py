@@ -8,12 +8,17 @@ cells are not recomputed -- then writes ``benchmarks/results/accuracy_<dataset>.
   python benchmarks/accuracy.py --methods random --ipc 1 10 50 --epochs 100 --num-models 2
   # The full protocol (MTT: 1000 epochs, 5 networks), for a GPU:
   python benchmarks/accuracy.py --methods random herding kcenter --epochs 1000 --num-models 5
-  # MTT rows (``ddjax distill`` with configs/distill/<dataset>_ipc<k>.py) need experts:
-  python benchmarks/accuracy.py --methods random mtt --ipc 1 10 \
+  # Distillation rows (``ddjax distill``) need experts: mtt uses
+  # configs/distill/<dataset>_ipc<k>.py, datm datm_<dataset>_ipc<k>.py, selmatch
+  # selmatch_<dataset>_ipc<k>.py (SelMatch's experts: ConvNetBN, --experts-dir-selmatch):
+  python benchmarks/accuracy.py --methods random mtt datm --ipc 10 50 \
       --experts-dir runs/experts_fashion_mnist --iterations 1000 --eval-every 200
 
-MTT's cell is the best mean over its evaluations (every ``--eval-every`` iterations, K fresh
-networks each, learned lr), which is how MTT reports (brief §1.2).
+A distillation cell is the best mean over its evaluations (every ``--eval-every`` iterations,
+K fresh networks each), which is how MTT and DATM report (brief §1.2, §3.1); each method
+evaluates with its own protocol (MTT: learned lr; DATM: soft labels, batch 128; SelMatch:
+ResNet-18-BN, lr 0.1 cosine, combined augmentation, at SelMatch's iterations unless
+``--eval-every`` is given).
 
 Published numbers: DC (Zhao et al. 2021) Table 1, as collected in
 ../shared/research/trajectory_matching.md §5.4 (marked [R] there: recalled, not
@@ -41,8 +46,11 @@ PUBLISHED = {
         "kcenter": {1: "66.9 ± 1.8", 10: "54.7 ± 1.5", 50: "68.3 ± 0.8"},
         # Run by the FRePo authors (FRePo Table 1), not by MTT's; brief §5.4, low confidence.
         "mtt": {1: "75.1 ± 0.9", 10: "87.2 ± 0.3", 50: "88.3 ± 0.1"},
+        # DATM and SelMatch publish no Fashion-MNIST numbers (brief §5.4).
     }
 }
+#: Distillation methods and the prefix of their config files under configs/distill/.
+DISTILL_CONFIGS = {"mtt": "", "datm": "datm_", "selmatch": "selmatch_"}
 
 
 def main():
@@ -54,20 +62,30 @@ def main():
     parser.add_argument("--num-models", type=int, default=2)
     parser.add_argument("--root", default="runs/accuracy")
     parser.add_argument("--data-dir", default="", help="dataset files (default locations)")
-    parser.add_argument("--experts-dir", default="", help="`ddjax experts` workdir (for mtt)")
+    parser.add_argument(
+        "--experts-dir", default="", help="`ddjax experts` workdir (mtt, datm; same model)"
+    )
+    parser.add_argument(
+        "--experts-dir-selmatch", default="", help="experts for selmatch (ConvNetBN experts)"
+    )
     parser.add_argument("--iterations", type=int, default=1000, help="distillation iterations")
-    parser.add_argument("--eval-every", type=int, default=200, help="evaluate every k iterations")
+    parser.add_argument(
+        "--eval-every", type=int, default=None, help="evaluate every k iterations (default 200)"
+    )
     parser.add_argument(
         "--distill", nargs="*", default=[], help="extra distill overrides, e.g. syn_steps=20"
     )
     parser.add_argument("--out-suffix", default="", help="suffix of the result files")
     args = parser.parse_args()
+    args.eval_every_given = args.eval_every is not None
+    if args.eval_every is None:
+        args.eval_every = 200
 
     rows = []
     for method in args.methods:
         for ipc in args.ipc:
-            if method == "mtt":
-                rows.append(_distill_row(args, ipc))
+            if method in DISTILL_CONFIGS:
+                rows.append(_distill_row(args, method, ipc))
                 continue
             config = load_config(
                 f"configs/select/{args.dataset}.py",
@@ -90,11 +108,12 @@ def main():
         f"SGD momentum 0.9, wd 5e-4, DSA, batch 256, lr x0.1 after epoch {args.epochs // 2 + 1}; "
         f"{args.num_models} ConvNet-3 networks per cell; full test set"
     )
-    if "mtt" in args.methods:
-        protocol += (
-            f"; mtt: configs/distill/{args.dataset}_ipc<k>.py, {args.iterations} iterations, "
-            f"best of the evaluations every {args.eval_every} iterations (as MTT reports)"
-        )
+    for method, prefix in DISTILL_CONFIGS.items():
+        if method in args.methods:
+            protocol += (
+                f"; {method}: configs/distill/{prefix}{args.dataset}_ipc<k>.py, "
+                f"{args.iterations} iterations, best of its evaluations (its own protocol)"
+            )
     report = {
         "benchmark": "accuracy",
         "dataset": args.dataset,
@@ -125,29 +144,36 @@ def main():
     print("\n".join(lines))
 
 
-def _distill_row(args, ipc: int) -> dict:
-    """An MTT cell: ``ddjax distill`` into ``--root``; the best evaluation's mean ± std."""
+def _distill_row(args, method: str, ipc: int) -> dict:
+    """A distillation cell: ``ddjax distill`` into ``--root``; the best evaluation's mean ± std."""
     from ddjax.distill.run import run_distill
 
-    if not args.experts_dir:
-        raise SystemExit("--methods mtt needs --experts-dir (a `ddjax experts` work directory)")
+    experts_dir = args.experts_dir_selmatch if method == "selmatch" else args.experts_dir
+    if not experts_dir:
+        flag = "--experts-dir-selmatch" if method == "selmatch" else "--experts-dir"
+        raise SystemExit(f"--methods {method} needs {flag} (a `ddjax experts` work directory)")
     overrides = [
-        f"experts_dir={args.experts_dir}",
+        f"experts_dir={experts_dir}",
         f"iterations={args.iterations}",
-        f"eval_every={args.eval_every}",
-        f"eval.epochs={args.epochs}",
         f"eval.num_models={args.num_models}",
         f"dataset.data_dir={args.data_dir}",
-        *args.distill,
     ]
-    config = load_config(f"configs/distill/{args.dataset}_ipc{ipc}.py", overrides)
-    workdir = Path(args.root) / f"{args.dataset}_mtt_{ipc}"
+    if method != "selmatch" or args.eval_every_given:
+        overrides.append(f"eval_every={args.eval_every}")
+    if method == "selmatch" and args.eval_every_given:
+        overrides.append("eval_iterations=()")
+    if method != "selmatch":  # SelMatch's evaluation epochs scale with the IPC (its config)
+        overrides.append(f"eval.epochs={args.epochs}")
+    overrides += args.distill
+    prefix = DISTILL_CONFIGS[method]
+    config = load_config(f"configs/distill/{prefix}{args.dataset}_ipc{ipc}.py", overrides)
+    workdir = Path(args.root) / f"{args.dataset}_{method}_{ipc}"
     start = time.time()
     results = run_distill(config, str(workdir), progress=False)
     best = results["best"]
-    published = PUBLISHED.get(args.dataset, {}).get("mtt", {}).get(ipc, "–")
+    published = PUBLISHED.get(args.dataset, {}).get(method, {}).get(ipc, "–")
     return {
-        "method": "mtt",
+        "method": method,
         "ipc": ipc,
         "mean": best["mean"],
         "std": best["std"],
