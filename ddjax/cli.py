@@ -1,6 +1,6 @@
 """The ``ddjax`` command: one sub-command per pipeline stage.
 
-  ddjax quickstart                       # digits: coresets, MTT, SRe2L; table + pictures
+  ddjax quickstart                       # digits: coresets, MTT, DATM, SRe2L; table
   ddjax select   --config configs/select/fashion_mnist.py --config.ipc=10 --workdir runs/a
   ddjax evaluate --config configs/evaluate/fashion_mnist.py --config.synset=runs/a/synset.npz \\
                  --workdir runs/a_eval
@@ -67,13 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     quick = sub.add_parser(
         "quickstart",
-        help="coresets, MTT and SRe2L on the bundled digits at IPC 1 and 10; prints a table",
+        help="coresets, MTT, DATM and SRe2L on the bundled digits at IPC 1 and 10; prints a table",
         description="Builds IPC 1 and IPC 10 sets of scikit-learn's bundled digits with random, "
         "herding and k-center selection, with MTT (5 experts, then trajectory matching from "
-        "the random sets) and with SRe2L at IPC 10 (squeeze, recover, KD students), evaluates "
-        "each with K ConvNets (MTT protocol, reduced epochs; KD for SRe2L), prints a table "
-        "(mean ± std) and writes image grids. Needs no download; under an hour on 2 CPU cores "
-        "(5 minutes without the MTT and SRe2L rows: --no-distill). Resumable.",
+        "the random sets), DATM at IPC 10 and SRe2L at IPC 10 (squeeze, recover, KD "
+        "students), evaluates each with K ConvNets (MTT protocol, reduced epochs; KD for "
+        "SRe2L), prints a table (mean ± std) and writes image grids. Needs no download; about "
+        "an hour on 2 CPU cores (5 minutes without the MTT, DATM and SRe2L rows: "
+        "--no-distill). Resumable.",
     )
     quick.add_argument(
         "--workdir", default="runs/quickstart", help="output directory (default: %(default)s)"
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument(
         "--no-distill",
         action="store_true",
-        help="coresets only: skip the MTT and SRe2L rows (most of the time)",
+        help="coresets only: skip the MTT, DATM and SRe2L rows (most of the time)",
     )
 
     select = sub.add_parser(
