@@ -73,7 +73,23 @@ def main():
         "--eval-every", type=int, default=None, help="evaluate every k iterations (default 200)"
     )
     parser.add_argument(
-        "--distill", nargs="*", default=[], help="extra distill overrides, e.g. syn_steps=20"
+        "--distill",
+        nargs="*",
+        default=[],
+        help="extra distill overrides, e.g. syn_steps=20; METHOD:field=value applies to one "
+        "method only, e.g. datm:current_max_start_epoch=10",
+    )
+    parser.add_argument(
+        "--train-limit",
+        type=int,
+        default=None,
+        help="keep this many train images, balanced over classes (every row; the experts' too)",
+    )
+    parser.add_argument(
+        "--model",
+        default="",
+        help="one architecture for every row's student and evaluation, e.g. ConvNetW32 "
+        "(default: each method's own)",
     )
     parser.add_argument("--out-suffix", default="", help="suffix of the result files")
     args = parser.parse_args()
@@ -95,6 +111,7 @@ def main():
                     f"eval.epochs={args.epochs}",
                     f"eval.num_models={args.num_models}",
                     f"dataset.data_dir={args.data_dir}",
+                    *_shared_overrides(args),
                 ],
             )
             workdir = Path(args.root) / f"{args.dataset}_{method}_{ipc}"
@@ -103,11 +120,14 @@ def main():
             published = PUBLISHED.get(args.dataset, {}).get(method, {}).get(ipc, "–")
             rows.append({"method": method, "ipc": ipc, **result, "published": published})
 
+    model = args.model or "ConvNet-3"
     protocol = (
         f"MTT protocol with {args.epochs} epochs (+1), lr 0.01 (mtt: the learned lr), "
         f"SGD momentum 0.9, wd 5e-4, DSA, batch 256, lr x0.1 after epoch {args.epochs // 2 + 1}; "
-        f"{args.num_models} ConvNet-3 networks per cell; full test set"
+        f"{args.num_models} {model} networks per cell; full test set"
     )
+    if args.train_limit:
+        protocol += f"; train set limited to {args.train_limit} images (balanced)"
     for method, prefix in DISTILL_CONFIGS.items():
         if method in args.methods:
             protocol += (
@@ -132,13 +152,19 @@ def main():
         f"Protocol: {protocol}.",
         "Published: DC (Zhao et al. 2021) Table 1 (ConvNet, 1000-epoch DC/DSA protocol).",
         "",
-        "| method | IPC | ddjax (%) | published (%) | seconds |",
-        "|---|---|---|---|---|",
+        "Distillation rows: the best evaluation (ddjax), the set at iteration 0 (its "
+        "initialisation) and the last iteration's set.",
+        "",
+        "| method | IPC | ddjax (%) | iteration 0 (%) | last (%) | published (%) | seconds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        evals = r.get("evals", {})
+        first = _percent(*evals["0"]) if "0" in evals else "–"
+        last = _percent(*evals[max(evals, key=int)]) if evals else "–"
         lines.append(
-            f"| {r['method']} | {r['ipc']} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | "
-            f"{r['published']} | {r.get('seconds', '–')} |"
+            f"| {r['method']} | {r['ipc']} | {_percent(r['mean'], r['std'])} | {first} | "
+            f"{last} | {r['published']} | {r.get('seconds', '–')} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -164,7 +190,15 @@ def _distill_row(args, method: str, ipc: int) -> dict:
         overrides.append("eval_iterations=()")
     if method != "selmatch":  # SelMatch's evaluation epochs scale with the IPC (its config)
         overrides.append(f"eval.epochs={args.epochs}")
-    overrides += args.distill
+    overrides += _shared_overrides(args)
+    if args.model:
+        overrides.append(f"model={args.model}")
+    for item in args.distill:
+        target, sep, override = item.partition(":")
+        if not sep:
+            overrides.append(item)
+        elif target == method:
+            overrides.append(override)
     prefix = DISTILL_CONFIGS[method]
     config = load_config(f"configs/distill/{prefix}{args.dataset}_ipc{ipc}.py", overrides)
     workdir = Path(args.root) / f"{args.dataset}_{method}_{ipc}"
@@ -184,6 +218,20 @@ def _distill_row(args, method: str, ipc: int) -> dict:
         "seconds": round(time.time() - start, 1),
         "overrides": overrides,
     }
+
+
+def _percent(mean: float, std: float) -> str:
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _shared_overrides(args) -> list[str]:
+    """Overrides that every row takes: the train-set limit and one evaluation architecture."""
+    overrides = []
+    if args.train_limit:
+        overrides.append(f"dataset.train_limit={args.train_limit}")
+    if args.model:
+        overrides.append(f"eval.models=({args.model!r},)")
+    return overrides
 
 
 if __name__ == "__main__":

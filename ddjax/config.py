@@ -120,15 +120,25 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Fields whose values differ between two config dicts (for resume checks)."""
+    """Fields whose values differ between two config dicts (for resume checks).
+
+    A field missing on one side and unset (``None``) on the other is not a difference, so that
+    a run saved before an optional field existed still resumes.
+    """
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
+        if _unset(a) and _unset(b):
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             out += diff(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
+
+
+def _unset(value) -> bool:
+    return value is None or (isinstance(value, str) and value == "<missing>")
 
 
 # Shared sections, so that config files only state what is specific to them.
@@ -141,6 +151,8 @@ def dataset_section(name: str, zca: bool = False) -> ml_collections.ConfigDict:
             "name": name,  # fashion_mnist, mnist, digits, cifar10, ..., folder:PATH, npz:PATH
             "data_dir": "",  # empty: the default locations (Debian package, TFDS)
             "zca": zca,  # ZCA whitening as MTT (eps 0.1, fitted on the train set)
+            # Keep only this many train images, balanced over the classes (reduced runs).
+            "train_limit": ml_collections.config_dict.placeholder(int),
         }
     )
 

@@ -1091,3 +1091,15 @@ def _channel_statistics(images: np.ndarray) -> tuple[tuple[float, ...], tuple[fl
     # A constant channel carries no information; dividing by 1 keeps it finite (zero).
     std = np.where(std > 1e-8, std, 1.0)
     return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def load_from_config(section) -> Dataset:
+    """The dataset a config's ``dataset`` section names (:func:`ddjax.config.dataset_section`):
+    ``name``, ``data_dir``, ``zca`` and the optional ``normalisation`` and ``train_limit``."""
+    return load_dataset(
+        section.name,
+        data_dir=section.data_dir or None,
+        zca=section.zca,
+        normalisation=section.get("normalisation") or None,
+        train_limit=section.get("train_limit"),
+    )

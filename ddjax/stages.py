@@ -26,11 +26,7 @@ from ddjax.workdir import Workdir
 
 def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
     """The dataset named by ``config.dataset``."""
-    return data_lib.load_dataset(
-        config.dataset.name,
-        data_dir=config.dataset.data_dir or None,
-        zca=config.dataset.zca,
-    )
+    return data_lib.load_from_config(config.dataset)
 
 
 def check_eval(eval_config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> None:
@@ -384,12 +380,7 @@ def run_experts(config: ml_collections.ConfigDict, workdir: str) -> dict:
     per epoch and per finished group of experts) and ``results.json`` (the summary). Returns
     the experts' metadata.
     """
-    dataset = data_lib.load_dataset(
-        config.dataset.name,
-        data_dir=config.dataset.data_dir or None,
-        zca=config.dataset.zca,
-        normalisation=config.dataset.get("normalisation") or None,
-    )
+    dataset = data_lib.load_from_config(config.dataset)
     settings = {name: config[name] for name in EXPERT_SETTINGS}
     experts_lib.check_settings(dataset, model_overrides=None, **settings)
     work = Workdir(workdir, config, "experts")

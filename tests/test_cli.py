@@ -73,6 +73,7 @@ def test_select_then_evaluate_writes_the_work_directory(tmp_path, capsys):
         (["--config.ipc=three"], "--config.ipc='three': expected int"),
         (["--config.dataset.name=nope"], "nope"),
         (["--config.eval.protocol=fast"], "protocol='fast'"),
+        (["--config.dataset.train_limit=0"], "train_limit must be a positive integer"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, extra, message):
@@ -104,6 +105,34 @@ def test_a_different_config_in_the_same_workdir_is_refused(tmp_path, capsys):
     assert run(base, capsys)[0] == 0
     code, _, err = run([*base, "--config.seed=5"], capsys)
     assert code == 2 and "seed: 0 -> 5" in err
+
+
+def test_train_limit_draws_from_the_limited_set_and_old_workdirs_resume(tmp_path, capsys):
+    from ddjax import data
+
+    base = [
+        "select",
+        "--config",
+        "configs/select/digits.py",
+        "--workdir",
+        str(tmp_path),
+        "--config.ipc=5",
+        "--config.evaluate=False",
+    ]
+    assert run([*base, "--config.dataset.train_limit=50"], capsys)[0] == 0
+    pool = data.load_dataset("digits", train_limit=50).x_train.reshape(50, -1)
+    chosen = load_synset(tmp_path / "synset.npz").images.reshape(50, -1)
+    distance = np.abs(chosen[:, None] - pool[None]).max(-1).min(-1)
+    assert distance.max() < 1e-6  # every chosen image is one of the 50 kept ones
+
+    # A workdir written before dataset.train_limit existed resumes when the field is unset...
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["dataset"]["train_limit"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert run(base, capsys)[0] == 0
+    # ...and setting it is a different config.
+    code, _, err = run([*base, "--config.dataset.train_limit=60"], capsys)
+    assert code == 2 and "dataset.train_limit: '<missing>' -> 60" in err
 
 
 def test_missing_files_are_named(tmp_path, capsys):

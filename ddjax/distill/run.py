@@ -447,7 +447,7 @@ def run_distill(
     settings = step_config(config)
     settings.validate(0)
     experts = _experts_api()
-    dataset = load_dataset(config)
+    dataset = data_lib.load_from_config(config.dataset)
     data_lib.check_ipc(dataset, config.ipc)
     meta = experts.read_meta(config.experts_dir)
     done = experts.completed(config.experts_dir)
@@ -650,15 +650,6 @@ class _Window:
 
     def seconds_per_iteration(self, iteration: int) -> float:
         return (time.time() - self.start) / max(iteration - self.iteration, 1)
-
-
-def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
-    return data_lib.load_dataset(
-        config.dataset.name,
-        data_dir=config.dataset.data_dir or None,
-        zca=config.dataset.zca,
-        normalisation=config.dataset.get("normalisation") or None,
-    )
 
 
 def _mesh(config):

@@ -816,15 +816,6 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def _load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
-    return data_lib.load_dataset(
-        config.dataset.name,
-        data_dir=config.dataset.data_dir or None,
-        zca=config.dataset.zca,
-        normalisation=config.dataset.get("normalisation") or None,
-    )
-
-
 def _batch_file(work: Workdir, index: int) -> Path:
     return work.file("batches") / f"batch_{index:05d}.npz"
 
@@ -909,7 +900,7 @@ def run_recover(
     _check_config(config)
     teacher = teacher_lib.load_teacher(config.teacher)
     if config.dataset.name:
-        loaded = _load_dataset(config)
+        loaded = data_lib.load_from_config(config.dataset)
         teacher_lib.check_teacher(teacher, loaded)
         dataset = DataContract.of_dataset(loaded)
     else:  # ImageNet-scale data: the teacher's recorded contract, no images read

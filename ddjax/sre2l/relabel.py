@@ -1119,12 +1119,7 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
     )
     teacher = teacher_lib.load_teacher(config.teacher)
     if config.dataset.name:
-        dataset = data_lib.load_dataset(
-            config.dataset.name,
-            data_dir=config.dataset.data_dir or None,
-            zca=config.dataset.zca,
-            normalisation=config.dataset.get("normalisation") or None,
-        )
+        dataset = data_lib.load_from_config(config.dataset)
         teacher_lib.check_teacher(teacher, dataset)
     else:
         check(

@@ -678,12 +678,7 @@ def run_squeeze(
     check_squeezable(config.dataset.name)
     check(not config.dataset.zca, _NO_ZCA)  # before loading: a ZCA fit is not free
     settings = settings_from_config(config)
-    dataset = data_lib.load_dataset(
-        config.dataset.name,
-        data_dir=config.dataset.data_dir or None,
-        zca=config.dataset.zca,
-        normalisation=config.dataset.get("normalisation") or None,
-    )
+    dataset = data_lib.load_from_config(config.dataset)
     check_settings(settings, dataset)
     work = Workdir(workdir, config, "squeeze")
     teacher_dir = work.file(TEACHER_DIR)
