@@ -116,7 +116,8 @@ def main():
             )
             workdir = Path(args.root) / f"{args.dataset}_{method}_{ipc}"
             stages.run_select(config, str(workdir))
-            result = json.loads((workdir / "results.json").read_text())["eval"]["ConvNet"]
+            evals = json.loads((workdir / "results.json").read_text())["eval"]
+            result = evals[args.model or "ConvNet"]
             published = PUBLISHED.get(args.dataset, {}).get(method, {}).get(ipc, "–")
             rows.append({"method": method, "ipc": ipc, **result, "published": published})
 
