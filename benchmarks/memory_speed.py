@@ -77,7 +77,7 @@ MTT_PYTORCH_CPU = {
 # --------------------------------------------------------------------------------------------
 
 
-def _problem(preset: str, num_steps: int):
+def _problem(preset: str, num_steps: int, conv_grad: str = "fast"):
     """Images, labels, start/target params and the schedule of one iteration (as arrays)."""
     import jax
     import jax.numpy as jnp
@@ -85,6 +85,7 @@ def _problem(preset: str, num_steps: int):
     from ddjax import models
     from ddjax.distill import matching
 
+    models.FAST_CPU_CONV_GRAD = conv_grad == "fast"
     spec = PRESETS[preset]
     shape, num_classes = spec["image_shape"], spec["num_classes"]
     model = models.get_model("ConvNet", num_classes, shape, width=WIDTH)
@@ -147,7 +148,7 @@ def worker_match(opts: dict) -> dict:
     import jax
 
     num_steps, mode, loop = opts["n"], opts["mode"], _loop_value(opts["loop"])
-    model, args, key = _problem(opts["preset"], num_steps)
+    model, args, key = _problem(opts["preset"], num_steps, opts["conv_grad"])
     rss_setup, _ = _peak_memory_bytes()
     row = {"n": num_steps, "mode": mode, "loop": opts["loop"], "load_before": os.getloadavg()[0]}
 
@@ -203,7 +204,7 @@ def worker_train(opts: dict) -> dict:
 
     from ddjax import augment, train
 
-    model, args, key = _problem(opts["preset"], 1)
+    model, args, key = _problem(opts["preset"], 1, opts["conv_grad"])
     images, labels = args[0], args[1]
     spec = PRESETS[opts["preset"]]
     tx = train.sgd(INNER_LR)
@@ -270,6 +271,12 @@ def _seconds(value) -> str:
     return f"{value:.3g}"
 
 
+_CONV_GRAD = {
+    "fast": "ddjax's (`models.FAST_CPU_CONV_GRAD`, on CPU)",
+    "xla": "XLA's own",
+}
+
+
 def _markdown(report: dict, out: Path) -> str:
     env, settings, rows = report["environment"], report["settings"], report["rows"]
     cpu = env["device"].startswith("cpu")
@@ -285,7 +292,8 @@ def _markdown(report: dict, out: Path) -> str:
         f"{env['python']}. Loop form: `{settings['loop']}` for timed rows, `{settings['aot_loop']}`"
         f" for memory-only rows. Median of {settings['repeats']} timed iterations after one "
         "warm-up, each configuration in a fresh process. XLA_FLAGS: "
-        f"`{settings['xla_flags'] or '(none)'}`.",
+        f"`{settings['xla_flags'] or '(none)'}`. Convolution gradients: "
+        f"{_CONV_GRAD[settings.get('conv_grad', 'xla')]}.",
         "",
         "| N | mode | s / iter | CPU s / iter | temp MiB (loop) | "
         f"{peak_label} | ratio to N train steps | compile s | note |",
@@ -453,6 +461,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-run-temp-gib", type=float, default=12.0)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
+    parser.add_argument(
+        "--conv-grad",
+        choices=("fast", "xla"),
+        default="fast",
+        help="CPU convolution gradients: ddjax's (models.FAST_CPU_CONV_GRAD) or XLA's own",
+    )
     parser.add_argument("--note", action="append", default=[], help="a line for the Markdown")
     parser.add_argument("--out", default=None)
     parser.add_argument(
@@ -506,6 +520,7 @@ def main() -> None:
                 "repeats": args.repeats,
                 "max_run_temp_gib": args.max_run_temp_gib,
                 "run": n in run_ns,
+                "conv_grad": args.conv_grad,
             }
             row = _spawn("match", opts, args.timeout)
             row = {"n": n, "mode": mode, "loop": opts["loop"], **row}
@@ -513,7 +528,12 @@ def main() -> None:
                 if train_row is None:
                     train_row = _spawn(
                         "train",
-                        {"preset": args.preset, "n": n, "repeats": args.repeats},
+                        {
+                            "preset": args.preset,
+                            "n": n,
+                            "repeats": args.repeats,
+                            "conv_grad": args.conv_grad,
+                        },
                         args.timeout,
                     )
                     train_rows.append(train_row)
@@ -551,6 +571,7 @@ def main() -> None:
             "max_run_temp_gib": args.max_run_temp_gib,
             "run_ns": sorted(run_ns),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "conv_grad": args.conv_grad,
             "wall_s": time.perf_counter() - started,
         },
         "environment": environment(),

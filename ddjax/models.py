@@ -35,6 +35,10 @@ Conventions every caller relies on:
   normalisation γ = 1, β = 0, running mean 0 and variance 1.
 * **Counting**: ``count_params(variable_shapes(model, image_shape))`` counts trainable
   parameters without allocating or compiling anything.
+* **Convolution gradients on CPU.** Stride-1 convolutions differentiate through
+  :func:`conv_nhwc`, whose backward pass is written as a forward-layout convolution (input
+  gradient) and per-tap matrix products (kernel gradient). The forward pass is XLA's convolution
+  unchanged; on GPUs and TPUs every convolution is XLA's (:data:`FAST_CPU_CONV_GRAD`).
 * **PyTorch interchange** (numpy only; torch is never imported): :func:`to_torch_state_dict` /
   :func:`from_torch_state_dict` use the exact ``state_dict`` key names of MTT's ``networks.py``
   (or torchvision's for ResNet-18 with ``key_style='torchvision'``), and
@@ -103,6 +107,100 @@ def _uniform(bound: float) -> Callable[..., jax.Array]:
     return init
 
 
+#: Route the gradients of stride-1 convolutions through :func:`conv_nhwc` when JAX's default
+#: backend is the CPU. XLA:CPU lowers the transposed convolutions of a convolution's gradient (and,
+#: in trajectory matching, of the gradient's gradient) to slow generic kernels; written as
+#: forward-layout convolutions and matrix products they take 2-2.5x less time for a ConvNet's
+#: first- and second-order gradients (benchmarks/memory_speed.py). Same values up to float
+#: rounding (float64: 1e-15). Set to False to compare against XLA's own gradient.
+FAST_CPU_CONV_GRAD = True
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_nhwc(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], ...]) -> jax.Array:
+    """A stride-1 NHWC/HWIO convolution whose gradient is built from fast CPU kernels.
+
+    Forward: ``lax.conv_general_dilated`` (cross-correlation, as PyTorch). Backward: the input
+    gradient is the stride-1 convolution of the output gradient with the spatially flipped,
+    in/out-swapped kernel (itself a :func:`conv_nhwc`, so second-order gradients stay on the fast
+    path); the kernel gradient is one ``(C_in, C_out)`` matrix product per kernel tap.
+
+    Args:
+      x: ``(N, H, W, C_in)``.
+      kernel: ``(kh, kw, C_in, C_out)``.
+      padding: ``((top, bottom), (left, right))``; negative values crop (used by the gradient of
+        a convolution padded by more than ``k - 1``).
+    """
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
+
+
+def _conv_nhwc_fwd(x, kernel, padding):
+    return conv_nhwc(x, kernel, padding), (x, kernel)
+
+
+def _conv_nhwc_bwd(padding, residuals, dy):
+    x, kernel = residuals
+    kh, kw = kernel.shape[:2]
+    (top, bottom), (left, right) = padding
+    flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+    dx = conv_nhwc(dy, flipped, ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)))
+    zero = jnp.zeros((), x.dtype)
+    xp = jax.lax.pad(x, zero, ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+    ho, wo = dy.shape[1], dy.shape[2]
+    taps = [
+        jnp.einsum("nhwc,nhwo->co", xp[:, i : i + ho, j : j + wo, :], dy)
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return dx, jnp.stack(taps).reshape(kernel.shape)
+
+
+conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+
+
+def _conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    **kwargs,
+):
+    """``lax.conv_general_dilated`` for ``nn.Conv``: :func:`conv_nhwc` where it applies."""
+    plain = (
+        FAST_CPU_CONV_GRAD
+        and jax.default_backend() == "cpu"
+        and lhs.ndim == 4
+        and tuple(window_strides) == (1, 1)
+        and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+        and feature_group_count == 1
+        and precision is None
+        and not kwargs
+        and not isinstance(padding, str)
+        and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    )
+    if plain:
+        return conv_nhwc(lhs, rhs, tuple((int(lo), int(hi)) for lo, hi in padding))
+    return jax.lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        precision=precision,
+        **kwargs,
+    )
+
+
 def _conv(
     x: jax.Array,
     features: int,
@@ -134,6 +232,7 @@ def _conv(
         use_bias=use_bias,
         kernel_init=kernel_init,
         bias_init=_uniform(bound),
+        conv_general_dilated=_conv_general_dilated,
         name=name,
     )(x)
 

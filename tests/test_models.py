@@ -606,3 +606,73 @@ def test_vgg11_and_alexnet_match_pytorch_on_grey_28px(torch_nets):
     for name in ("VGG11", "AlexNet"):
         model = models.get_model(name, 5, shape)
         _compare(torch, nets[name](1, 5), model, _random_variables(model, shape), shape)
+
+
+def _xla_conv(x, kernel, padding):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@pytest.mark.parametrize(
+    ("kernel_size", "padding"),
+    [
+        (3, ((1, 1), (1, 1))),
+        (3, ((3, 3), (3, 3))),  # MTT's padding of 1-channel images: more than k - 1
+        (3, ((0, 2), (1, 0))),
+        (1, ((0, 0), (0, 0))),
+        (5, ((0, 0), (2, 2))),
+    ],
+)
+def test_cpu_conv_gradients_equal_xlas_to_second_order(kernel_size, padding):
+    """conv_nhwc's hand-written backward gives XLA's first and second derivatives (float64)."""
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(2, 7, 6, 3)))
+        kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 3, 4)))
+        np.testing.assert_array_equal(
+            models.conv_nhwc(x, kernel, padding), _xla_conv(x, kernel, padding)
+        )
+
+        def first(conv):  # a scalar of the first derivatives, as trajectory matching needs
+            def f(x, kernel):
+                gx, gk = jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k, padding))), (0, 1))(
+                    x, kernel
+                )
+                return jnp.sum(gx**2) + jnp.sum(gk * jnp.cos(gk))
+
+            return f
+
+        for argnum in (0, 1):
+            ours = jax.grad(first(models.conv_nhwc), argnum)(x, kernel)
+            xla = jax.grad(first(_xla_conv), argnum)(x, kernel)
+            np.testing.assert_allclose(ours, xla, rtol=1e-10, atol=1e-10)
+    assert jnp.ones(()).dtype == jnp.float32  # x64 is off again
+
+
+def test_models_use_the_fast_cpu_conv_gradient_only_where_it_applies(monkeypatch):
+    """Stride-1 convs go through conv_nhwc on CPU, ResNet's stride-2 convs do not, the flag
+    switches it off, and the gradients agree either way."""
+    model = models.ResNet18(num_classes=3, width=4, norm="batch")
+    shape = (16, 16, 3)
+    variables = _random_variables(model, shape)
+    x = jnp.asarray(_images(shape))
+
+    def fast_convs():
+        jaxpr = jax.make_jaxpr(lambda x: model.apply(variables, x))(x)
+        return sum("custom_vjp" in eqn.primitive.name for eqn in jaxpr.eqns)
+
+    def loss(params):
+        logits, _ = model.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(logits**2)
+
+    # 14 stride-1 3x3 convs: the stem and 16 in the blocks, less the 3 with stride 2; none of
+    # the 1x1 stride-2 shortcuts.
+    assert fast_convs() == 14
+    fast = jax.grad(loss)(variables["params"])
+    monkeypatch.setattr(models, "FAST_CPU_CONV_GRAD", False)
+    assert fast_convs() == 0
+    slow = jax.grad(loss)(variables["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), fast, slow)
