@@ -129,6 +129,8 @@ def main():
     )
     if args.train_limit:
         protocol += f"; train set limited to {args.train_limit} images (balanced)"
+    if args.distill:
+        protocol += f"; distill overrides: {' '.join(args.distill)}"
     for method, prefix in DISTILL_CONFIGS.items():
         if method in args.methods:
             protocol += (

@@ -29,9 +29,14 @@ def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
     return data_lib.load_from_config(config.dataset)
 
 
-def check_eval(eval_config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> None:
-    """Validates ``config.eval`` before any work is done (nothing half-written on bad input)."""
-    evaluate_lib.get_protocol(
+def check_eval(
+    eval_config: ml_collections.ConfigDict,
+    dataset: data_lib.Dataset,
+    synset: SyntheticSet | None = None,
+) -> None:
+    """Validates ``config.eval`` (and the set it will evaluate, if given) before any work is
+    done (nothing half-written on bad input)."""
+    protocol = evaluate_lib.get_protocol(
         eval_config.protocol,
         epochs=eval_config.epochs,
         batch_size=eval_config.batch_size,
@@ -44,6 +49,8 @@ def check_eval(eval_config: ml_collections.ConfigDict, dataset: data_lib.Dataset
     check(len(eval_config.models) >= 1, "config.eval.models is empty; e.g. ConvNet,ResNet18")
     for name in eval_config.models:
         models_lib.get_model(name, dataset.num_classes, dataset.image_shape)
+    if synset is not None and protocol.augment == "combined":
+        evaluate_lib.num_distilled(synset)  # SelMatch's combined augmentation needs the split
 
 
 def evaluate_into(
@@ -141,7 +148,7 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     kd_config = config.get("kd")
     if kd_config is not None and kd_config.teacher:
         return _evaluate_kd(config, workdir, synset, dataset)
-    check_eval(config.eval, dataset)
+    check_eval(config.eval, dataset, synset)
     work = Workdir(workdir, config, "evaluate")
     return evaluate_into(work, synset, dataset, config.eval)
 

@@ -135,6 +135,26 @@ def test_train_limit_draws_from_the_limited_set_and_old_workdirs_resume(tmp_path
     assert code == 2 and "dataset.train_limit: '<missing>' -> 60" in err
 
 
+def test_combined_augmentation_on_a_set_without_a_distilled_part_writes_nothing(tmp_path, capsys):
+    select = ["select", "--config", "configs/select/digits.py", "--config.ipc=1"]
+    argv = [*select, "--config.evaluate=False", "--workdir", str(tmp_path / "sel")]
+    assert run(argv, capsys)[0] == 0
+    code, _, err = run(
+        [
+            "evaluate",
+            "--config",
+            "configs/evaluate/digits.py",
+            f"--config.synset={tmp_path / 'sel' / 'synset.npz'}",
+            "--config.eval.protocol=selmatch",
+            "--workdir",
+            str(tmp_path / "ev"),
+        ],
+        capsys,
+    )
+    assert code == 2 and "meta['num_distilled']" in err and "selmatch_dsa" in err, err
+    assert not (tmp_path / "ev").exists()
+
+
 def test_missing_files_are_named(tmp_path, capsys):
     code, _, err = run(
         [
