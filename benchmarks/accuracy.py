@@ -158,7 +158,8 @@ def main():
         "Distillation rows: the best evaluation (ddjax), the set at iteration 0 (its "
         "initialisation) and the last iteration's set.",
         "",
-        "| method | IPC | ddjax (%) | iteration 0 (%) | last (%) | published (%) | seconds |",
+        "| method | IPC | ddjax (%) | iteration 0 (%) | last (%) | published (%) | seconds "
+        "(this invocation; resumed cells only reload) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
