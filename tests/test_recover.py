@@ -350,6 +350,8 @@ def test_step_traces_once_and_clipping_keeps_valid_pixels():
 def _sharded_batch(tmp_path=None):
     """One batch of 8 recovered over all devices (data axis when there are several)."""
     model, variables = _bn_net(4, 2)
+    if jax.config.jax_enable_x64:  # the teacher in float64: the whole recovery runs in float64
+        variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
     settings = recover.RecoverSettings(**{**SETTINGS.__dict__, "iterations": 3})
     sharding = recover.batch_sharding_for(8)
     assert (sharding is None) == (jax.device_count() == 1)
@@ -372,14 +374,21 @@ def _sharded_batch(tmp_path=None):
 
 
 def test_eight_devices_give_the_same_images_and_loss_as_one(tmp_path):
-    """The batch split over 8 forced host devices: BN statistics stay whole-batch ones."""
+    """The batch split over 8 forced host devices: BN statistics stay whole-batch ones.
+
+    Both runs are float64: three Adam steps turn float32 reordering (~1e-7) into pixel
+    differences of ~1e-5 that depend on the CPU's vector width (AVX2 vs AVX-512), while in
+    float64 reordering stays ~1e-15, so a 1e-9 tolerance still catches any real difference
+    (e.g. per-device instead of whole-batch BN statistics, which differ by ~1e-1).
+    """
     script = textwrap.dedent(
         f"""
         import sys, pathlib
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         import jax, test_recover
         assert jax.device_count() == 8
-        test_recover._sharded_batch(pathlib.Path({str(tmp_path)!r}))
+        with jax.enable_x64(True):
+            test_recover._sharded_batch(pathlib.Path({str(tmp_path)!r}))
         """
     )
     env = dict(
@@ -389,9 +398,11 @@ def test_eight_devices_give_the_same_images_and_loss_as_one(tmp_path):
         [sys.executable, "-c", script], env=env, timeout=300, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    images, losses = _sharded_batch()  # this process has one device
-    np.testing.assert_allclose(np.load(tmp_path / "loss.npy"), losses, rtol=1e-5)
-    np.testing.assert_allclose(np.load(tmp_path / "images.npy"), images, atol=1e-5)
+    with jax.enable_x64(True):
+        images, losses = _sharded_batch()  # this process has one device
+    assert images.dtype == np.float64
+    np.testing.assert_allclose(np.load(tmp_path / "loss.npy"), losses, rtol=1e-9)
+    np.testing.assert_allclose(np.load(tmp_path / "images.npy"), images, rtol=0, atol=1e-9)
 
 
 # --------------------------------------------------------------------------------------------

@@ -365,13 +365,14 @@ def init_state(key: Array, num_images: int, image_shape: Sequence[int]) -> Recov
         (the first clip follows the first update).
     """
     noise_key, run_key = jax.random.split(key)
-    images = jax.random.normal(noise_key, (num_images, *image_shape), jnp.float32)
+    # float32, or float64 under ``jax_enable_x64`` (so a float64 teacher is matched in float64).
+    images = jax.random.normal(noise_key, (num_images, *image_shape), jnp.result_type(float))
     return RecoverState(images, _adam().init(images), jnp.zeros((), jnp.int32), run_key)
 
 
 def cosine_lr(step: Array | int, iterations: int, lr: float | Array) -> Array:
     """SRe2L's ``lr_cosine_policy(lr, 0, T)`` at iteration t: ``0.5·(1 + cos(πt/T))·lr``."""
-    return 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.asarray(step, jnp.float32) / iterations)) * lr
+    return 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.asarray(step, jnp.result_type(float)) / iterations)) * lr
 
 
 def multi_crop(images: Array, key: Array, settings: RecoverSettings) -> Array:
