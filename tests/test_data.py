@@ -453,6 +453,35 @@ def test_check_ipc_names_the_smallest_class(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+def test_a_registered_source_is_one_entry_and_gets_the_usual_treatment(monkeypatch):
+    # The seam a new source plugs into: one entry in data.SOURCES, raw splits out; the limits
+    # and normalisation are load_dataset's, the same as for the built-in sources.
+    calls = []
+
+    def load(name, argument, data_dir):
+        calls.append((name, argument, data_dir))
+        images = np.arange(6 * 2 * 2, dtype=np.uint8).reshape(6, 2, 2, 1)
+        labels = np.array([0, 1, 0, 1, 0, 1])
+        return data.Splits(images, labels, images[:2], labels[:2], ("a", "b"), "toy source")
+
+    monkeypatch.setitem(data.SOURCES, "toy", data.Source(load, takes_argument=True))
+    dataset = data.load_dataset("toy:option=1", data_dir="/somewhere", train_limit=4)
+    assert calls == [("toy", "option=1", "/somewhere")]
+    assert dataset.name == "toy:option=1" and dataset.class_names == ("a", "b")
+    np.testing.assert_array_equal(dataset.y_train, [0, 1, 0, 1])
+    pixels = np.arange(16, dtype=np.float32).reshape(4, 2, 2, 1) / 255  # computed constants
+    np.testing.assert_allclose(dataset.x_train.mean(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(dataset.to_pixels(dataset.x_train), pixels, atol=1e-6)
+
+    # A source without an argument answers to its bare name only; 'NAME:x' goes to TFDS.
+    monkeypatch.setitem(data.SOURCES, "toy", data.Source(load))
+    data.load_dataset("toy")
+    assert calls[-1] == ("toy", "", None)
+    with pytest.raises(DDJaxError, match="toy:x"):
+        data.load_dataset("toy:x")
+    assert len(calls) == 2
+
+
 def test_synthetic_defaults_options_and_determinism():
     dataset = data.load_dataset("synthetic")
     assert dataset.x_train.shape == (640, 16, 16, 3) and dataset.x_test.shape == (320, 16, 16, 3)
