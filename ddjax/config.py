@@ -40,16 +40,18 @@ def resolve_path(path: str) -> Path:
     )
 
 
-def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Loads ``get_config()`` from ``path`` and applies ``--config.key=value`` overrides.
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``'configs/distill/mtt.py:cifar10,ipc=10'`` → ``('configs/distill/mtt.py', 'cifar10,ipc=10')``.
 
-    Args:
-      path: a ``.py`` file defining ``get_config()``.
-      overrides: ``"key=value"`` strings (the part after ``--config.``).
-
-    Returns:
-      The config, locked (no new fields can be added by mistake).
+    The part after ``.py:`` is the argument of ``get_config(arg)`` (big_vision's convention);
+    without it ``get_config()`` is called with no argument.
     """
+    path, sep, arg = spec.partition(".py:")
+    return (path + ".py", arg) if sep else (spec, None)
+
+
+def import_config(path: str):
+    """Imports a config file as a module (so one family file can build on another's fields)."""
     file = resolve_path(path)
     spec = importlib.util.spec_from_file_location(f"ddjax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
@@ -58,7 +60,33 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     except Exception as e:  # a config file is user code: report it in one line
         raise DDJaxError(f"config file {file} failed to load: {type(e).__name__}: {e}") from None
     check(hasattr(module, "get_config"), f"config file {file} has no get_config() function")
-    config = module.get_config()
+    return module
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads ``get_config()`` (or ``get_config(arg)``) and applies ``--config.key=value`` overrides.
+
+    Args:
+      spec: a ``.py`` file defining ``get_config()``, or ``FILE.py:ARG`` for a config family
+        whose ``get_config(arg)`` picks a row of its table (e.g. ``distill/mtt.py:cifar10,ipc=10``).
+      overrides: ``"key=value"`` strings (the part after ``--config.``).
+
+    Returns:
+      The config, locked (no new fields can be added by mistake).
+    """
+    path, arg = split_spec(spec)
+    module = import_config(path)
+    file = resolve_path(path)
+    try:
+        config = module.get_config() if arg is None else module.get_config(arg)
+    except DDJaxError:
+        raise
+    except Exception as e:  # user code: one line, never a traceback
+        hint = " (a config family: add :ARG, see its docstring)" if arg is None else ""
+        raise DDJaxError(
+            f"config file {file}: get_config({'' if arg is None else repr(arg)}) failed: "
+            f"{type(e).__name__}: {e}{hint}"
+        ) from None
     check(
         isinstance(config, ml_collections.ConfigDict),
         f"get_config() in {file} must return an ml_collections.ConfigDict",
@@ -67,6 +95,24 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         apply_override(config, item)
     config.lock()
     return config
+
+
+def family_arg(arg: str, table: dict, file: str) -> tuple[str, int]:
+    """Parses a family argument ``'DATASET,ipc=K'`` against a table keyed by ``(dataset, ipc)``.
+
+    Raises:
+      DDJaxError: a malformed argument or a row the table does not have (listing them).
+    """
+    rows = ", ".join(f"{d},ipc={k}" for d, k in table)
+    dataset, _, rest = arg.partition(",")
+    key, _, value = rest.partition("=")
+    check(
+        key.strip() == "ipc" and value.strip().isdigit(),
+        f"{file}: argument {arg!r} must look like DATASET,ipc=K; rows: {rows}",
+    )
+    row = (dataset.strip(), int(value))
+    check(row in table, f"{file}: no published row {arg!r}; rows: {rows}")
+    return row
 
 
 def parse_value(text: str):

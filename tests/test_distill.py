@@ -16,27 +16,31 @@ import numpy as np
 import pytest
 
 from ddjax import models
-from ddjax.distill import matching, mtt
+from ddjax.distill import core, matching
 from ddjax.errors import DDJaxError
 
 IMAGE_SHAPE = (8, 8, 1)
 NUM_CLASSES = 3
 IPC = 2
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-CONFIG = mtt.StepConfig(
+CONFIG = core.StepConfig(
     syn_steps=2,
     expert_epochs=1,
     max_start_epoch=2,
     batch_syn=4,
     lr_img=10.0,
     lr_lr=1e-3,
-    dsa_strategy="crop_flip",
 )
 
 
 @functools.cache
 def _model():
     return models.get_model("ConvNet", NUM_CLASSES, IMAGE_SHAPE, width=3, depth=1, norm="none")
+
+
+@functools.cache
+def _inner(batch_sharding=None):
+    return matching.InnerLoop(_model(), dsa_strategy="crop_flip", batch_sharding=batch_sharding)
 
 
 @functools.cache
@@ -60,12 +64,12 @@ def _state(config=CONFIG, seed=0):
     rng = np.random.default_rng(seed)
     images = rng.normal(size=(NUM_CLASSES * IPC, *IMAGE_SHAPE)).astype(np.float32)
     labels = np.repeat(np.arange(NUM_CLASSES), IPC).astype(np.int32)
-    return mtt.init_state(images, labels, 0.01, jax.random.PRNGKey(seed), config)
+    return core.init_state(images, labels, 0.01, jax.random.PRNGKey(seed), config)
 
 
 @functools.cache
 def _step(config=CONFIG, donate=False):
-    return mtt.make_distill_step(_model(), config, donate=donate, compiler_options=FAST_COMPILE)
+    return core.make_distill_step(_inner(), config, donate=donate, compiler_options=FAST_COMPILE)
 
 
 def test_step_is_mtt_update_with_momentum():
@@ -86,7 +90,7 @@ def test_step_is_mtt_update_with_momentum():
         indices, mask = matching.inner_batch_indices(batch_key, len(images), 4, 2)
         loss, grads = matching.match_loss_and_grads(
             jnp.asarray(images), current.labels, lr, start, target, indices, mask,
-            model=_model(), augment_key=augment_key, dsa_strategy="crop_flip",
+            inner=_inner(), augment_key=augment_key,
         )  # fmt: skip
         if expert == 1:
             np.testing.assert_allclose(metrics["loss"], loss, rtol=2e-4)
@@ -106,7 +110,7 @@ def test_step_is_mtt_update_with_momentum():
 
 def test_step_traces_once_across_iterations_and_experts():
     """New experts, a new subset of trajectories and new states reuse the one compiled step."""
-    step = mtt.make_distill_step(_model(), CONFIG, compiler_options=FAST_COMPILE)
+    step = core.make_distill_step(_inner(), CONFIG, compiler_options=FAST_COMPILE)
     state = _state()
     trajectories = _trajectories()
     other_subset = jax.tree.map(lambda a: a[::-1] + 0.0, trajectories)
@@ -148,27 +152,27 @@ def test_lr_floor_keeps_the_learned_lr_positive():
 
 def test_step_config_validation_messages():
     with pytest.raises(DDJaxError, match="syn_steps"):
-        mtt.StepConfig(syn_steps=0).validate(10)
+        core.StepConfig(syn_steps=0).validate()
     with pytest.raises(DDJaxError, match="needs experts trained for at least 28 epochs"):
-        mtt.StepConfig(max_start_epoch=25, expert_epochs=3).validate(10, num_snapshots=21)
+        core.StepConfig(max_start_epoch=25, expert_epochs=3).validate(num_snapshots=21)
     with pytest.raises(DDJaxError, match="mode="):
-        mtt.StepConfig(mode="fast").validate(10)
+        matching.InnerLoop(_model(), mode="fast").validate()
     with pytest.raises(DDJaxError, match="lr_floor"):
-        mtt.StepConfig(lr_floor=-1.0).validate(10)
+        core.StepConfig(lr_floor=-1.0).validate()
 
 
 def test_expert_schedule_passes_and_subsets():
-    schedule = mtt.ExpertSchedule(num_experts=5, subset_size=2, seed=3)
+    schedule = core.ExpertSchedule(num_experts=5, subset_size=2, seed=3)
     used = [schedule.subset(i) for i in range(10)]
     first_pass = [members[within] for _, members, within in used[:5]]
     second_pass = [members[within] for _, members, within in used[5:]]
     assert sorted(first_pass) == list(range(5)) == sorted(second_pass)
     # Subsets of 2, 2 and 1 experts per pass; the iteration alone determines the expert.
     assert [len(members) for _, members, _ in used[:5]] == [2, 2, 2, 2, 1]
-    again = mtt.ExpertSchedule(num_experts=5, subset_size=2, seed=3)
+    again = core.ExpertSchedule(num_experts=5, subset_size=2, seed=3)
     assert [again.subset(i)[1][again.subset(i)[2]] for i in range(10)] == first_pass + second_pass
     with pytest.raises(DDJaxError, match="experts_in_memory"):
-        mtt.ExpertSchedule(num_experts=5, subset_size=0)
+        core.ExpertSchedule(num_experts=5, subset_size=0)
 
 
 _DEVICE_SCRIPT = textwrap.dedent(
@@ -179,7 +183,7 @@ _DEVICE_SCRIPT = textwrap.dedent(
     from jax.sharding import NamedSharding, PartitionSpec as P
     import test_distill as t
     from ddjax import sharding
-    from ddjax.distill import mtt
+    from ddjax.distill import core
     n = jax.device_count()
     batch_sharding = None
     state, trajectories = t._state(), t._trajectories()
@@ -188,8 +192,8 @@ _DEVICE_SCRIPT = textwrap.dedent(
         batch_sharding = NamedSharding(mesh, P("data"))
         state = sharding.replicate(state, mesh)
         trajectories = sharding.replicate(trajectories, mesh)
-    config = mtt.StepConfig(**{{**t.CONFIG.__dict__, "batch_syn": 8, "syn_steps": 3}})
-    step = mtt.make_distill_step(t._model(), config, batch_sharding=batch_sharding)
+    config = core.StepConfig(**{{**t.CONFIG.__dict__, "batch_syn": 8, "syn_steps": 3}})
+    step = core.make_distill_step(t._inner(batch_sharding), config)
     for e in range(2):
         state, metrics = step(state, trajectories, jnp.int32(e))
     np.save({out!r} + f"/images_{{n}}.npy", np.asarray(jax.device_get(state.images)))
@@ -245,9 +249,9 @@ def experts_dir(tmp_path_factory):
 
 
 def _run_config(experts_path, **overrides):
-    from ddjax.distill.run import distill_config
+    from ddjax.config import import_config
 
-    config = distill_config(
+    config = import_config("distill/mtt.py").mtt_fields(
         DATA,
         ipc=2,
         syn_steps=2,
@@ -306,7 +310,7 @@ def _initial_images(config):
         ({"model": "ConvNetW4"}, "model"),
         ({"dataset.zca": True}, "ZCA|zca"),
         ({"max_start_epoch": 3}, "epochs"),
-        ({"method": "selmatch"}, "start from selmatch_config"),
+        ({"method": "selmatch"}, "start from configs/distill/selmatch.py"),
         ({"experts_dir": ""}, "experts_dir"),
     ],
 )
@@ -322,7 +326,7 @@ def test_bad_runs_are_refused_before_any_work(experts_dir, tmp_path, overrides, 
 def test_cli_distill_bad_input_exits_2_with_one_line(experts_dir, tmp_path, capsys):
     from ddjax import cli
 
-    base = ["distill", "--config", "configs/distill/digits_ipc1.py", "--workdir"]
+    base = ["distill", "--config", "configs/distill/mtt.py:digits,ipc=1", "--workdir"]
     cases = [
         ([], "config.experts_dir is empty"),
         ([f"--config.experts_dir={experts_dir}"], "this run uses 'digits'"),

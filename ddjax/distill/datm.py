@@ -2,7 +2,8 @@
 
 "Towards Lossless Dataset Distillation via Difficulty-Aligned Trajectory Matching" changes MTT
 in four ways (``research/trajectory_matching.md`` §3.1; code ``NUS-HPC-AI-Lab/DATM``
-``distill/DATM.py``), all of which are options of :mod:`ddjax.distill.mtt`'s one step:
+``distill/DATM.py``), all of which are hooks of the :class:`DATM` plug-in on MTT's core step
+(:mod:`ddjax.distill.core`):
 
 1. **Matching range** [T⁻, T⁺]: the start epoch is drawn from {T⁻, …, UpperBound − 1}
    (``np.random.randint(min_start_epoch, Upper_Bound)``) instead of {0, …, T⁺ − 1}; small IPC
@@ -36,29 +37,31 @@ Deliberate differences from the release:
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from ddjax import augment as augment_lib
+from ddjax import select as select_lib
 from ddjax.data import Dataset
-from ddjax.distill import matching, soft_labels
+from ddjax.distill import soft_labels
+from ddjax.distill.method import InitContext
+from ddjax.distill.mtt import MTT
 from ddjax.errors import check
 
 __all__ = [
+    "DATM",
     "INITS",
     "SCAN_BATCH_SIZE",
     "average_correct_logits",
     "initial_set",
     "label_optimizer",
-    "match_loss_and_grads_with_label_logits",
-    "match_loss_with_label_logits",
     "sample_start_epoch",
     "select_correctly_predicted",
     "start_epoch_upper_bound",
@@ -166,117 +169,6 @@ def label_optimizer(lr_y: float, momentum: float = 0.9) -> optax.GradientTransfo
     ``buf = g``: the same buffer; the update is ``−lr_y · buf``.
     """
     return optax.sgd(lr_y, momentum=momentum or None)
-
-
-def match_loss_with_label_logits(
-    images: Array,
-    label_logits: Array,
-    inner_lr: Array | float,
-    start_params: Params,
-    target_params: Params,
-    batch_indices: Array,
-    batch_mask: Array,
-    *,
-    model: nn.Module,
-    augment_key: Array | None = None,
-    mode: str = "remat",
-    remat_every: int | None = None,
-    loop: matching.Loop = "unrolled",
-    dsa_strategy: str = augment_lib.DEFAULT_STRATEGY,
-    batch_sharding: jax.sharding.Sharding | None = None,
-) -> Array:
-    """MTT's matching loss with DATM's learnable labels: targets softmax(y) of logits y.
-
-    The inner loop's loss is the masked mean of Σ_k −softmax(y_j)_k log_softmax(f(A(x_j)))_k
-    over the minibatch, i.e. DATM's ``SoftCrossEntropy`` (Guo et al. 2024, ``DATM.py``);
-    everything else is :func:`ddjax.distill.matching.match_loss` (same arguments, with
-    ``label_logits`` ``[M, num_classes]`` in place of the labels).
-
-    The gradient w.r.t. y is softmax's Jacobian applied to the gradient w.r.t. the
-    probabilities. In ``mode='tesla'`` the latter is TESLA's per-step VJP w.r.t. the labels
-    of each minibatch (``DATM_tesla.py`` differentiates its ``total_term`` w.r.t. the logit
-    slices through ``SoftCrossEntropy``); the Jacobian is linear and depends on y only, so
-    applying it after summing over the steps gives the same gradient.
-    """
-    check(
-        jnp.ndim(label_logits) == 2 and jnp.issubdtype(jnp.result_type(label_logits), jnp.floating),
-        f"label_logits must be float [num_images, num_classes], got shape "
-        f"{tuple(jnp.shape(label_logits))} and dtype {jnp.result_type(label_logits)}",
-    )
-    return matching.match_loss(
-        images,
-        soft_labels.label_probabilities(label_logits),
-        inner_lr,
-        start_params,
-        target_params,
-        batch_indices,
-        batch_mask,
-        model=model,
-        augment_key=augment_key,
-        mode=mode,
-        remat_every=remat_every,
-        loop=loop,
-        dsa_strategy=dsa_strategy,
-        batch_sharding=batch_sharding,
-    )
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("model", "mode", "remat_every", "loop", "dsa_strategy", "batch_sharding"),
-)
-def match_loss_and_grads_with_label_logits(
-    images: Array,
-    label_logits: Array,
-    inner_lr: Array | float,
-    start_params: Params,
-    target_params: Params,
-    batch_indices: Array,
-    batch_mask: Array,
-    *,
-    model: nn.Module,
-    augment_key: Array | None = None,
-    mode: str = "remat",
-    remat_every: int | None = None,
-    loop: matching.Loop = "unrolled",
-    dsa_strategy: str = augment_lib.DEFAULT_STRATEGY,
-    batch_sharding: jax.sharding.Sharding | None = None,
-) -> tuple[Array, matching.MatchGrads]:
-    """:func:`match_loss_with_label_logits` and its gradients w.r.t. images, y and α, jitted.
-
-    Like :func:`ddjax.distill.matching.match_loss_and_grads` (the configuration is static;
-    inside a larger jitted step the inner ``jit`` is inlined).
-
-    Returns:
-      ``(loss, MatchGrads(images, inner_lr, labels))`` with ``labels`` the gradient w.r.t.
-      the label logits ``[M, num_classes]``.
-    """
-    inner_lr = jnp.asarray(inner_lr)
-    if not jnp.issubdtype(inner_lr.dtype, jnp.floating):
-        inner_lr = inner_lr.astype(jnp.result_type(float))
-
-    def loss_fn(images: Array, label_logits: Array, inner_lr: Array) -> Array:
-        return match_loss_with_label_logits(
-            images,
-            label_logits,
-            inner_lr,
-            start_params,
-            target_params,
-            batch_indices,
-            batch_mask,
-            model=model,
-            augment_key=augment_key,
-            mode=mode,
-            remat_every=remat_every,
-            loop=loop,
-            dsa_strategy=dsa_strategy,
-            batch_sharding=batch_sharding,
-        )
-
-    loss, (image_grads, label_grads, lr_grad) = jax.value_and_grad(loss_fn, argnums=(0, 1, 2))(
-        images, label_logits, inner_lr
-    )
-    return loss, matching.MatchGrads(image_grads, lr_grad, label_grads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,8 +320,6 @@ def initial_set(
     Raises:
       DDJaxError: unknown ``init``, or too few correctly classified images.
     """
-    from ddjax import select as select_lib  # the coreset module (imported late: a sibling stage)
-
     check(init in INITS, f"config.init={init!r} for DATM: expected one of {list(INITS)}")
     check(
         0 <= label_expert < num_experts,
@@ -458,3 +348,151 @@ def initial_set(
         classes,
         average_correct_logits(logits, classes),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The plug-in
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DATM(MTT):
+    """DATM's hooks on MTT: the matching range, learned label logits and the threshold.
+
+    Attributes:
+      min_start_epoch: T⁻ [``min_start_epoch``].
+      current_max_start_epoch: T, the start epoch's bound at iteration 0 (sequential
+        generation), or ``None`` for a fixed bound T⁺ [``current_max_start_epoch``].
+      expansion_end_iteration: the iteration at which the bound reaches T⁺
+        [``expansion_end_epoch``].
+      lr_y: the label logits' learning rate [``lr_y``].
+      momentum_y: their SGD momentum [``Momentum_y``].
+      threshold: skip an update whose loss exceeds it, or ``None`` [``threshold``].
+    """
+
+    name: ClassVar[str] = "datm"
+    float_labels: ClassVar[bool] = True
+    inits: ClassVar[tuple[str, ...]] = INITS
+    label_kinds: ClassVar[tuple[str, ...]] = ("learned",)
+    #: DATM trains on softmax(y) of its learnable logits y (``SoftCrossEntropy``).
+    label_transform: ClassVar[Callable] = staticmethod(soft_labels.label_probabilities)
+
+    min_start_epoch: int = 0
+    current_max_start_epoch: int | None = None
+    expansion_end_iteration: int | None = None
+    lr_y: float = 2.0
+    momentum_y: float = 0.9
+    threshold: float | None = None
+
+    # ---------------------------------------------------------------- step hooks
+
+    def draw_start_epoch(self, key, iteration, max_start_epoch):
+        settings = dict(
+            max_start_epoch=max_start_epoch,
+            current_max_start_epoch=self.current_max_start_epoch,
+            expansion_end_iteration=self.expansion_end_iteration,
+        )
+        bound = start_epoch_upper_bound(iteration, **settings)
+        start_epoch = sample_start_epoch(
+            key, iteration, min_start_epoch=self.min_start_epoch, **settings
+        )
+        return start_epoch, bound
+
+    def label_optimizer(self) -> optax.GradientTransformation:
+        return label_optimizer(self.lr_y, self.momentum_y)
+
+    def within_bounds(self, loss):
+        # DATM steps its optimisers only `if grand_loss <= threshold` (NaN fails it too).
+        return loss <= self.threshold if self.threshold is not None else jnp.bool_(True)
+
+    # ---------------------------------------------------------------- run hooks
+
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict) -> None:
+        super().check_config(config)
+        t_min, t_max = config.min_start_epoch, config.max_start_epoch
+        check(
+            _is_int(t_min) and 0 <= t_min < t_max,
+            f"config.min_start_epoch={t_min!r} must be an integer in [0, max_start_epoch="
+            f"{t_max}) (the start epoch is drawn from min_start_epoch..upper bound - 1)",
+        )
+        current, end = config.current_max_start_epoch, config.expansion_end_iteration
+        if current is None:
+            check(
+                end is None,
+                f"config.expansion_end_iteration={end!r} is only used with sequential "
+                "generation (set config.current_max_start_epoch too, or unset it)",
+            )
+        else:
+            check(
+                _is_int(current) and t_min < current <= t_max,
+                f"config.current_max_start_epoch={current!r} must be an integer in "
+                f"(min_start_epoch={t_min}, max_start_epoch={t_max}]",
+            )
+            check(
+                _is_int(end) and end >= 1,
+                f"config.expansion_end_iteration={end!r} must be a positive integer with "
+                "sequential generation (config.current_max_start_epoch set)",
+            )
+        check(
+            config.lr_y is not None and config.lr_y > 0,
+            f"config.lr_y={config.lr_y!r} must be positive (the learned labels' learning rate)",
+        )
+        check(
+            0 <= config.momentum_y < 1, f"config.momentum_y={config.momentum_y} must be in [0, 1)"
+        )
+        check(
+            config.threshold is None or config.threshold > 0,
+            f"config.threshold={config.threshold} must be positive (or unset: never skip)",
+        )
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> DATM:
+        del num_classes
+        return cls(**cls._fields_of(config))
+
+    @staticmethod
+    def _fields_of(config: ml_collections.ConfigDict) -> dict:
+        return dict(
+            min_start_epoch=config.min_start_epoch,
+            current_max_start_epoch=config.current_max_start_epoch,
+            expansion_end_iteration=config.expansion_end_iteration,
+            lr_y=float(config.lr_y),
+            momentum_y=float(config.momentum_y),
+            threshold=None if config.threshold is None else float(config.threshold),
+        )
+
+    def initial_set(self, context: InitContext, key) -> tuple[np.ndarray, np.ndarray]:
+        """DATM's images and label logits from the experts (:func:`initial_set`).
+
+        The final snapshots are loaded one expert at a time, each once; DATM's "InitialAcc"
+        (how many initial labels' arg-max is the image's class) is logged as an ``init``
+        event.
+        """
+        del key
+        config = context.config
+        images, classes, label_logits = initial_set(
+            context.dataset,
+            config.ipc,
+            config.init,
+            model=context.model,
+            final_params=context.final_params,
+            num_experts=context.num_experts,
+            label_expert=context.label_expert,
+            seed=config.seed,
+        )
+        accuracy = float(np.mean(np.argmax(label_logits, axis=1) == classes))
+        context.log(init=config.init, label_accuracy=accuracy, experts=context.num_experts)
+        print(f"DATM init ({config.init}): initial labels' accuracy {100 * accuracy:.1f} %")
+        return images, label_logits
+
+    def saved_labels(self, labels: np.ndarray):
+        """softmax(y) as the set's (N, C) labels, the logits y saved beside it."""
+        logits = np.asarray(labels, np.float32)
+        probabilities = np.asarray(soft_labels.label_probabilities(logits), np.float32)
+        meta = {"labels": "softmax of the learned label logits (saved beside: *_label_logits.npy)"}
+        return probabilities, {"label_logits": logits}, meta
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

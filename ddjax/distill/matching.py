@@ -64,6 +64,7 @@ step on top of one step's working set); ``'unroll'`` grows by one step's activat
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 from collections.abc import Callable
@@ -82,6 +83,7 @@ from ddjax.errors import check
 __all__ = [
     "LOOPS",
     "MODES",
+    "InnerLoop",
     "MatchGrads",
     "from_mtt_flat",
     "inner_batch_indices",
@@ -96,6 +98,39 @@ Loop = str | int
 
 MODES = ("unroll", "remat", "tesla")
 LOOPS = ("unrolled", "rolled", "<positive int>")
+
+
+@dataclasses.dataclass(frozen=True)
+class InnerLoop:
+    """How the student trains inside one matching step: one frozen, hashable value.
+
+    Everything here is static (part of the compiled program): two equal ``InnerLoop`` values
+    share a compilation, and a different one compiles anew. Arrays (images, labels, α, expert
+    parameters, keys) are never part of it.
+
+    Attributes:
+        model: the student network (a ddjax Linen model; the experts' architecture).
+        mode: the gradient mode, ``'unroll'`` | ``'remat'`` | ``'tesla'`` (module docstring).
+        remat_every: block size k for nested checkpointing; ``mode='remat'`` only.
+        loop: ``'unrolled'`` | ``'rolled'`` | a positive int (module docstring).
+        dsa_strategy: DSA groups joined by ``'_'`` (MTT's ``dsa_strategy``); used only when a
+            step is given an augmentation key.
+        batch_sharding: where each step's minibatch lives, e.g.
+            ``NamedSharding(mesh, PartitionSpec('data'))`` to split it over the mesh's data
+            axis (``None``: leave the placement to XLA).
+    """
+
+    model: nn.Module
+    mode: str = "remat"
+    remat_every: int | None = None
+    loop: Loop = "unrolled"
+    dsa_strategy: str = augment_lib.DEFAULT_STRATEGY
+    batch_sharding: jax.sharding.Sharding | None = None
+
+    def validate(self) -> None:
+        """Raises a one-line ``DDJaxError`` for an unknown mode, loop or DSA group."""
+        _check_config(self.mode, self.remat_every, self.loop)
+        augment_lib.parse_strategy(self.dsa_strategy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,13 +440,8 @@ def inner_unroll(
     batch_indices: Array,
     batch_mask: Array,
     *,
-    model: nn.Module,
+    inner: InnerLoop,
     augment_key: Array | None = None,
-    mode: str = "remat",
-    remat_every: int | None = None,
-    loop: Loop = "unrolled",
-    dsa_strategy: str = augment_lib.DEFAULT_STRATEGY,
-    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> Params:
     """Trains the student for N SGD steps on the synthetic set and returns θ̂_N.
 
@@ -461,15 +491,9 @@ def inner_unroll(
         start_params: θ̂_0 = θ*_t, the expert's ``params`` at the start epoch.
         batch_indices: int ``[N, B]`` image indices per step (:func:`inner_batch_indices`).
         batch_mask: ``[N, B]`` weights, 1 for real entries and 0 for padding.
-        model: the student network (a ddjax Linen model).
+        inner: the student, gradient mode, loop form, DSA groups and batch placement
+            (:class:`InnerLoop`).
         augment_key: PRNG key for DSA; ``None`` turns augmentation off (MTT's ``--no_aug``).
-        mode: ``'unroll'`` | ``'remat'`` | ``'tesla'``.
-        remat_every: block size k for nested checkpointing; ``mode='remat'`` only.
-        loop: ``'unrolled'`` | ``'rolled'`` | a positive int (see the module docstring).
-        dsa_strategy: DSA groups joined by ``'_'`` (MTT's ``dsa_strategy``).
-        batch_sharding: where each step's minibatch lives, e.g.
-            ``NamedSharding(mesh, PartitionSpec('data'))`` to split it over the mesh's data
-            axis (``None``: leave the placement to XLA).
 
     Returns:
         θ̂_N, a pytree like ``start_params``.
@@ -478,12 +502,16 @@ def inner_unroll(
         DDJaxError: unknown ``mode``/``loop``/strategy, bad ``remat_every`` or mismatched
             shapes.
     """
-    _check_config(mode, remat_every, loop)
+    check(isinstance(inner, InnerLoop), f"inner must be an InnerLoop, got {type(inner).__name__}")
+    inner.validate()
     _check_shapes(images, labels, batch_indices, batch_mask)
-    augmenting = augment_key is not None and bool(augment_lib.parse_strategy(dsa_strategy))
-    student = _Student(model, dsa_strategy if augmenting else None, batch_sharding)
+    augmenting = augment_key is not None and bool(augment_lib.parse_strategy(inner.dsa_strategy))
+    student = _Student(
+        inner.model, inner.dsa_strategy if augmenting else None, inner.batch_sharding
+    )
     inner_lr = _as_learning_rate(inner_lr)
-    if mode == "tesla":
+    loop = inner.loop
+    if inner.mode == "tesla":
         config = _TeslaConfig(student, loop, labels_differentiable=_is_float(labels))
         return _tesla_unroll(
             config, images, labels, inner_lr, start_params, batch_indices, batch_mask, augment_key
@@ -497,8 +525,8 @@ def inner_unroll(
         batch_indices,
         batch_mask,
         augment_key,
-        remat=mode == "remat",
-        remat_every=remat_every,
+        remat=inner.mode == "remat",
+        remat_every=inner.remat_every,
         loop=loop,
     )
 
@@ -686,22 +714,23 @@ def match_loss(
     batch_indices: Array,
     batch_mask: Array,
     *,
-    model: nn.Module,
+    inner: InnerLoop,
     augment_key: Array | None = None,
-    mode: str = "remat",
-    remat_every: int | None = None,
-    loop: Loop = "unrolled",
-    dsa_strategy: str = augment_lib.DEFAULT_STRATEGY,
-    batch_sharding: jax.sharding.Sharding | None = None,
+    param_weights: Params | None = None,
 ) -> Array:
     """MTT's normalised parameter-matching loss (Cazenavette et al. 2022, §3; brief §1.1).
 
     L = ‖θ̂_N − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖², both squared norms summed over every
     parameter (MTT divides both by the parameter count, which cancels). θ̂_N is
     :func:`inner_unroll` from θ̂_0 = ``start_params``. Differentiable w.r.t. ``images``,
-    ``inner_lr`` and float ``labels``; ``mode`` picks the gradient (exact for ``'unroll'`` and
-    ``'remat'``, TESLA's estimator for ``'tesla'``). ``start_params`` and ``target_params`` are
-    expert snapshots and are treated as data.
+    ``inner_lr`` and float ``labels``; ``inner.mode`` picks the gradient (exact for
+    ``'unroll'`` and ``'remat'``, TESLA's estimator for ``'tesla'``). ``start_params`` and
+    ``target_params`` are expert snapshots and are treated as data.
+
+    With ``param_weights`` w (a pytree like the parameters, e.g. a 0/1 mask) both sums are
+    weighted, L = Σ w (θ̂_N − θ*_{t+M})² / Σ w (θ*_t − θ*_{t+M})²: a parameter of weight 0
+    gives the synthetic data no matching signal (PAD's parameter selection,
+    :mod:`ddjax.distill.pad`).
 
     Args:
         images: synthetic images ``[M, H, W, C]``.
@@ -711,25 +740,24 @@ def match_loss(
         target_params: θ*_{t+M}, the expert's ``params`` M epochs later.
         batch_indices: int ``[N, B]`` (:func:`inner_batch_indices`).
         batch_mask: ``[N, B]`` weights, 0 for padding.
-        model: the student network.
+        inner: the student and how it trains (:class:`InnerLoop`).
         augment_key: PRNG key for DSA in the inner loop, or ``None`` for no augmentation.
-        mode: ``'unroll'`` | ``'remat'`` | ``'tesla'`` (see :func:`inner_unroll`).
-        remat_every: nested-checkpoint block size (``mode='remat'`` only).
-        loop: ``'unrolled'`` | ``'rolled'`` | a positive int.
-        dsa_strategy: DSA groups joined by ``'_'``.
-        batch_sharding: placement of each inner minibatch (see :func:`inner_unroll`).
+        param_weights: per-parameter weights of both norms, or ``None`` (all 1: MTT).
 
     Returns:
         The scalar loss L.
 
     Raises:
-        DDJaxError: see :func:`inner_unroll`; also if start and target have different
-            structures.
+        DDJaxError: see :func:`inner_unroll`; also if start, target and weights have
+            different structures.
     """
+    structures = [jax.tree.structure(start_params), jax.tree.structure(target_params)]
+    if param_weights is not None:
+        structures.append(jax.tree.structure(param_weights))
     check(
-        jax.tree.structure(start_params) == jax.tree.structure(target_params),
-        "match_loss: start_params and target_params must have the same structure, got "
-        f"{jax.tree.structure(start_params)} and {jax.tree.structure(target_params)}",
+        all(s == structures[0] for s in structures),
+        "match_loss: start_params, target_params (and param_weights) must have the same "
+        f"structure, got {' and '.join(map(str, structures))}",
     )
     final_params = inner_unroll(
         images,
@@ -738,16 +766,11 @@ def match_loss(
         start_params,
         batch_indices,
         batch_mask,
-        model=model,
+        inner=inner,
         augment_key=augment_key,
-        mode=mode,
-        remat_every=remat_every,
-        loop=loop,
-        dsa_strategy=dsa_strategy,
-        batch_sharding=batch_sharding,
     )
-    distance = _tree_squared_distance(final_params, target_params)
-    expert_distance = _tree_squared_distance(start_params, target_params)
+    distance = _tree_squared_distance(final_params, target_params, param_weights)
+    expert_distance = _tree_squared_distance(start_params, target_params, param_weights)
     return distance / expert_distance
 
 
@@ -757,7 +780,8 @@ class MatchGrads(NamedTuple):
     Attributes:
         images: ``[M, H, W, C]``, like the synthetic images.
         inner_lr: a scalar, like the learning rate.
-        labels: like soft labels when they are float, else ``None`` (hard labels are fixed).
+        labels: like the labels when they are float (soft labels or label logits), else
+            ``None`` (hard labels are fixed).
     """
 
     images: Array
@@ -765,10 +789,7 @@ class MatchGrads(NamedTuple):
     labels: Array | None
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("model", "mode", "remat_every", "loop", "dsa_strategy", "batch_sharding"),
-)
+@functools.partial(jax.jit, static_argnames=("inner", "label_transform"))
 def match_loss_and_grads(
     images: Array,
     labels: Array,
@@ -778,26 +799,27 @@ def match_loss_and_grads(
     batch_indices: Array,
     batch_mask: Array,
     *,
-    model: nn.Module,
+    inner: InnerLoop,
     augment_key: Array | None = None,
-    mode: str = "remat",
-    remat_every: int | None = None,
-    loop: Loop = "unrolled",
-    dsa_strategy: str = augment_lib.DEFAULT_STRATEGY,
-    batch_sharding: jax.sharding.Sharding | None = None,
+    param_weights: Params | None = None,
+    label_transform: Callable[[Array], Array] | None = None,
 ) -> tuple[Array, MatchGrads]:
-    """:func:`match_loss` and its gradients, jitted (one compile per model and configuration).
+    """:func:`match_loss` and its gradients, jitted (one compile per ``inner`` and transform).
 
-    The configuration (``model``, ``mode``, ``remat_every``, ``loop``, ``dsa_strategy``) is
-    static: Flax modules are hashable dataclasses, so equal models share a compiled program.
-    Arrays (including ``inner_lr``) are traced, so a new learning rate does not recompile.
-    Inside a larger jitted step the inner ``jit`` is simply inlined.
+    ``inner`` is static: Flax modules are hashable dataclasses, so equal configurations share
+    a compiled program. Arrays (including ``inner_lr`` and ``param_weights``) are traced, so a
+    new learning rate does not recompile. Inside a larger jitted step the inner ``jit`` is
+    simply inlined.
 
     Args:
         images, labels, inner_lr, start_params, target_params, batch_indices, batch_mask:
-            as for :func:`match_loss`.
-        model, augment_key, mode, remat_every, loop, dsa_strategy, batch_sharding: as for
-            :func:`match_loss`.
+            as for :func:`match_loss`; with ``label_transform``, ``labels`` are what the
+            transform takes (e.g. DATM's label logits).
+        inner, augment_key, param_weights: as for :func:`match_loss`.
+        label_transform: a pure function from ``labels`` to the inner loop's targets (e.g.
+            softmax over classes for DATM's learnable logits,
+            :func:`ddjax.distill.soft_labels.label_probabilities`); the label gradient is then
+            w.r.t. ``labels`` themselves. ``None``: the labels are the targets.
 
     Returns:
         ``(loss, MatchGrads(images, inner_lr, labels))``; ``labels`` is ``None`` for integer
@@ -811,6 +833,8 @@ def match_loss_and_grads(
     inner_lr = _as_learning_rate(inner_lr)
 
     def loss_fn(images: Array, labels: Array, inner_lr: Array) -> Array:
+        if label_transform is not None:
+            labels = label_transform(labels)
         return match_loss(
             images,
             labels,
@@ -819,13 +843,9 @@ def match_loss_and_grads(
             target_params,
             batch_indices,
             batch_mask,
-            model=model,
+            inner=inner,
             augment_key=augment_key,
-            mode=mode,
-            remat_every=remat_every,
-            loop=loop,
-            dsa_strategy=dsa_strategy,
-            batch_sharding=batch_sharding,
+            param_weights=param_weights,
         )
 
     loss, grads = jax.value_and_grad(loss_fn, argnums=argnums)(images, labels, inner_lr)
@@ -875,10 +895,13 @@ def _tree_vdot(a: Params, b: Params) -> Array:
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
-def _tree_squared_distance(a: Params, b: Params) -> Array:
-    """‖a − b‖² summed over every leaf."""
+def _tree_squared_distance(a: Params, b: Params, weights: Params | None = None) -> Array:
+    """‖a − b‖² summed over every leaf; with ``weights``, Σ w (a − b)²."""
     leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    return sum(jnp.sum(jnp.square(x - y)) for x, y in leaves)
+    if weights is None:
+        return sum(jnp.sum(jnp.square(x - y)) for x, y in leaves)
+    weighted = zip(leaves, jax.tree.leaves(weights), strict=True)
+    return sum(jnp.sum(w * jnp.square(x - y)) for (x, y), w in weighted)
 
 
 def _as_learning_rate(inner_lr: Array | float) -> Array:

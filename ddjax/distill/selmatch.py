@@ -16,9 +16,9 @@ trajectory matching falls behind random selection, by keeping part of each class
 3. **Partial update**: the synthetic set is ``cat(distilled, selected)``, each part class by
    class; the inner loop samples minibatches from the whole set and the MTT loss is taken
    over it, but only the distilled images receive updates (SelMatch's
-   ``SGD([image_syn_c])``; here :class:`ddjax.distill.mtt.StepConfig` ``num_frozen = C·spc``
-   keeps the selected images out of the optimised pytree, so they stay bit-identical). Labels
-   are hard; the learnable step size is learned as in MTT.
+   ``SGD([image_syn_c])``; here the :class:`SelMatch` plug-in's ``learnable``/``merge`` hooks
+   keep the ``num_frozen = C·spc`` selected images out of the optimised pytree, so they stay
+   bit-identical). Labels are hard; the learnable step size is learned as in MTT.
 4. **Evaluation** (:mod:`ddjax.evaluate` protocol ``'selmatch'``): ResNet-18-BN, SGD lr 0.1
    with momentum 0.9, weight decay 5e-4, cosine annealing to 0.001, batch 128, and the
    ``'combined'`` augmentation -- DSA per distilled image, crop+flip per selected one (the
@@ -26,7 +26,7 @@ trajectory matching falls behind random selection, by keeping part of each class
 
 Everything else is MTT's step (any gradient mode, sharded inner minibatches): SelMatch's
 distillation defaults are N = 55, M = 2, T⁺ = 80, batch_syn 125, lr_img 1000, lr_lr 1e-5,
-α₀ = 0.001, ConvNet-BN, 10,000 iterations (:func:`ddjax.distill.run.selmatch_config`).
+α₀ = 0.001, ConvNet-BN, 10,000 iterations (``configs/distill/selmatch.py``).
 
 Deliberate differences from the release:
 
@@ -40,15 +40,26 @@ Deliberate differences from the release:
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from ddjax import difficulty
 from ddjax.data import Dataset, check_ipc
 from ddjax.difficulty import DifficultyScores, WindowSplit
+from ddjax.distill.method import InitContext
+from ddjax.distill.mtt import MTT
 from ddjax.errors import check
 
-__all__ = ["INITS", "SelMatchSet", "initial_set"]
+__all__ = ["EVAL_ITERATIONS", "INITS", "SelMatch", "SelMatchSet", "initial_set"]
+
+#: SelMatch's ``eval_it_pool``: the iterations at which distill.py evaluates its set.
+EVAL_ITERATIONS = (0, 500, 1000, 2500, 5000, 7500, 10000)
+#: The config fields a SelMatch run needs besides MTT's.
+FIELDS = ("alpha", "beta", "scores", "scores_higher", "eval_iterations")
 
 #: ``config.init`` of a SelMatch run: the sliding window (SelMatch's default) or random.
 INITS = ("window", "random")
@@ -80,7 +91,7 @@ class SelMatchSet:
 
     @property
     def num_frozen(self) -> int:
-        """C·spc: the trailing frozen images (``StepConfig.num_frozen``)."""
+        """C·spc: the trailing frozen images (:attr:`SelMatch.num_frozen`)."""
         return int(self.selected_indices.size)
 
 
@@ -151,3 +162,163 @@ def initial_set(
         selected_indices=selected.astype(np.int64),
         split=split,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class SelMatch(MTT):
+    """SelMatch's hooks on MTT: the window initialisation and the partial update.
+
+    Attributes:
+      num_frozen: C·spc, the trailing selected images: in every inner minibatch draw and in
+        the loss, never updated.
+    """
+
+    name: ClassVar[str] = "selmatch"
+    inits: ClassVar[tuple[str, ...]] = INITS
+
+    num_frozen: int = 0
+
+    def __post_init__(self):
+        check(
+            isinstance(self.num_frozen, int)
+            and not isinstance(self.num_frozen, bool)
+            and self.num_frozen >= 0,
+            f"num_frozen={self.num_frozen!r} must be a non-negative integer",
+        )
+
+    # ---------------------------------------------------------------- step hooks
+
+    def learnable(self, images: jax.Array) -> jax.Array:
+        return images[: images.shape[0] - self.num_frozen] if self.num_frozen else images
+
+    def merge(self, learned: jax.Array, images: jax.Array) -> jax.Array:
+        # The frozen tail is copied through untouched (no update is ever added to it).
+        if not self.num_frozen:
+            return learned
+        return jnp.concatenate([learned, images[images.shape[0] - self.num_frozen :]])
+
+    # ---------------------------------------------------------------- run hooks
+
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict) -> None:
+        """SelMatch's fields (α, β, scores, evaluation iterations); data checks come later."""
+        missing = [name for name in FIELDS if name not in config]
+        check(
+            not missing,
+            f"config.method='selmatch' needs the fields {missing}, which this config lacks; "
+            "start from configs/distill/selmatch.py",
+        )
+        super().check_config(config)
+        split = difficulty.window_split(config.ipc, config.alpha, config.beta)
+        check(
+            split.distill_per_class >= 1,
+            f"config.alpha={config.alpha} with ipc={config.ipc} distils floor(ipc * alpha) = 0 "
+            "images per class; raise alpha (or use ddjax select method='window' for selection "
+            "only)",
+        )
+        check(
+            config.scores_higher in difficulty.HIGHER,
+            f"config.scores_higher={config.scores_higher!r}: expected 'harder' (forgetting "
+            "counts) or 'easier' (C-scores)",
+        )
+        if config.init == "window":
+            check(
+                bool(config.scores),
+                "config.scores is empty: 'forgetting' (the experts' forgetting counts) or a "
+                ".npy/.npz file of per-example scores (SelMatch's CIFAR runs use C-scores: "
+                "--config.scores=PATH --config.scores_higher=easier)",
+            )
+        check(
+            len(config.eval.models) >= 1,
+            "config.eval.models is empty; SelMatch evaluates on its first (ResNet18BN)",
+        )
+        iterations = config.eval_iterations
+        check(
+            isinstance(iterations, tuple)
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in iterations),
+            f"config.eval_iterations={iterations!r} must be a tuple of non-negative iterations "
+            "(empty: every eval_every)",
+        )
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> SelMatch:
+        split = difficulty.window_split(config.ipc, config.alpha, config.beta)
+        return cls(num_frozen=num_classes * split.select_per_class)
+
+    def prepare(self, config: ml_collections.ConfigDict, dataset: Dataset) -> SelMatchSet:
+        """The initial set, computed before the work directory exists (it validates the
+        scores file and the windows on the way)."""
+        scores = None
+        if config.init == "window":
+            scores = difficulty.scores_from_source(
+                config.scores,
+                higher=config.scores_higher,
+                train_labels=dataset.y_train,
+                experts_dir=config.experts_dir,
+            )
+        selmatch_set = initial_set(
+            dataset,
+            config.ipc,
+            config.alpha,
+            config.beta,
+            scores=scores,
+            init=config.init,
+            seed=config.seed,
+        )
+        check(
+            selmatch_set.num_frozen == self.num_frozen,
+            f"num_frozen={self.num_frozen} does not match the window's "
+            f"{selmatch_set.num_frozen} selected images",
+        )
+        return selmatch_set
+
+    def initial_set(self, context: InitContext, key) -> tuple[np.ndarray, np.ndarray]:
+        """The prepared set (distilled images first, then the selected ones), hard labels;
+        the train indices of both parts are saved as ``selmatch_init.npz`` and the window
+        logged as an ``init`` event."""
+        del key
+        selmatch_set: SelMatchSet = context.prepared
+        split = selmatch_set.split
+        context.save_npz(
+            "selmatch_init.npz",
+            distilled=selmatch_set.distilled_indices,
+            selected=selmatch_set.selected_indices,
+        )
+        context.log(
+            init=context.config.init,
+            distilled_per_class=split.distill_per_class,
+            selected_per_class=split.select_per_class,
+            window_start=split.start,
+            num_frozen=selmatch_set.num_frozen,
+        )
+        return selmatch_set.images, selmatch_set.labels
+
+    def synset_meta(self, config: ml_collections.ConfigDict, dataset: Dataset) -> dict:
+        split = difficulty.window_split(config.ipc, config.alpha, config.beta)
+        return dict(
+            init=config.init,
+            alpha=split.alpha,
+            beta=split.beta,
+            scores=config.scores if config.init == "window" else "",
+            scores_higher=config.scores_higher,
+            window_start=split.start,
+            distilled_per_class=split.distill_per_class,
+            selected_per_class=split.select_per_class,
+            # The leading distilled images: the 'combined' evaluation augments them with DSA.
+            num_distilled=dataset.num_classes * split.distill_per_class,
+        )
+
+    def eval_model(self, config: ml_collections.ConfigDict) -> str:
+        """SelMatch evaluates ``model_eval`` (ResNet-18-BN), the first of ``eval.models``."""
+        return config.eval.models[0]
+
+    def eval_options(self, config: ml_collections.ConfigDict) -> dict:
+        # SelMatch's evaluate_synset augments with args.dsa_strategy, the inner loop's.
+        return {"dsa_strategy": config.dsa_strategy}
+
+    def evaluates_at(self, config: ml_collections.ConfigDict, iteration: int) -> bool:
+        """At SelMatch's listed iterations (``eval_iterations``), else every ``eval_every``."""
+        listed = tuple(config.eval_iterations or ())
+        if listed:
+            return iteration in listed
+        return iteration % config.eval_every == 0
