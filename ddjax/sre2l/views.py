@@ -69,8 +69,11 @@ __all__ = [
     "teacher_logits",
 ]
 
+#: Per-image crops: torchvision's ``RandomResizedCrop``, ``RandomCrop(size, padding)``, none.
 CROPS = ("rrc", "random_crop", "none")
+#: Per-batch mixes (FKD's ``--cutmix`` / ``--mixup``), or none.
 MIXES = ("cutmix", "mixup", "none")
+#: The teacher's BatchNorm mode while labelling (see :func:`teacher_logits`).
 TEACHER_MODES = ("eval", "train")
 
 Array = jax.Array
