@@ -1,6 +1,6 @@
 r"""SRe2L recover: iterations per second and memory against the batch size.
 
-One iteration is :func:`ddjax.sre2l.recover.make_recover_step`'s step: the shared multi-crop
+One iteration is :func:`ddjax.sre2l.recover_step.make_recover_step`'s step: the shared multi-crop
 augmentation, the teacher's forward pass in eval mode with every BatchNorm input's statistics,
 the cross-entropy + BN-matching loss, its gradient w.r.t. the images, Adam and the clip. The
 teacher is a ResNet-18 with BatchNorm (``ResNet18BN``: the small-image stem for 32/64 px, as
@@ -106,7 +106,7 @@ def worker(opts: dict) -> dict:
     import numpy as np
 
     from ddjax import models
-    from ddjax.sre2l import recover
+    from ddjax.sre2l import recover_step
 
     spec = PRESETS[opts["preset"]]
     shape, num_classes, batch = tuple(spec["image_shape"]), spec["num_classes"], opts["batch"]
@@ -116,7 +116,7 @@ def worker(opts: dict) -> dict:
     # rbg keys: the weights' values do not matter here, and threefry initialisation of
     # ResNet-18 compiles slowly on CPU (see ddjax.models.init_variables).
     variables = models.init_variables(model, jax.random.key(0, impl="rbg"), shape)
-    settings = recover.RecoverSettings(
+    settings = recover_step.RecoverSettings(
         iterations=1000,
         lr=spec["lr"],
         r_bn=spec["r_bn"],
@@ -127,11 +127,11 @@ def worker(opts: dict) -> dict:
         jitter=tuple(spec["jitter"]),
     )
     labels = jax.numpy.asarray(np.arange(batch) % num_classes, jax.numpy.int32)
-    state = recover.init_state(jax.random.key(1), batch, shape)
+    state = recover_step.init_state(jax.random.key(1), batch, shape)
     rss_setup, _ = _peak_memory_bytes()
     row = {"batch": batch, "load_before": os.getloadavg()[0]}
 
-    step = recover.make_recover_step(model, settings)
+    step = recover_step.make_recover_step(model, settings)
     start = time.perf_counter()
     compiled = step.lower(state, variables, labels).compile()
     row["compile_s"] = time.perf_counter() - start

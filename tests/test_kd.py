@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ddjax import data, models
 from ddjax.errors import DDJaxError
 from ddjax.evaluate import EvalResult
-from ddjax.sre2l import kd, relabel
+from ddjax.sre2l import kd, label_store, relabel
 from ddjax.sre2l.teacher import Teacher
 from ddjax.synset import SyntheticSet
 
@@ -217,11 +217,11 @@ def setup(tmp_path_factory):
     teacher = tiny_teacher(net, dataset.image_shape)
     synset = SyntheticSet(dataset.x_train, dataset.y_train, 4)  # 8 images: 2 batches of 4
     path = tmp_path_factory.mktemp("kd") / "labels"
-    relabel.write_store(
+    label_store.write_store(
         path, synset, teacher, dataset, spec=kd.get_recipe("imagenet").augment_spec(dataset),
         epochs=2, batch_size=4, seed=42,
     )  # fmt: skip
-    return dataset, teacher, synset, relabel.open_store(path)
+    return dataset, teacher, synset, label_store.open_store(path)
 
 
 def test_stored_and_online_students_agree_with_the_same_keys(setup):

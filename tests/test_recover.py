@@ -21,14 +21,14 @@ import pytest
 from ddjax import data, models
 from ddjax.config import load_config
 from ddjax.errors import DDJaxError
-from ddjax.sre2l import recover, teacher
+from ddjax.sre2l import recover, recover_step, teacher
 
 IMAGE_SHAPE = (8, 8, 3)
 NUM_CLASSES = 4
 DATA = "synthetic:classes=4,size=8,channels=3,train=16,test=8,seed=1"
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
-SETTINGS = recover.RecoverSettings(
+SETTINGS = recover_step.RecoverSettings(
     iterations=4, lr=0.25, r_bn=0.01, mean=MEAN, std=STD, jitter=(0, 2), crop_scale=(0.3, 1.0)
 )
 
@@ -103,7 +103,7 @@ def test_loss_equals_a_direct_numpy_computation():
     ce = -log_probs[np.arange(4), labels].mean()
     bn = 10.0 * bn_terms[0] + bn_terms[1]
 
-    loss_fn = functools.partial(recover.recover_loss, model, r_bn=0.05)
+    loss_fn = functools.partial(recover_step.recover_loss, model, r_bn=0.05)
     loss, parts = jax.jit(loss_fn, compiler_options=FAST_COMPILE)(variables, images, labels)
     np.testing.assert_allclose(parts["bn_layers"], bn_terms, rtol=2e-5)
     np.testing.assert_allclose(parts["ce"], ce, rtol=2e-5)
@@ -173,7 +173,9 @@ def test_pytorch_teacher_gives_sre2l_loss_and_gradient():
     loss_torch.backward()
 
     def objective(images):
-        return recover.recover_loss(imported.model, imported.variables, images, labels, r_bn=0.01)
+        return recover_step.recover_loss(
+            imported.model, imported.variables, images, labels, r_bn=0.01
+        )
 
     value_and_grad = jax.value_and_grad(objective, has_aux=True)
     (loss, _), grad = jax.jit(value_and_grad, compiler_options=FAST_COMPILE)(jnp.asarray(images))
@@ -189,7 +191,7 @@ def test_gradient_matches_central_finite_differences_in_float64():
         labels = jnp.array([3, 2, 1, 0])
 
         def loss(images):
-            return recover.recover_loss(model, variables, images, labels, r_bn=0.3)[0]
+            return recover_step.recover_loss(model, variables, images, labels, r_bn=0.3)[0]
 
         value_and_grad = jax.jit(jax.value_and_grad(loss))
         loss_jit = jax.jit(loss)
@@ -208,12 +210,14 @@ def test_gradient_matches_central_finite_differences_in_float64():
 
 def test_bn_layers_are_in_module_order_with_the_stem_first():
     resnet = models.get_model("ResNet18BN", NUM_CLASSES, IMAGE_SHAPE, width=2)
-    names = recover.bn_layer_names(resnet, models.variable_shapes(resnet, IMAGE_SHAPE), IMAGE_SHAPE)
+    names = recover_step.bn_layer_names(
+        resnet, models.variable_shapes(resnet, IMAGE_SHAPE), IMAGE_SHAPE
+    )
     assert len(names) == 20 and names[0] == "bn1"  # ResNet-18 has 20 BN layers; stem first
     assert names[1:3] == ["layer1_0/bn1", "layer1_0/bn2"]
     assert names[5:8] == ["layer2_0/bn1", "layer2_0/bn2", "layer2_0/shortcut_norm"]
     deep = models.get_model("ConvNetBN", NUM_CLASSES, (8, 8, 1), width=2, depth=11, pool="none")
-    names = recover.bn_layer_names(deep, models.variable_shapes(deep, (8, 8, 1)), (8, 8, 1))
+    names = recover_step.bn_layer_names(deep, models.variable_shapes(deep, (8, 8, 1)), (8, 8, 1))
     assert names == [f"norm_{d}" for d in range(11)]  # not sorted as strings (norm_10 < norm_2)
 
 
@@ -222,7 +226,7 @@ def test_first_bn_multiplier_weights_the_first_layer_and_r_bn_scales_the_sum():
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def run(images, r_bn, multiplier):
-        return recover.recover_loss(
+        return recover_step.recover_loss(
             model, variables, images, jnp.arange(4), r_bn=r_bn, first_bn_multiplier=multiplier
         )
 
@@ -250,9 +254,11 @@ def test_teacher_without_batchnorm_is_refused():
     model = models.get_model("ConvNet", NUM_CLASSES, IMAGE_SHAPE, width=4, depth=1)
     variables = models.init_variables(model, _init_key(0), IMAGE_SHAPE)
     with pytest.raises(DDJaxError, match="no BatchNorm"):
-        recover.recover_loss(model, variables, jnp.zeros((2, *IMAGE_SHAPE)), jnp.arange(2), r_bn=1)
+        recover_step.recover_loss(
+            model, variables, jnp.zeros((2, *IMAGE_SHAPE)), jnp.arange(2), r_bn=1
+        )
     with pytest.raises(DDJaxError, match="no BatchNorm"):
-        recover.bn_layer_names(model, variables, IMAGE_SHAPE)
+        recover_step.bn_layer_names(model, variables, IMAGE_SHAPE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,17 +270,19 @@ def test_multi_crop_is_shared_by_the_batch_and_cifar_only_rolls():
     image = _images(n=1, seed=2)
     batch = jnp.asarray(np.repeat(image, 3, axis=0))
     shared = jax.jit(
-        lambda images, key: recover.multi_crop(images, key, SETTINGS), compiler_options=FAST_COMPILE
+        lambda images, key: recover_step.multi_crop(images, key, SETTINGS),
+        compiler_options=FAST_COMPILE,
     )
     for seed in range(4):
         out = np.asarray(shared(batch, jax.random.key(seed)))
         np.testing.assert_array_equal(out[0], out[1])
         np.testing.assert_array_equal(out[0], out[2])
-    cifar = recover.RecoverSettings(
+    cifar = recover_step.RecoverSettings(
         iterations=1, lr=0.1, r_bn=0.01, mean=MEAN, std=STD, crop=False, flip=False, jitter=(0, 4)
     )
     rolled = jax.jit(
-        lambda images, key: recover.multi_crop(images, key, cifar), compiler_options=FAST_COMPILE
+        lambda images, key: recover_step.multi_crop(images, key, cifar),
+        compiler_options=FAST_COMPILE,
     )
     seen = set()
     for seed in range(40):
@@ -297,15 +305,17 @@ def test_step_is_cosine_adam_then_clip():
 
     model, variables = _bn_net()
     labels = jnp.array([0, 1, 2, 3])
-    step = recover.make_recover_step(model, SETTINGS, donate=False, compiler_options=FAST_COMPILE)
-    state = recover.init_state(jax.random.key(4), 4, IMAGE_SHAPE)
+    step = recover_step.make_recover_step(
+        model, SETTINGS, donate=False, compiler_options=FAST_COMPILE
+    )
+    state = recover_step.init_state(jax.random.key(4), 4, IMAGE_SHAPE)
     images = torch.from_numpy(np.asarray(state.images)).requires_grad_(True)
     adam = torch.optim.Adam([images], lr=SETTINGS.lr, betas=(0.5, 0.9), eps=1e-8)
     lower, upper = SETTINGS.pixel_bounds()
 
     def objective(x, augment_key):
-        augmented = recover.multi_crop(x, augment_key, SETTINGS)
-        return recover.recover_loss(model, variables, augmented, labels, r_bn=SETTINGS.r_bn)
+        augmented = recover_step.multi_crop(x, augment_key, SETTINGS)
+        return recover_step.recover_loss(model, variables, augmented, labels, r_bn=SETTINGS.r_bn)
 
     reference = jax.jit(jax.value_and_grad(objective, has_aux=True), compiler_options=FAST_COMPILE)
     key = state.key
@@ -332,11 +342,11 @@ def test_step_is_cosine_adam_then_clip():
 
 def test_step_traces_once_and_clipping_keeps_valid_pixels():
     model, variables = _bn_net()
-    loud = recover.RecoverSettings(**{**SETTINGS.__dict__, "lr": 50.0, "iterations": 5})
-    step = recover.make_recover_step(model, loud, compiler_options=FAST_COMPILE)
+    loud = recover_step.RecoverSettings(**{**SETTINGS.__dict__, "lr": 50.0, "iterations": 5})
+    step = recover_step.make_recover_step(model, loud, compiler_options=FAST_COMPILE)
     lower, upper = loud.pixel_bounds()
     for seed, labels in ((0, [0, 1, 2, 3]), (1, [3, 3, 1, 0])):
-        images, metrics = recover.recover_batch(
+        images, metrics = recover_step.recover_batch(
             step, variables, np.array(labels), jax.random.key(seed), loud, IMAGE_SHAPE
         )
         assert np.all(images >= lower - 1e-6) and np.all(images <= upper + 1e-6)
@@ -352,13 +362,13 @@ def _sharded_batch(tmp_path=None):
     model, variables = _bn_net(4, 2)
     if jax.config.jax_enable_x64:  # the teacher in float64: the whole recovery runs in float64
         variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
-    settings = recover.RecoverSettings(**{**SETTINGS.__dict__, "iterations": 3})
-    sharding = recover.batch_sharding_for(8)
+    settings = recover_step.RecoverSettings(**{**SETTINGS.__dict__, "iterations": 3})
+    sharding = recover_step.batch_sharding_for(8)
     assert (sharding is None) == (jax.device_count() == 1)
-    step = recover.make_recover_step(
+    step = recover_step.make_recover_step(
         model, settings, batch_sharding=sharding, compiler_options=FAST_COMPILE
     )
-    images, metrics = recover.recover_batch(
+    images, metrics = recover_step.recover_batch(
         step,
         variables,
         np.arange(8) % NUM_CLASSES,
@@ -411,12 +421,12 @@ def test_eight_devices_give_the_same_images_and_loss_as_one(tmp_path):
 
 
 def test_batches_follow_sre2l_order_or_are_class_wise():
-    batches = recover.plan_batches(num_classes=5, ipc=2, batch_size=2)
+    batches = recover_step.plan_batches(num_classes=5, ipc=2, batch_size=2)
     assert [b.classes.tolist() for b in batches] == [[0, 1], [2, 3], [4]] * 2
     assert [b.ipc_ids.tolist() for b in batches] == [[0, 0], [0, 0], [0], [1, 1], [1, 1], [1]]
     for batch in batches:  # distinct classes, one image each
         assert len(set(batch.classes.tolist())) == len(batch.classes)
-    wise = recover.plan_batches(num_classes=2, ipc=5, batch_size=2, batching="class_wise")
+    wise = recover_step.plan_batches(num_classes=2, ipc=5, batch_size=2, batching="class_wise")
     assert [b.classes.tolist() for b in wise] == [[0, 0], [0, 0], [0], [1, 1], [1, 1], [1]]
     assert [b.ipc_ids.tolist() for b in wise] == [[0, 1], [2, 3], [4]] * 2
     for plan in (batches, wise):
@@ -429,11 +439,11 @@ def test_jpeg_round_trip_floors_to_uint8_like_sre2l():
     mean, std = np.array(MEAN, np.float32), np.array(STD, np.float32)
     pixels = np.array([128.9, 64.2, 200.99], np.float32) / 255  # floor -> 128, 64, 200
     images = np.broadcast_to((pixels - mean) / std, (2, 16, 16, 3)).astype(np.float32)
-    out = recover.jpeg_round_trip(images, MEAN, STD, quality=75)
+    out = recover_step.jpeg_round_trip(images, MEAN, STD, quality=75)
     np.testing.assert_allclose(
         out * std + mean, np.broadcast_to([128, 64, 200], out.shape) / 255, atol=1e-6
     )
-    grey = recover.jpeg_round_trip(np.zeros((1, 8, 8, 1), np.float32), (0.5,), (0.25,))
+    grey = recover_step.jpeg_round_trip(np.zeros((1, 8, 8, 1), np.float32), (0.5,), (0.25,))
     np.testing.assert_allclose(grey * 0.25 + 0.5, 127 / 255, atol=1e-6)  # floor(127.5) = 127
 
 
@@ -575,7 +585,7 @@ def test_config_files_hold_the_published_settings():
             assert got == published[name], name
             assert config.jpeg_quality == 75
         channels = 1 if name in ("fashion_mnist", "digits") else 3
-        settings = recover.RecoverSettings(
+        settings = recover_step.RecoverSettings(
             iterations=config.iterations,
             lr=config.lr,
             r_bn=config.r_bn,

@@ -15,7 +15,8 @@ import pytest
 
 from ddjax import data, models
 from ddjax.errors import DDJaxError
-from ddjax.sre2l import crops, relabel
+from ddjax.sre2l import crops, label_store, relabel
+from ddjax.sre2l import views as views_lib
 from ddjax.sre2l.teacher import Teacher, save_teacher
 from ddjax.synset import SyntheticSet
 
@@ -23,7 +24,7 @@ DATASET = "synthetic:classes=4,size=8,train=3,test=2"
 BATCH, EPOCHS, SEED = 4, 2, 42
 
 # Jitted once here: eager calls would compile every primitive separately.
-draw = jax.jit(relabel.draw_augment, static_argnums=(1, 2, 3, 4))
+draw = jax.jit(views_lib.draw_augment, static_argnums=(1, 2, 3, 4))
 resized_crop = jax.jit(crops.resized_crop, static_argnums=(2, 3))
 apply = jax.jit(
     lambda net, variables, x, train: net.apply(variables, x, train=train), static_argnums=(0, 3)
@@ -65,25 +66,25 @@ def setup():
 def store_dir(setup, tmp_path_factory):
     dataset, teacher, synset = setup
     path = tmp_path_factory.mktemp("store") / "labels"
-    summary = relabel.write_store(
-        path, synset, teacher, dataset, spec=relabel.AugmentSpec(), epochs=EPOCHS,
+    summary = label_store.write_store(
+        path, synset, teacher, dataset, spec=views_lib.AugmentSpec(), epochs=EPOCHS,
         batch_size=BATCH, seed=SEED,
     )  # fmt: skip
     return path, summary
 
 
 def test_batch_map_is_a_pure_function_of_seed_and_epoch():
-    first = relabel.batch_map(10, 4, seed=42, epoch=3)
-    again = relabel.batch_map(10, 4, seed=42, epoch=3)
+    first = views_lib.batch_map(10, 4, seed=42, epoch=3)
+    again = views_lib.batch_map(10, 4, seed=42, epoch=3)
     assert [len(b) for b in first] == [4, 4, 2]
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(np.sort(np.concatenate(first)), np.arange(10))
-    other_epoch = np.concatenate(relabel.batch_map(10, 4, seed=42, epoch=4))
-    other_seed = np.concatenate(relabel.batch_map(10, 4, seed=7, epoch=3))
+    other_epoch = np.concatenate(views_lib.batch_map(10, 4, seed=42, epoch=4))
+    other_seed = np.concatenate(views_lib.batch_map(10, 4, seed=7, epoch=3))
     assert not np.array_equal(np.concatenate(first), other_epoch)
     assert not np.array_equal(np.concatenate(first), other_seed)
-    key = lambda *a: jax.random.key_data(relabel.batch_key(*a))  # noqa: E731
+    key = lambda *a: jax.random.key_data(views_lib.batch_key(*a))  # noqa: E731
     np.testing.assert_array_equal(key(42, 3, 1), key(42, 3, 1))
     assert not np.array_equal(key(42, 3, 1), key(42, 3, 2))
     assert not np.array_equal(key(42, 3, 1), key(42, 4, 1))
@@ -123,17 +124,17 @@ def _expected_views(images, batch, spec, fill=None):
 def test_replay_reproduces_stored_crops_flips_cutmix_and_logits(setup, store_dir):
     dataset, teacher, synset = setup
     path, _ = store_dir
-    store = relabel.open_store(path)
+    store = label_store.open_store(path)
     spec = store.spec
     assert (spec.crop, spec.mix, spec.min_scale) == ("rrc", "cutmix", 0.08)
     for epoch in range(EPOCHS):
-        batches = relabel.replay(store, epoch)
-        maps = relabel.batch_map(10, BATCH, SEED, epoch)
+        batches = label_store.replay(store, epoch)
+        maps = views_lib.batch_map(10, BATCH, SEED, epoch)
         assert [len(b.indices) for b in batches] == [4, 4, 2]
         for b, batch in enumerate(batches):
             np.testing.assert_array_equal(batch.indices, maps[b])
             # The stored crops, flips and mix are exactly those drawn from the batch's key.
-            drawn = draw(relabel.batch_key(SEED, epoch, b), spec, len(batch.indices), 8, 8)
+            drawn = draw(views_lib.batch_key(SEED, epoch, b), spec, len(batch.indices), 8, 8)
             for stored, fresh in zip(batch.augment, drawn, strict=True):
                 np.testing.assert_array_equal(stored, np.asarray(fresh))
             pixels = np.asarray(batch.augment.boxes) * 8
@@ -145,7 +146,7 @@ def test_replay_reproduces_stored_crops_flips_cutmix_and_logits(setup, store_dir
             assert 0 < batch.augment.mix_lam < 1
             np.testing.assert_array_equal(np.sort(batch.augment.mix_perm), np.arange(len(maps[b])))
             # Replay gives exactly the views the logits were computed on ...
-            views = np.asarray(relabel.augmented_batch(synset.images, batch, spec))
+            views = np.asarray(label_store.augmented_batch(synset.images, batch, spec))
             np.testing.assert_allclose(
                 views, _expected_views(synset.images, batch, spec), rtol=0, atol=1e-6
             )
@@ -159,31 +160,33 @@ def test_replay_reproduces_stored_crops_flips_cutmix_and_logits(setup, store_dir
                 atol=1e-4,
             )
     # One compiled labelling program per batch shape (4 and 2), however many epochs.
-    assert relabel.make_labeller(teacher.model, spec, "eval")._cache_size() == 2
+    assert views_lib.make_labeller(teacher.model, spec, "eval")._cache_size() == 2
     # Different epochs draw different crops.
-    first, second = relabel.replay(store, 0)[0], relabel.replay(store, 1)[0]
+    first, second = label_store.replay(store, 0)[0], label_store.replay(store, 1)[0]
     assert not np.array_equal(first.augment.boxes, second.augment.boxes)
 
 
 def test_random_crop_mixup_and_teacher_in_train_mode(setup, tmp_path):
     """CIFAR's views (RandomCrop(pad 4) + flip + MixUp) and its teacher left in train mode."""
     dataset, teacher, synset = setup
-    spec = relabel.AugmentSpec(crop="random_crop", mix="mixup", fill=relabel.padding_fill(dataset))
+    spec = views_lib.AugmentSpec(
+        crop="random_crop", mix="mixup", fill=views_lib.padding_fill(dataset)
+    )
     np.testing.assert_allclose(
         spec.fill, [-m / s for m, s in zip(dataset.mean, dataset.std, strict=True)]
     )
     synset = SyntheticSet(synset.images[:8], synset.labels[:8], 4)  # one batch shape: 4
-    relabel.write_store(
+    label_store.write_store(
         tmp_path / "cifar", synset, teacher, dataset, spec=spec, epochs=1, batch_size=BATCH,
         seed=3, teacher_mode="train",
     )  # fmt: skip
-    store = relabel.open_store(tmp_path / "cifar")
+    store = label_store.open_store(tmp_path / "cifar")
     assert store.teacher_mode == "train"
     lams = []
-    for batch in relabel.replay(store, 0):
+    for batch in label_store.replay(store, 0):
         offsets = np.asarray(batch.augment.boxes[:, :2]) * 8
         assert np.all(np.abs(offsets) <= 4) and np.all(batch.augment.boxes[:, 2:] == 1)
-        views = np.asarray(relabel.augmented_batch(synset.images, batch, store.spec))
+        views = np.asarray(label_store.augmented_batch(synset.images, batch, store.spec))
         expected = _expected_views(synset.images, batch, store.spec, fill=spec.fill)
         np.testing.assert_allclose(views, expected, rtol=1e-6, atol=1e-6)
         trained = np.asarray(apply(teacher.model, teacher.variables, views, True))
@@ -203,7 +206,7 @@ def test_beta_sampler_matches_the_beta_distribution():
     keys = jax.random.split(jax.random.key(0), 3000)
     uniforms = jax.random.uniform(jax.random.key(1), (3000, 128))
     for alpha in (0.8, 1.0):
-        beta = jax.jit(jax.vmap(lambda u, k, a=alpha: relabel._symmetric_beta(u, a, k)))
+        beta = jax.jit(jax.vmap(lambda u, k, a=alpha: views_lib._symmetric_beta(u, a, k)))
         lams = np.asarray(beta(uniforms, keys))
         assert np.all((lams > 0) & (lams < 1))
         assert abs(lams.mean() - 0.5) < 0.02
@@ -216,10 +219,10 @@ def test_storage_size_reported_equals_the_files(store_dir):
     files = sorted(path.glob("epoch_*.npz"))
     assert [f.name for f in files] == ["epoch_0000.npz", "epoch_0001.npz"]
     on_disk = sum(os.path.getsize(f) for f in files)
-    index = json.loads((path / relabel.INDEX_FILE).read_text())
+    index = json.loads((path / label_store.INDEX_FILE).read_text())
     assert summary["storage_bytes"] == on_disk == index["storage_bytes"]
-    assert relabel.open_store(path).storage_bytes == on_disk
-    assert summary["index_bytes"] == os.path.getsize(path / relabel.INDEX_FILE)
+    assert label_store.open_store(path).storage_bytes == on_disk
+    assert summary["index_bytes"] == os.path.getsize(path / label_store.INDEX_FILE)
     assert index["epoch_bytes"] == {str(i): os.path.getsize(f) for i, f in enumerate(files)}
     # Compact: one file per epoch, dominated by 10 x 4 fp16 logits + 10 x 4 float32 boxes.
     assert on_disk < 2 * 4096
@@ -243,13 +246,15 @@ def test_resume_after_a_kill_equals_an_uninterrupted_store(setup, store_dir, tmp
     def kill_after_first_epoch(**record):
         raise Killed(record["epoch"])
 
-    kwargs = dict(spec=relabel.AugmentSpec(), epochs=EPOCHS, batch_size=BATCH, seed=SEED)
+    kwargs = dict(spec=views_lib.AugmentSpec(), epochs=EPOCHS, batch_size=BATCH, seed=SEED)
     with pytest.raises(Killed):
-        relabel.write_store(path, synset, teacher, dataset, log=kill_after_first_epoch, **kwargs)
+        label_store.write_store(
+            path, synset, teacher, dataset, log=kill_after_first_epoch, **kwargs
+        )
     assert [f.name for f in path.glob("epoch_*.npz")] == ["epoch_0000.npz"]
     (path / "epoch_0001.npz.tmp").write_bytes(b"half-written")  # killed mid-write
     events = []
-    summary = relabel.write_store(
+    summary = label_store.write_store(
         path, synset, teacher, dataset, log=lambda **r: events.append(r["epoch"]), **kwargs
     )
     assert events == [1]  # only the missing epoch was made
@@ -268,46 +273,48 @@ def test_resume_after_a_kill_equals_an_uninterrupted_store(setup, store_dir, tmp
 def test_bad_inputs_give_one_line_errors(setup, store_dir, tmp_path):
     dataset, teacher, synset = setup
     path, _ = store_dir
-    store = relabel.open_store(path)
+    store = label_store.open_store(path)
 
     with pytest.raises(DDJaxError, match="not a relabel store"):
-        relabel.open_store(tmp_path)
+        label_store.open_store(tmp_path)
     copy = tmp_path / "copy"
     shutil.copytree(path, copy)
     (copy / "epoch_0001.npz").unlink()
     with pytest.raises(DDJaxError, match=r"no labels for epoch 1 \(epoch_0001.npz missing"):
-        relabel.replay(relabel.open_store(copy), 1)
+        label_store.replay(label_store.open_store(copy), 1)
     with pytest.raises(DDJaxError, match="no labels for epoch 5"):
-        relabel.replay(store, 5)
+        label_store.replay(store, 5)
 
     other_images = SyntheticSet(synset.images + 0.01, synset.labels, 4)
     with pytest.raises(DDJaxError, match="another synthetic set"):
-        relabel.check_store(store, synset=other_images)
+        label_store.check_store(store, synset=other_images)
     bumped = jax.tree.map(lambda x: x * 1.001, teacher.variables)
     with pytest.raises(DDJaxError, match="another teacher"):
-        relabel.check_store(store, teacher=Teacher(teacher.model, bumped, {}))
+        label_store.check_store(store, teacher=Teacher(teacher.model, bumped, {}))
     other_data = data.load_dataset(DATASET + ",seed=1")
     with pytest.raises(DDJaxError, match="made for dataset .* with name="):
-        relabel.check_store(store, dataset=other_data)
-    relabel.check_store(store, synset=synset, teacher=teacher, dataset=dataset)  # all agree
+        label_store.check_store(store, dataset=other_data)
+    label_store.check_store(store, synset=synset, teacher=teacher, dataset=dataset)  # all agree
 
-    kwargs = dict(spec=relabel.AugmentSpec(), epochs=EPOCHS, batch_size=BATCH)
+    kwargs = dict(spec=views_lib.AugmentSpec(), epochs=EPOCHS, batch_size=BATCH)
     with pytest.raises(DDJaxError, match="was made with seed=42, this run has seed=1"):
-        relabel.write_store(path, synset, teacher, dataset, seed=1, **kwargs)
+        label_store.write_store(path, synset, teacher, dataset, seed=1, **kwargs)
     with pytest.raises(DDJaxError, match="was made with synset_sha256="):
-        relabel.write_store(path, other_images, teacher, dataset, seed=SEED, **kwargs)
+        label_store.write_store(path, other_images, teacher, dataset, seed=SEED, **kwargs)
     with pytest.raises(DDJaxError, match=r"mix='blend' is not known; valid: \['cutmix'"):
-        relabel.AugmentSpec(mix="blend")
+        views_lib.AugmentSpec(mix="blend")
     with pytest.raises(DDJaxError, match="min_scale=0.0"):
-        relabel.AugmentSpec(min_scale=0.0)
+        views_lib.AugmentSpec(min_scale=0.0)
     with pytest.raises(DDJaxError, match="teacher_mode='test'"):
-        relabel.write_store(tmp_path / "x", synset, teacher, dataset, teacher_mode="test", **kwargs)
+        label_store.write_store(
+            tmp_path / "x", synset, teacher, dataset, teacher_mode="test", **kwargs
+        )
     wide = models.get_model("ConvNet", 5, dataset.image_shape, width=8, depth=2, norm="batch")
     wrong = Teacher(wide, models.variable_shapes(wide, dataset.image_shape), {})
     with pytest.raises(DDJaxError, match="teacher has 5 outputs, dataset .* has 4 classes"):
-        relabel.write_store(tmp_path / "y", synset, wrong, dataset, **kwargs)
+        label_store.write_store(tmp_path / "y", synset, wrong, dataset, **kwargs)
     with pytest.raises(DDJaxError, match="batch_size=0 must be a positive integer"):
-        relabel.batch_map(10, 0, 0, 0)
+        views_lib.batch_map(10, 0, 0, 0)
 
 
 def test_run_relabel_writes_the_store_and_evaluates_students(setup, tmp_path):
@@ -333,15 +340,15 @@ def test_run_relabel_writes_the_store_and_evaluates_students(setup, tmp_path):
     config.eval.num_models = 2
     workdir = tmp_path / "run"
     results = relabel.run_relabel(config, str(workdir), progress=False)
-    files = sorted((workdir / relabel.STORE_DIR).glob("epoch_*.npz"))
+    files = sorted((workdir / label_store.STORE_DIR).glob("epoch_*.npz"))
     assert len(files) == 2
     assert results["labels"]["storage_bytes"] == sum(os.path.getsize(f) for f in files)
     assert results["labels"]["mode"] == "stored"
     result = results["eval"]["ConvNet"]
     assert len(result["accuracies"]) == 2 and result["lr_source"] == "fixed"
     assert json.loads((workdir / "results.json").read_text()) == results
-    store = relabel.open_store(workdir / relabel.STORE_DIR)
-    relabel.check_store(store, synset=synset, teacher=teacher, dataset=dataset)
+    store = label_store.open_store(workdir / label_store.STORE_DIR)
+    label_store.check_store(store, synset=synset, teacher=teacher, dataset=dataset)
     again = relabel.run_relabel(config, str(workdir), progress=False)
     assert again["eval"] == results["eval"]  # resumed: nothing recomputed
     assert again["labels"]["storage_bytes"] == results["labels"]["storage_bytes"]
@@ -353,7 +360,7 @@ def test_run_relabel_writes_the_store_and_evaluates_students(setup, tmp_path):
     argv += [f"--config.dataset.name={DATASET}", "--config.eval.num_models=2"]
     argv += [f"--config.kd.teacher={teacher_dir}", "--config.kd.epochs=2"]
     argv += [f"--config.kd.batch_size={BATCH}", "--config.eval.models=ConvNet"]
-    store_arg = f"--config.kd.store={workdir / relabel.STORE_DIR}"
+    store_arg = f"--config.kd.store={workdir / label_store.STORE_DIR}"
     # The relabel run's students are ConvNet width 8; evaluate's default width is the model's
     # own, so compare against a relabel-stage run with the same (default) width instead.
     assert cli.main([*argv, store_arg, "--workdir", str(tmp_path / "ev")]) == 0
@@ -372,7 +379,7 @@ def test_run_relabel_writes_the_store_and_evaluates_students(setup, tmp_path):
         relabel.run_relabel(config, str(tmp_path / "contract"), progress=False)
     config.evaluate = False
     relabel.run_relabel(config, str(tmp_path / "contract"), progress=False)
-    contract_store = relabel.open_store(tmp_path / "contract" / relabel.STORE_DIR)
+    contract_store = label_store.open_store(tmp_path / "contract" / label_store.STORE_DIR)
     assert contract_store.index["dataset"] == store.index["dataset"]  # same fingerprint
     for epoch in range(2):
         with np.load(files[epoch]) as a, np.load(contract_store.epoch_file(epoch)) as b:

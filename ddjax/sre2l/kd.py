@@ -24,11 +24,11 @@ differ per dataset, and each is a named :class:`Recipe` here (:data:`RECIPES`):
 
 Every field can be overridden (``get_recipe('imagenet', epochs=50, batch_size=128)``).
 
-**Label sources.** With a relabel store (``ddjax.sre2l.relabel``), every epoch replays the
+**Label sources.** With a relabel store (``ddjax.sre2l.label_store``), every epoch replays the
 stored batches: the same images, crops, flips and mixes, and the stored fp16 logits (FKD's
 ``fkd_load`` mode; the batch size must equal the store's, as FKD asserts). Without one, the
 teacher labels each batch online from the same seeded batch map and the same per-batch keys as
-the store would have used (:func:`ddjax.sre2l.relabel.make_labeller`), so online KD with the
+the store would have used (:func:`ddjax.sre2l.views.make_labeller`), so online KD with the
 store's seed trains on the same views and on the fp32 logits that the store holds in fp16.
 
 **K students at once.** All K students see the same batches and the same labels, and differ
@@ -48,7 +48,7 @@ import functools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -62,11 +62,10 @@ from ddjax import sharding, train
 from ddjax.data import Dataset
 from ddjax.errors import DDJaxError, check
 from ddjax.evaluate import EvalResult
-from ddjax.sre2l import relabel
+from ddjax.sre2l import label_store
+from ddjax.sre2l import views as views_lib
+from ddjax.sre2l.contract import DataContract
 from ddjax.synset import SyntheticSet
-
-if TYPE_CHECKING:
-    from ddjax.sre2l.recover import DataContract
 
 __all__ = [
     "OPTIMIZERS",
@@ -141,7 +140,7 @@ class Recipe:
       temperature: KD temperature T.
       t_squared: multiply the KL by T² (Tiny-ImageNet's script).
       crop, min_scale, max_scale, padding, flip, mix, cutmix_alpha, mixup_alpha: the views,
-        see :class:`ddjax.sre2l.relabel.AugmentSpec`.
+        see :class:`ddjax.sre2l.views.AugmentSpec`.
       teacher_mode: ``'eval'`` or ``'train'`` (CIFAR's quirk; online labels only -- a store
         records the mode its logits were made in, and must match).
     """
@@ -201,24 +200,17 @@ class Recipe:
             isinstance(self.t_squared, bool), f"recipe t_squared={self.t_squared!r} must be a bool"
         )
         check(
-            self.teacher_mode in relabel.TEACHER_MODES,
+            self.teacher_mode in views_lib.TEACHER_MODES,
             f"recipe teacher_mode={self.teacher_mode!r} is not known; valid: "
-            f"{list(relabel.TEACHER_MODES)}",
+            f"{list(views_lib.TEACHER_MODES)}",
         )
         self.augment_spec()  # validates the augmentation fields
 
-    def augment_spec(self, dataset: Dataset | DataContract | None = None) -> relabel.AugmentSpec:
-        """The views as an :class:`ddjax.sre2l.relabel.AugmentSpec` (fill from ``dataset``)."""
-        return relabel.AugmentSpec(
-            crop=self.crop,
-            min_scale=self.min_scale,
-            max_scale=self.max_scale,
-            padding=self.padding,
-            flip=self.flip,
-            mix=self.mix,
-            cutmix_alpha=self.cutmix_alpha,
-            mixup_alpha=self.mixup_alpha,
-            fill=relabel.padding_fill(dataset) if dataset is not None else (),
+    def augment_spec(self, dataset: Dataset | DataContract | None = None) -> views_lib.AugmentSpec:
+        """The views as an :class:`ddjax.sre2l.views.AugmentSpec` (fill from ``dataset``)."""
+        return views_lib.AugmentSpec(
+            **{field: getattr(self, field) for field in views_lib.VIEW_FIELDS},
+            fill=views_lib.padding_fill(dataset) if dataset is not None else (),
         )
 
     def lr_at(self, epoch: int) -> float:
@@ -361,7 +353,7 @@ def recipe_from_config(section: Mapping[str, Any]) -> Recipe:
 # --------------------------------------------------------------------------------------------
 
 
-def stored_batches(store: relabel.LabelStore, images: Any) -> Batches:
+def stored_batches(store: label_store.LabelStore, images: Any) -> Batches:
     """Batches replayed from a relabel store (FKD's ``fkd_load``).
 
     Args:
@@ -370,13 +362,13 @@ def stored_batches(store: relabel.LabelStore, images: Any) -> Batches:
 
     Returns:
       ``batches(epoch)`` yielding ``(views, logits)``: the stored augmentation re-applied
-      (:func:`ddjax.sre2l.relabel.augmented_batch`) and the stored fp16 logits as float32.
+      (:func:`ddjax.sre2l.label_store.augmented_batch`) and the stored fp16 logits as float32.
     """
-    augment = relabel.augmenter(store.spec)
+    augment = views_lib.augmenter(store.spec)
     images = jnp.asarray(images, jnp.float32)
 
     def batches(epoch: int) -> Iterator[tuple[Array, Array]]:
-        for batch in relabel.replay(store, epoch):
+        for batch in label_store.replay(store, epoch):
             views = augment(images, jnp.asarray(batch.indices), batch.augment)
             yield views, jnp.asarray(batch.logits, jnp.float32)
 
@@ -386,7 +378,7 @@ def stored_batches(store: relabel.LabelStore, images: Any) -> Batches:
 def online_batches(
     teacher: Any,
     images: Any,
-    spec: relabel.AugmentSpec,
+    spec: views_lib.AugmentSpec,
     *,
     teacher_mode: str,
     batch_size: int,
@@ -395,8 +387,8 @@ def online_batches(
     """Batches labelled by the teacher as they are drawn (online KD; nothing stored).
 
     The batch map and the per-batch keys are those of a store with the same ``seed``
-    (:func:`ddjax.sre2l.relabel.batch_map`, :func:`~ddjax.sre2l.relabel.batch_key`), and the
-    labelling function is the one :func:`ddjax.sre2l.relabel.write_store` uses.
+    (:func:`ddjax.sre2l.views.batch_map`, :func:`~ddjax.sre2l.views.batch_key`), and the
+    labelling function is the one :func:`ddjax.sre2l.label_store.write_store` uses.
 
     Args:
       teacher: a ``ddjax.sre2l.teacher.Teacher``.
@@ -409,12 +401,12 @@ def online_batches(
     Returns:
       ``batches(epoch)`` yielding ``(views, fp32 logits)``.
     """
-    label = relabel.make_labeller(teacher.model, spec, teacher_mode)
+    label = views_lib.make_labeller(teacher.model, spec, teacher_mode)
     variables = jax.tree.map(jnp.asarray, dict(teacher.variables))
     images = jnp.asarray(images, jnp.float32)
 
     def batches(epoch: int) -> Iterator[tuple[Array, Array]]:
-        yield from relabel.iterate_online(label, variables, images, batch_size, seed, epoch)
+        yield from views_lib.iterate_online(label, variables, images, batch_size, seed, epoch)
 
     return batches
 
@@ -528,7 +520,7 @@ def evaluate_kd(
     teacher: Any | None,
     *,
     recipe: str | Recipe,
-    store: relabel.LabelStore | str | Path | None = None,
+    store: label_store.LabelStore | str | Path | None = None,
     model: str = "ResNet18BN",
     model_overrides: dict | None = None,
     num_models: int = 5,
@@ -580,14 +572,14 @@ def evaluate_kd(
     )
     spec = recipe.augment_spec(dataset)
     if store is not None:
-        if not isinstance(store, relabel.LabelStore):
-            store = relabel.open_store(store)
-        relabel.check_store(store, synset=synset, teacher=teacher, dataset=dataset)
+        if not isinstance(store, label_store.LabelStore):
+            store = label_store.open_store(store)
+        label_store.check_store(store, synset=synset, teacher=teacher, dataset=dataset)
         _check_recipe_fits_store(recipe, spec, store)
         batches = stored_batches(store, synset.images)
     else:
         check(teacher is not None, "online KD needs a teacher (or pass store= for stored labels)")
-        relabel.check_teacher_fits(teacher, dataset)
+        views_lib.check_teacher_fits(teacher, dataset)
         batches = online_batches(
             teacher,
             synset.images,
@@ -623,7 +615,7 @@ def evaluate_kd(
 
 
 def _check_recipe_fits_store(
-    recipe: Recipe, spec: relabel.AugmentSpec, store: relabel.LabelStore
+    recipe: Recipe, spec: views_lib.AugmentSpec, store: label_store.LabelStore
 ) -> None:
     """Stored labels are replayed as they are: batch size, views and epochs must agree."""
     check(
@@ -633,17 +625,7 @@ def _check_recipe_fits_store(
         f"with batch_size={store.batch_size}",
     )
     stored = store.spec
-    fields = (
-        "crop",
-        "min_scale",
-        "max_scale",
-        "padding",
-        "flip",
-        "mix",
-        "cutmix_alpha",
-        "mixup_alpha",
-    )
-    for field in fields:
+    for field in views_lib.VIEW_FIELDS:
         mine, theirs = getattr(spec, field), getattr(stored, field)
         check(
             mine == theirs,
@@ -671,7 +653,7 @@ def evaluate_into(
     teacher: Any | None,
     *,
     recipe: Recipe,
-    store: relabel.LabelStore | None,
+    store: label_store.LabelStore | None,
     models: Sequence[str],
     num_models: int,
     seed: int,

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddjax import checkpoint
+from ddjax import checkpoint, loop
 from ddjax import models as models_lib
 from ddjax.data import Dataset
 from ddjax.errors import DDJaxError, check
@@ -250,10 +250,7 @@ def _read_meta(path: Path) -> dict:
         f"{path} is not a ddjax teacher (no {META_FILE}); train one with ddjax squeeze or "
         "convert a PyTorch one with ddjax.sre2l.teacher.import_torch_teacher",
     )
-    try:
-        meta = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DDJaxError(f"{file} cannot be read ({e}); the teacher is corrupt") from None
+    meta = loop.read_json(file, what="the teacher")
     required = ("model", "model_overrides", "dataset", "zca", "mean", "std", "image_shape")
     missing = [k for k in (*required, "num_classes") if not isinstance(meta, dict) or k not in meta]
     check(
