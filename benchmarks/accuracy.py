@@ -8,9 +8,9 @@ cells are not recomputed -- then writes ``benchmarks/results/accuracy_<dataset>.
   python benchmarks/accuracy.py --methods random --ipc 1 10 50 --epochs 100 --num-models 2
   # The full protocol (MTT: 1000 epochs, 5 networks), for a GPU:
   python benchmarks/accuracy.py --methods random herding kcenter --epochs 1000 --num-models 5
-  # Distillation rows (``ddjax distill``) need experts: mtt uses
-  # configs/distill/<dataset>_ipc<k>.py, datm datm_<dataset>_ipc<k>.py, selmatch
-  # selmatch_<dataset>_ipc<k>.py (SelMatch's experts: ConvNetBN, --experts-dir-selmatch):
+  # Distillation rows (``ddjax distill``) need experts: each method uses its config family
+  # configs/distill/<method>.py:<dataset>,ipc=<k> (SelMatch's experts: ConvNetBN,
+  # --experts-dir-selmatch):
   python benchmarks/accuracy.py --methods random mtt datm --ipc 10 50 \
       --experts-dir runs/experts_fashion_mnist --iterations 1000 --eval-every 200
 
@@ -49,8 +49,8 @@ PUBLISHED = {
         # DATM and SelMatch publish no Fashion-MNIST numbers (brief §5.4).
     }
 }
-#: Distillation methods and the prefix of their config files under configs/distill/.
-DISTILL_CONFIGS = {"mtt": "", "datm": "datm_", "selmatch": "selmatch_"}
+#: Distillation methods (each with its config family configs/distill/<method>.py).
+DISTILL_METHODS = ("mtt", "datm", "selmatch", "pad")
 
 
 def main():
@@ -100,7 +100,7 @@ def main():
     rows = []
     for method in args.methods:
         for ipc in args.ipc:
-            if method in DISTILL_CONFIGS:
+            if method in DISTILL_METHODS:
                 rows.append(_distill_row(args, method, ipc))
                 continue
             config = load_config(
@@ -131,10 +131,10 @@ def main():
         protocol += f"; train set limited to {args.train_limit} images (balanced)"
     if args.distill:
         protocol += f"; distill overrides: {' '.join(args.distill)}"
-    for method, prefix in DISTILL_CONFIGS.items():
+    for method in DISTILL_METHODS:
         if method in args.methods:
             protocol += (
-                f"; {method}: configs/distill/{prefix}{args.dataset}_ipc<k>.py, "
+                f"; {method}: configs/distill/{method}.py:{args.dataset},ipc=<k>, "
                 f"{args.iterations} iterations, best of its evaluations (its own protocol)"
             )
     report = {
@@ -203,8 +203,7 @@ def _distill_row(args, method: str, ipc: int) -> dict:
             overrides.append(item)
         elif target == method:
             overrides.append(override)
-    prefix = DISTILL_CONFIGS[method]
-    config = load_config(f"configs/distill/{prefix}{args.dataset}_ipc{ipc}.py", overrides)
+    config = load_config(f"configs/distill/{method}.py:{args.dataset},ipc={ipc}", overrides)
     workdir = Path(args.root) / f"{args.dataset}_{method}_{ipc}"
     start = time.time()
     results = run_distill(config, str(workdir), progress=False)

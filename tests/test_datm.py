@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from ddjax import models, train
-from ddjax.distill import datm, matching, mtt, soft_labels
+from ddjax.config import import_config
+from ddjax.distill import core, datm, matching, soft_labels, tesla
 from ddjax.errors import DDJaxError
 
 IMAGE_SHAPE = (8, 8, 1)
@@ -30,19 +31,19 @@ STRATEGY = "flip"  # one DSA group: per-sample draws at a fraction of the compil
 # DATM with sequential generation: UpperBound grows from 2 to T+ = 4 over 4 iterations. The
 # step tests run one inner step, without DSA, in mode 'unroll' (each about halves compile
 # time); more steps, DSA and the other modes are exercised by the loss-level tests.
-DATM = mtt.StepConfig(
+STEP = core.StepConfig(
     syn_steps=1,
     expert_epochs=1,
     max_start_epoch=4,
     batch_syn=4,
     lr_img=10.0,
     lr_lr=1e-3,
-    mode="unroll",
     dsa=False,
+)
+DATM = datm.DATM(
     min_start_epoch=1,
     current_max_start_epoch=2,
     expansion_end_iteration=4,
-    soft_labels="learned",
     lr_y=2.0,
     threshold=1e6,
 )
@@ -59,6 +60,12 @@ def _run(fun, *args):
 @functools.cache
 def _model(norm: str = "none"):
     return models.get_model("ConvNet", NUM_CLASSES, IMAGE_SHAPE, width=8, depth=1, norm=norm)
+
+
+@functools.cache
+def _inner():
+    """The step tests' inner loop: mode 'unroll' (DSA is off in :data:`STEP`)."""
+    return matching.InnerLoop(_model(), mode="unroll")
 
 
 @functools.cache
@@ -86,28 +93,31 @@ def _label_logits(seed: int = 0, num_images: int = NUM_IMAGES):
     )
 
 
-def _state(config=DATM, seed=0):
+def _state(method=DATM, seed=0):
     rng = np.random.default_rng(seed)
     images = rng.normal(size=(NUM_IMAGES, *IMAGE_SHAPE)).astype(np.float32)
     classes = np.repeat(np.arange(NUM_CLASSES), IPC)
-    labels = {
-        "learned": _label_logits(seed),
-        "tesla": np.eye(NUM_CLASSES, dtype=np.float32)[classes],
-        "none": classes.astype(np.int32),
-    }[config.soft_labels]
-    return mtt.init_state(images, labels, 0.01, jax.random.PRNGKey(seed), config)
+    if isinstance(method, datm.DATM):  # learned label logits
+        labels = _label_logits(seed)
+    elif isinstance(method, tesla.TeslaLabels):  # TESLA's assignment starts one-hot
+        labels = np.eye(NUM_CLASSES, dtype=np.float32)[classes]
+    else:  # hard labels
+        labels = classes.astype(np.int32)
+    return core.init_state(images, labels, 0.01, jax.random.PRNGKey(seed), STEP, method)
 
 
 @functools.cache
-def _step(config=DATM):
-    return mtt.make_distill_step(_model(), config, donate=False, compiler_options=FAST_COMPILE)
+def _step(method=DATM):
+    return core.make_distill_step(
+        _inner(), STEP, method, donate=False, compiler_options=FAST_COMPILE
+    )
 
 
-def _range(config):
+def _range(method, config=STEP):
     return dict(
         max_start_epoch=config.max_start_epoch,
-        current_max_start_epoch=config.current_max_start_epoch,
-        expansion_end_iteration=config.expansion_end_iteration,
+        current_max_start_epoch=method.current_max_start_epoch,
+        expansion_end_iteration=method.expansion_end_iteration,
     )
 
 
@@ -200,11 +210,14 @@ def test_label_gradient_matches_central_finite_differences_in_float64():
         model, images, logits, start, target = _problem(jnp.float64)
         # Two steps (the second through the first's Hessian), a short masked chunk, no DSA.
         indices, mask = matching.inner_batch_indices(jax.random.key(7), 5, 2, 2)
-        config = dict(model=model, mode="unroll")
+        config = dict(
+            inner=matching.InnerLoop(model, mode="unroll"),
+            label_transform=soft_labels.label_probabilities,
+        )
         inner_lr = jnp.float64(0.2)
 
         def loss_and_grads(images, logits, inner_lr):
-            return datm.match_loss_and_grads_with_label_logits(
+            return matching.match_loss_and_grads(
                 images, logits, inner_lr, start, target, indices, mask, **config
             )
 
@@ -235,9 +248,10 @@ def _learned_label_grads(mode: str, num_steps: int):
     indices, mask = matching.inner_batch_indices(jax.random.key(7), 5, 2, num_steps)
 
     def loss_and_grads(images, logits, inner_lr, key):
-        return datm.match_loss_and_grads_with_label_logits(
-            images, logits, inner_lr, start, target, indices, mask, model=model,
-            augment_key=key, mode=mode, dsa_strategy=STRATEGY,
+        return matching.match_loss_and_grads(
+            images, logits, inner_lr, start, target, indices, mask,
+            inner=matching.InnerLoop(model, mode=mode, dsa_strategy=STRATEGY),
+            augment_key=key, label_transform=soft_labels.label_probabilities,
         )  # fmt: skip
 
     return _run(loss_and_grads, images, logits, jnp.float32(0.2), jax.random.key(3))
@@ -275,15 +289,16 @@ def test_datm_step_is_sgd_momentum_on_images_lr_and_labels():
         target = jax.tree.map(lambda a, e=expert, t=t: a[e, t + 1], trajectories)
         indices, mask = matching.inner_batch_indices(batch_key, NUM_IMAGES, 4, 1)
         del augment_key  # DSA is off in this configuration
-        _, grads = datm.match_loss_and_grads_with_label_logits(
+        _, grads = matching.match_loss_and_grads(
             jnp.asarray(images), jnp.asarray(logits), lr, start, target, indices, mask,
-            model=_model(), mode="unroll",
+            inner=matching.InnerLoop(_model(), mode="unroll"),
+            label_transform=soft_labels.label_probabilities,
         )  # fmt: skip
         gradients = (np.asarray(grads.images), np.float32(grads.inner_lr), np.asarray(grads.labels))
         for i, (g, momentum) in enumerate(zip(gradients, (0.5, 0.5, 0.9), strict=True)):
             buffers[i] = g if buffers[i] is None else momentum * buffers[i] + g
-        images = images - DATM.lr_img * buffers[0]
-        lr = lr - DATM.lr_lr * buffers[1]
+        images = images - STEP.lr_img * buffers[0]
+        lr = lr - STEP.lr_lr * buffers[1]
         logits = np.asarray(logits) - DATM.lr_y * buffers[2]
         current = current._replace(key=key)
         current = current._replace(images=jnp.asarray(images), inner_lr=jnp.float32(lr))
@@ -303,13 +318,13 @@ def _learned(state):
 
 
 def test_threshold_and_non_finite_losses_skip_the_whole_update():
-    config = dataclasses.replace(DATM, threshold=1e-6)
-    state = _state(config)
+    method = dataclasses.replace(DATM, threshold=1e-6)
+    state = _state(method)
     for trajectories, reason in (
         (_trajectories(), "over_threshold"),
         (jax.tree.map(lambda a: a.at[0].set(jnp.nan), _trajectories()), "non_finite"),
     ):
-        new, metrics = _step(config)(state, trajectories, jnp.int32(0))
+        new, metrics = _step(method)(state, trajectories, jnp.int32(0))
         assert bool(metrics["skipped"]) and bool(metrics[reason]), reason
         other = {"over_threshold": "non_finite", "non_finite": "over_threshold"}[reason]
         assert not bool(metrics[other])
@@ -325,14 +340,12 @@ def test_threshold_and_non_finite_losses_skip_the_whole_update():
 
 
 def test_tesla_labels_are_softmax_of_the_target_expert_in_eval_mode():
-    config = mtt.StepConfig(
-        syn_steps=1, expert_epochs=1, max_start_epoch=4, batch_syn=4, lr_img=10.0, lr_lr=1e-3,
-        mode="unroll", dsa=False, soft_labels="tesla",
-    )  # fmt: skip
-    state, trajectories = _state(config), _trajectories()
-    new, metrics = _step(config)(state, trajectories, jnp.int32(1))
+    # MTT's step (STEP, mode 'unroll', no DSA) with TESLA's label assignment.
+    method = tesla.TeslaLabels()
+    state, trajectories = _state(method), _trajectories()
+    new, metrics = _step(method)(state, trajectories, jnp.int32(1))
     _, start_key, batch_key, _ = jax.random.split(state.key, 4)
-    t = int(jax.random.randint(start_key, (), 0, config.max_start_epoch))
+    t = int(jax.random.randint(start_key, (), 0, STEP.max_start_epoch))
     assert int(metrics["start_epoch"]) == t
     start = jax.tree.map(lambda a: a[1, t], trajectories)
     target = jax.tree.map(lambda a: a[1, t + 1], trajectories)
@@ -342,8 +355,9 @@ def test_tesla_labels_are_softmax_of_the_target_expert_in_eval_mode():
     # The inner loop trained on exactly these labels (the loss is computed before the update).
     indices, mask = matching.inner_batch_indices(batch_key, NUM_IMAGES, 4, 1)
     loss = matching.match_loss(
-        state.images, expected, state.inner_lr, start, target, indices, mask, model=_model()
-    )
+        state.images, expected, state.inner_lr, start, target, indices, mask,
+        inner=matching.InnerLoop(_model()),
+    )  # fmt: skip
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-4)
     assert new.label_opt_state == ()  # assigned, not learned
     assert not np.array_equal(new.images, state.images)
@@ -417,20 +431,30 @@ def test_label_init_averages_exactly_the_experts_that_are_right():
         (dict(expansion_end_iteration=0), "expansion_end_iteration"),
         (dict(soft_labels="logits"), "soft_labels"),
         (dict(lr_y=None), "lr_y"),
-        (dict(soft_labels="tesla"), "lr_y"),
+        # Formerly refused by StepConfig for lr_y ("lr_y=2.0 is the learned labels' learning
+        # rate"); DATM.check_config refuses the label kind first.
+        (dict(soft_labels="tesla"), "soft_labels='tesla' with method='datm'"),
         (dict(momentum_y=1.0), "momentum_y"),
         (dict(threshold=0.0), "threshold"),
     ],
 )
 def test_bad_datm_options_name_the_field(changes, message):
+    # A config with the settings of STEP and DATM above (datm_fields), then one change.
+    config = import_config("distill/datm.py").datm_fields(
+        DATA, ipc=IPC, syn_steps=1, expert_epochs=1, max_start_epoch=4, batch_syn=4,
+        lr_img=10.0, lr_lr=1e-3, lr_teacher=0.01, min_start_epoch=1, current_max_start_epoch=2,
+        expansion_end_iteration=4, lr_y=2.0, threshold=1e6, zca=False,
+    )  # fmt: skip
+    for key, value in changes.items():
+        config[key] = value
     with pytest.raises(DDJaxError, match=message):
-        dataclasses.replace(DATM, **changes).validate(NUM_IMAGES)
+        datm.DATM.check_config(config)
 
 
 def test_labels_must_fit_the_label_mode():
-    with pytest.raises(DDJaxError, match="soft_labels='learned' needs labels of shape"):
-        mtt.init_state(np.zeros((6, *IMAGE_SHAPE)), np.zeros(6, np.int32), 0.01,
-                       jax.random.PRNGKey(0), DATM)  # fmt: skip
+    with pytest.raises(DDJaxError, match="method 'datm' needs labels of shape"):
+        core.init_state(np.zeros((6, *IMAGE_SHAPE)), np.zeros(6, np.int32), 0.01,
+                        jax.random.PRNGKey(0), STEP, DATM)  # fmt: skip
 
 
 # --- batch sharding ----------------------------------------------------------------------------
@@ -443,13 +467,14 @@ _DEVICE_SCRIPT = textwrap.dedent(
     from jax.sharding import NamedSharding, PartitionSpec as P
     import test_datm as t
     from ddjax import sharding
-    from ddjax.distill import mtt
+    from ddjax.distill import core, matching
     assert jax.device_count() == 4
     mesh = sharding.make_mesh(pool=1, data=4)
     state = sharding.replicate(t._state(), mesh)
     trajectories = sharding.replicate(t._trajectories(), mesh)
-    step = mtt.make_distill_step(t._model(), t.DATM, batch_sharding=NamedSharding(mesh, P("data")),
-                                 compiler_options=t.FAST_COMPILE)
+    inner = matching.InnerLoop(t._model(), mode="unroll",
+                               batch_sharding=NamedSharding(mesh, P("data")))
+    step = core.make_distill_step(inner, t.STEP, t.DATM, compiler_options=t.FAST_COMPILE)
     for e in range(2):
         state, metrics = step(state, trajectories, jnp.int32(e))
     np.savez({out!r}, images=state.images, labels=state.labels, inner_lr=state.inner_lr)
@@ -498,9 +523,7 @@ def experts_dir(tmp_path_factory):
 
 
 def _datm_run_config(experts_path, **overrides):
-    from ddjax.distill.run import datm_config
-
-    config = datm_config(
+    config = import_config("distill/datm.py").datm_fields(
         DATA, ipc=2, syn_steps=2, expert_epochs=1, min_start_epoch=1, max_start_epoch=3,
         current_max_start_epoch=2, expansion_end_iteration=2, lr_img=10.0, lr_lr=1e-3,
         lr_teacher=0.01, lr_y=2.0, threshold=5.0, zca=False, model=RUN_MODEL, iterations=3,
@@ -554,9 +577,9 @@ def test_datm_state_round_trips_through_a_checkpoint(tmp_path):
     state, _ = _step()(_state(), _trajectories(), jnp.int32(0))
     with checkpoint.Checkpoints(tmp_path) as checkpoints:
         checkpoints.save(1, state)
-        template = mtt.init_state(
+        template = core.init_state(
             np.zeros_like(state.images), np.zeros_like(state.labels), 0.0, jax.random.PRNGKey(1),
-            DATM,
+            STEP, DATM,
         )  # fmt: skip
         restored = checkpoints.restore(1, template)
     jax.tree.map(np.testing.assert_array_equal, restored, state)
@@ -566,7 +589,7 @@ def test_datm_state_round_trips_through_a_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"method": "selmatch"}, "start from selmatch_config"),
+        ({"method": "selmatch"}, "start from configs/distill/selmatch.py"),
         ({"method": "tesla"}, "soft_labels='tesla' for its labels"),
         ({"soft_labels": "none"}, "soft_labels='none' with method='datm'"),
         ({"init": "noise"}, "init='noise' with method='datm'"),

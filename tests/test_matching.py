@@ -79,7 +79,7 @@ def _loss_and_grads(num_steps: int, soft_labels: bool = False, **config):
         logits = jax.random.normal(jax.random.key(3), (NUM_IMAGES, NUM_CLASSES))
         labels = jax.nn.softmax(logits + 2 * jax.nn.one_hot(labels, NUM_CLASSES))
     indices, mask = _schedule(num_steps)
-    config = dict(model=_model(), dsa_strategy=STRATEGY, **config)
+    inner = matching.InnerLoop(_model(), dsa_strategy=STRATEGY, **config)
 
     def loss_and_grads(images, inner_lr, augment_key):
         return matching.match_loss_and_grads(
@@ -90,8 +90,8 @@ def _loss_and_grads(num_steps: int, soft_labels: bool = False, **config):
             target,
             indices,
             mask,
+            inner=inner,
             augment_key=augment_key,
-            **config,
         )
 
     return _run(loss_and_grads, images, jnp.float32(INNER_LR), jax.random.key(AUGMENT_KEY_SEED))
@@ -169,8 +169,8 @@ def test_unroll_gradient_matches_central_finite_differences_in_float64():
         start = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), start)
         target = jax.tree.map(lambda p: p + 0.05 * rng.normal(size=p.shape), start)
         indices, mask = _schedule(2)
-        config = dict(model=model, mode="unroll", augment_key=jax.random.key(5))
-        config |= dict(dsa_strategy=STRATEGY)
+        inner = matching.InnerLoop(model, mode="unroll", dsa_strategy=STRATEGY)
+        config = dict(inner=inner, augment_key=jax.random.key(5))
 
         def match_loss(images, labels, inner_lr):
             return matching.match_loss(
@@ -313,7 +313,14 @@ def _compiled_temp_bytes(mode: str, num_steps: int, loop: str) -> int:
     mask = jax.ShapeDtypeStruct((num_steps, num_images), jnp.float32)
     inner_lr = jax.ShapeDtypeStruct((), jnp.float32)
     lowered = matching.match_loss_and_grads.lower(
-        images, labels, inner_lr, params, params, indices, mask, model=model, mode=mode, loop=loop
+        images,
+        labels,
+        inner_lr,
+        params,
+        params,
+        indices,
+        mask,
+        inner=matching.InnerLoop(model, mode=mode, loop=loop),
     )
     return lowered.compile(FAST_COMPILE).memory_analysis().temp_size_in_bytes
 
@@ -365,7 +372,13 @@ def test_batchnorm_student_uses_minibatch_statistics():
 
     def inner_unroll(params):
         return matching.inner_unroll(
-            images, labels, 0.1, params, indices, mask, model=model, mode="unroll"
+            images,
+            labels,
+            0.1,
+            params,
+            indices,
+            mask,
+            inner=matching.InnerLoop(model, mode="unroll"),
         )
 
     final, expected = _run(lambda p: (inner_unroll(p), reference_step(p)), variables["params"])
@@ -398,7 +411,14 @@ def test_bad_configuration_names_the_field(config, field):
     indices, mask = _schedule(3)
     with pytest.raises(DDJaxError, match=field) as error:
         matching.match_loss(
-            images, labels, INNER_LR, start, target, indices, mask, model=_model(), **config
+            images,
+            labels,
+            INNER_LR,
+            start,
+            target,
+            indices,
+            mask,
+            inner=matching.InnerLoop(_model(), **config),
         )
     if field == "mode":
         assert "'unroll', 'remat', 'tesla'" in str(error.value)

@@ -5,6 +5,7 @@ are compiled with XLA's fast options (see tests/test_matching.py), which change 
 not what is computed.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -18,7 +19,8 @@ import numpy as np
 import pytest
 
 from ddjax import augment, data, difficulty, evaluate, models, train
-from ddjax.distill import matching, mtt, selmatch
+from ddjax.config import import_config
+from ddjax.distill import core, matching, selmatch
 from ddjax.errors import DDJaxError
 from ddjax.synset import SyntheticSet
 
@@ -28,17 +30,16 @@ NUM_CLASSES = 3
 IPC, ALPHA, BETA = 4, 0.5, 0.5  # cpc = 2 distilled, spc = 2 selected, ths = 2 per class
 NUM_DISTILLED, NUM_FROZEN = NUM_CLASSES * 2, NUM_CLASSES * 2
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-STEP = mtt.StepConfig(
+STEP = core.StepConfig(
     syn_steps=1,
     expert_epochs=1,
     max_start_epoch=2,
     batch_syn=4,
     lr_img=10.0,
     lr_lr=1e-3,
-    mode="unroll",
     dsa=False,  # DSA's key use is MTT's (tests/test_distill.py); here it only costs compile time
-    num_frozen=NUM_FROZEN,
 )
+METHOD = selmatch.SelMatch(num_frozen=NUM_FROZEN)
 
 
 @functools.cache
@@ -82,21 +83,28 @@ def _initial():
     return selmatch.initial_set(_dataset(), IPC, ALPHA, BETA, scores=_scores())
 
 
-def _state(config=STEP):
+def _state(config=STEP, method=METHOD):
     init = _initial()
-    return mtt.init_state(init.images, init.labels, 0.01, jax.random.PRNGKey(0), config)
+    return core.init_state(init.images, init.labels, 0.01, jax.random.PRNGKey(0), config, method)
 
 
 @functools.cache
-def _step(config=STEP):
-    return mtt.make_distill_step(_model(), config, donate=False, compiler_options=FAST_COMPILE)
+def _inner(mode="unroll"):
+    return matching.InnerLoop(_model(), mode=mode)
+
+
+@functools.cache
+def _step(config=STEP, mode="unroll"):
+    return core.make_distill_step(
+        _inner(mode), config, METHOD, donate=False, compiler_options=FAST_COMPILE
+    )
 
 
 def _match_grads(images, labels, lr, start, target, indices, mask):
     """``match_loss_and_grads`` compiled with the fast options (the reference computation)."""
 
     def grads(*args):
-        return matching.match_loss_and_grads(*args, model=_model(), mode="unroll")[1]
+        return matching.match_loss_and_grads(*args, inner=_inner("unroll"))[1]
 
     args = (images, labels, lr, start, target, indices, mask)
     return jax.jit(grads).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
@@ -179,10 +187,10 @@ def test_partial_update_is_mtt_on_the_distilled_part_only():
 
 @pytest.mark.parametrize("mode", ["remat", "unroll", "tesla"])
 def test_selected_images_stay_bit_identical_in_every_gradient_mode(mode):
-    config = STEP.__class__(**{**STEP.__dict__, "mode": mode, "syn_steps": 1})
+    config = dataclasses.replace(STEP, syn_steps=1)
     state = initial = _state(config)
     for i in range(3):
-        state, metrics = _step(config)(state, _trajectories(), jnp.int32(i % 2))
+        state, metrics = _step(config, mode)(state, _trajectories(), jnp.int32(i % 2))
         assert not bool(metrics["skipped"])
     selected_rows = np.asarray(_dataset().x_train[_initial().selected_indices.ravel()])
     assert np.array_equal(np.asarray(state.images[NUM_DISTILLED:]), selected_rows)
@@ -192,10 +200,11 @@ def test_selected_images_stay_bit_identical_in_every_gradient_mode(mode):
 
 
 def test_num_frozen_is_validated():
-    with pytest.raises(DDJaxError, match="num_frozen=12 leaves nothing to learn"):
-        STEP.__class__(**{**STEP.__dict__, "num_frozen": 12}).validate(12)
+    assert len(_initial().images) == 12
+    with pytest.raises(DDJaxError, match="method 'selmatch' leaves nothing to learn among 12"):
+        _state(method=selmatch.SelMatch(num_frozen=12))
     with pytest.raises(DDJaxError, match="num_frozen=-1"):
-        STEP.__class__(**{**STEP.__dict__, "num_frozen": -1}).validate(12)
+        selmatch.SelMatch(num_frozen=-1)
 
 
 _DEVICE_SCRIPT = textwrap.dedent(
@@ -206,14 +215,15 @@ _DEVICE_SCRIPT = textwrap.dedent(
     from jax.sharding import NamedSharding, PartitionSpec as P
     import test_selmatch as t
     from ddjax import sharding
-    from ddjax.distill import mtt
+    from ddjax.distill import core, matching
     assert jax.device_count() == 4
     mesh = sharding.make_mesh(pool=1, data=4)
     config = t.STEP
     state = sharding.replicate(t._state(config), mesh)
     trajectories = sharding.replicate(t._trajectories(), mesh)
-    step = mtt.make_distill_step(t._model(), config, batch_sharding=NamedSharding(mesh, P("data")),
-                                 compiler_options=t.FAST_COMPILE)
+    inner = matching.InnerLoop(t._model(), mode="unroll",
+                               batch_sharding=NamedSharding(mesh, P("data")))
+    step = core.make_distill_step(inner, config, t.METHOD, compiler_options=t.FAST_COMPILE)
     for e in range(2):
         state, metrics = step(state, trajectories, jnp.int32(e))
     np.savez({out!r}, images=state.images, inner_lr=state.inner_lr)
@@ -360,10 +370,9 @@ def experts_dir(tmp_path_factory):
 
 
 def _run_config(experts_path, **overrides):
-    from ddjax.distill.run import selmatch_config
-
-    config = selmatch_config(
+    config = import_config("distill/selmatch.py").selmatch_fields(
         DATA, ipc=IPC, alpha=ALPHA, beta=BETA, eval_epochs=1, scores="forgetting",
+        scores_higher="harder",  # selmatch_config's default; selmatch_fields' is 'easier'
         syn_steps=2, expert_epochs=1, max_start_epoch=2, lr_img=10.0, lr_lr=1e-3,
         lr_teacher=0.01, batch_syn=5, model=RUN_MODEL, eval_model=RUN_MODEL, iterations=4,
         eval_iterations=(0,), num_eval=1,
@@ -438,15 +447,15 @@ def test_bad_selmatch_runs_are_refused_before_any_work(experts_dir, tmp_path, ov
 
 
 def test_a_plain_distill_config_cannot_claim_selmatch(experts_dir, tmp_path):
-    from ddjax.distill.run import distill_config, run_distill
+    from ddjax.distill.run import run_distill
 
-    config = distill_config(
+    config = import_config("distill/mtt.py").mtt_fields(
         DATA, ipc=2, syn_steps=1, expert_epochs=1, max_start_epoch=2, lr_img=1.0, lr_lr=1e-3,
         lr_teacher=0.01, model=RUN_MODEL,
     )  # fmt: skip
     config.method = "selmatch"
     config.experts_dir = str(experts_dir)
-    with pytest.raises(DDJaxError, match="start from selmatch_config"):
+    with pytest.raises(DDJaxError, match="start from configs/distill/selmatch.py"):
         run_distill(config, str(tmp_path / "run"))
 
 
@@ -475,7 +484,7 @@ def test_configs_hold_the_published_settings():
     from ddjax import config as config_lib
 
     for (name, ipc), (alpha, beta, epochs, lr_img) in PUBLISHED.items():
-        config = config_lib.load_config(f"configs/distill/selmatch_{name}_ipc{ipc}.py")
+        config = config_lib.load_config(f"configs/distill/selmatch.py:{name},ipc={ipc}")
         assert (config.dataset.name, config.ipc, config.method) == (name, ipc, "selmatch")
         assert (config.alpha, config.beta, config.eval.epochs, config.lr_img) == (
             alpha, beta, epochs, lr_img,

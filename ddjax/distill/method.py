@@ -162,6 +162,11 @@ class Method:
             f"{' | '.join(cls.label_kinds)}",
         )
         check(
+            config.get("lr_y") is None or "learned" in cls.label_kinds,
+            f"config.lr_y={config.get('lr_y')!r} is the learned labels' learning rate; "
+            f"soft_labels={config.soft_labels!r} learns none (unset it)",
+        )
+        check(
             config.init in cls.inits,
             f"config.init={config.init!r} with method={cls.name!r}: expected "
             f"{' | '.join(cls.inits)}",
