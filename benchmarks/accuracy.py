@@ -34,8 +34,8 @@ from pathlib import Path
 
 from _common import environment
 
-from ddjax import stages
 from ddjax.config import load_config
+from ddjax.select import run_select
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -115,7 +115,7 @@ def main():
                 ],
             )
             workdir = Path(args.root) / f"{args.dataset}_{method}_{ipc}"
-            stages.run_select(config, str(workdir))
+            run_select(config, str(workdir))
             evals = json.loads((workdir / "results.json").read_text())["eval"]
             result = evals[args.model or "ConvNet"]
             published = PUBLISHED.get(args.dataset, {}).get(method, {}).get(ipc, "–")

@@ -22,17 +22,35 @@ ends with a one-line ``ddjax: error: ...`` on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ddjax.errors import DDJaxError
+
+#: Each stage's function, as ``"module:function"``. This table is the one place the CLI imports
+#: ddjax's stages: they are imported when their stage runs, because importing JAX and the
+#: models takes seconds and ``ddjax --help`` should not wait for it.
+STAGES = {
+    "quickstart": "ddjax.quickstart:quickstart",
+    "select": "ddjax.select:run_select",
+    "evaluate": "ddjax.evaluate_stage:run_evaluate",
+    "experts": "ddjax.experts_cli:run_experts",
+    "distill": "ddjax.distill.run:run_distill",
+    "squeeze": "ddjax.sre2l.squeeze:run_squeeze",
+    "recover": "ddjax.sre2l.recover:run_recover",
+    "relabel": "ddjax.sre2l.relabel:run_relabel",
+}
+LOAD_CONFIG = "ddjax.config:load_config"
+#: The line printed after ``ddjax squeeze``'s own (the quick start prints it too).
+TEACHER_LINE = "ddjax.quickstart:teacher_line"
+AVAILABLE = ", ".join(STAGES)
 
 # Stages of the pipeline that later ddjax versions add. They are listed in
 # --help so the pipeline is visible, and refused with a clear message.
 PLANNED = {
     "bench": "run the benchmarks in benchmarks/",
 }
-AVAILABLE = "quickstart, select, evaluate, experts, distill, squeeze, recover, relabel"
 
 DESCRIPTION = """\
 ddjax: dataset distillation in JAX.
@@ -208,21 +226,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        from ddjax import stages
-
         if args.stage == "quickstart":
             check_no_overrides(overrides, "quickstart")
-            stages.quickstart(
+            resolve(STAGES["quickstart"])(
                 args.workdir,
                 epochs=args.epochs,
                 num_models=args.num_models,
                 distill=not args.no_distill,
             )
         else:
-            from ddjax.config import load_config
-
-            config = load_config(args.config, overrides)
-            getattr(stages, f"run_{args.stage}")(config, args.workdir)
+            config = resolve(LOAD_CONFIG)(args.config, overrides)
+            outcome = resolve(STAGES[args.stage])(config, args.workdir)
+            if args.stage == "squeeze":
+                print(resolve(TEACHER_LINE)(outcome, args.workdir))
     except DDJaxError as e:
         print(f"ddjax: error: {e}", file=sys.stderr)
         return 2
@@ -230,6 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ddjax: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def resolve(target: str) -> Callable:
+    """The function named by ``"module:function"`` (its module imported now)."""
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def check_no_overrides(overrides: Sequence[str], stage: str) -> None:

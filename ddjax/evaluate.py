@@ -243,6 +243,117 @@ class EvalResult:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """A config's ``eval`` section as one frozen value: how a synthetic set is evaluated.
+
+    Read once at a stage's boundary (:meth:`from_config`), checked before the work directory is
+    written (:meth:`validate`) and passed down whole, so no caller unpacks the section field by
+    field. ``epochs``, ``batch_size`` and ``lr`` left ``None`` mean the protocol's own values.
+
+    Attributes:
+      protocol: a name from :data:`PROTOCOLS` (the hard-label trainer's; the KD trainer uses its
+        recipe instead).
+      models: the architectures, one result each (a cross-architecture table when several).
+      num_models: K networks per architecture.
+      epochs: the protocol's ``epochs`` (``epochs + 1`` are run), or ``None``.
+      batch_size: the protocol's batch size, or ``None``.
+      lr: a fixed learning rate, or ``None`` (mtt: the set's learned lr, else 0.01).
+      seed: network ``i`` is initialised and trained with keys derived from ``(seed, i)``.
+      model_overrides: architecture fields for every model (e.g. ``{'width': 64}``).
+      pool_mode: how the K networks share the device (``ddjax.train.resolve_pool_mode``).
+    """
+
+    protocol: str = "mtt"
+    models: tuple[str, ...] = ("ConvNet",)
+    num_models: int = 5
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    model_overrides: dict | None = None
+    pool_mode: str = "auto"
+
+    @classmethod
+    def from_config(cls, section) -> EvalSettings:
+        """The settings of a config's ``eval`` section (``ddjax.config.eval_section``).
+
+        A section without some field (e.g. ``ddjax relabel``'s, which has no protocol) keeps
+        that field's default; an :class:`EvalSettings` is returned as it is.
+        """
+        if isinstance(section, EvalSettings):
+            return section
+        values = {f.name: section[f.name] for f in dataclasses.fields(cls) if f.name in section}
+        if "models" in values:
+            values["models"] = tuple(values["models"])
+        overrides = values.get("model_overrides")
+        if overrides is not None:
+            # A ConfigDict section (``ddjax relabel``'s) becomes a plain dict.
+            values["model_overrides"] = (
+                overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+            )
+        return cls(**values)
+
+    def get_protocol(self) -> Protocol:
+        """The protocol with this section's ``epochs``, ``batch_size`` and ``lr`` applied."""
+        return get_protocol(
+            self.protocol, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr
+        )
+
+    def validate(self, dataset: Dataset, synset: SyntheticSet | None = None) -> None:
+        """Checks the settings (and the set they will evaluate, if given) against ``dataset``.
+
+        Raises:
+          DDJaxError: one line naming the first bad ``config.eval`` field (unknown protocol or
+            architecture, ``num_models < 1``, no models) or a set that the protocol's
+            ``'combined'`` augmentation cannot split.
+        """
+        protocol = self.get_protocol()
+        check(
+            self.num_models >= 1,
+            f"config.eval.num_models={self.num_models} must be at least 1",
+        )
+        check(len(self.models) >= 1, "config.eval.models is empty; e.g. ConvNet,ResNet18")
+        self.check_models(dataset)
+        if synset is not None and protocol.augment == "combined":
+            num_distilled(synset)  # SelMatch's combined augmentation needs the split
+
+    def check_models(self, dataset: Dataset) -> None:
+        """Builds every architecture once: an unknown name is refused with the valid ones."""
+        for name in self.models:
+            models_lib.get_model(
+                name, dataset.num_classes, dataset.image_shape, **(self.model_overrides or {})
+            )
+
+    def evaluate(
+        self,
+        synset: SyntheticSet,
+        dataset: Dataset,
+        model: str,
+        *,
+        progress: bool = False,
+        **protocol_overrides,
+    ) -> EvalResult:
+        """:func:`evaluate_synset` of ``synset`` on ``model`` under these settings.
+
+        ``protocol_overrides`` replace protocol fields beyond the section's (e.g. SelMatch's
+        ``dsa_strategy``).
+        """
+        overrides = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
+        return evaluate_synset(
+            synset,
+            dataset,
+            model=model,
+            protocol=self.protocol,
+            num_models=self.num_models,
+            seed=self.seed,
+            model_overrides=self.model_overrides,
+            progress=progress,
+            pool_mode=self.pool_mode,
+            **{**overrides, **protocol_overrides},
+        )
+
+
 def evaluate_synset(
     synset: SyntheticSet,
     dataset: Dataset,

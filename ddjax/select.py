@@ -40,13 +40,17 @@ import ml_collections
 import numpy as np
 
 from ddjax import augment as augment_lib
+from ddjax import data as data_lib
 from ddjax import difficulty as difficulty_lib
 from ddjax import models as models_lib
 from ddjax import train
 from ddjax.data import Dataset, check_ipc
 from ddjax.difficulty import DifficultyScores
 from ddjax.errors import check
-from ddjax.synset import SyntheticSet
+from ddjax.evaluate import EvalSettings
+from ddjax.evaluate_stage import evaluate_into
+from ddjax.synset import SyntheticSet, load_synset, save_grid
+from ddjax.workdir import Workdir
 
 #: Methods that need no difficulty scores (the quick start's rows).
 METHODS = ("random", "herding", "kcenter")
@@ -397,10 +401,7 @@ def select_from_config(
       The coreset; a searched window has the per-β scores in ``meta['window_search']``.
     """
     method = config.method
-    check(
-        method in ALL_METHODS,
-        f"config.method={method!r} is not a selection method; valid: {list(ALL_METHODS)}",
-    )
+    check_method(method)
     common = dict(seed=config.seed, progress=progress)
     if method not in DIFFICULTY_METHODS:
         return select(
@@ -436,22 +437,60 @@ def select_from_config(
     return search.synset
 
 
+def check_method(method: str) -> None:
+    """Refuses a ``config.method`` that is not a selection method, naming the valid ones."""
+    check(
+        method in ALL_METHODS,
+        f"config.method={method!r} is not a selection method; valid: {list(ALL_METHODS)}",
+    )
+
+
 def _accuracy_under(dataset: Dataset, eval_config: ml_collections.ConfigDict, progress: bool):
     """``synset -> mean test accuracy`` under a config's ``eval`` section."""
-    from ddjax import evaluate as evaluate_lib
+    settings = EvalSettings.from_config(eval_config)
 
     def accuracy(synset: SyntheticSet) -> float:
-        return evaluate_lib.evaluate_synset(
-            synset,
-            dataset,
-            model=eval_config.models[0],
-            protocol=eval_config.protocol,
-            num_models=eval_config.num_models,
-            seed=eval_config.seed,
-            epochs=eval_config.epochs,
-            batch_size=eval_config.batch_size,
-            lr=eval_config.lr,
-            progress=progress,
-        ).mean
+        return settings.evaluate(synset, dataset, settings.models[0], progress=progress).mean
 
     return accuracy
+
+
+def run_select(config: ml_collections.ConfigDict, workdir: str) -> SyntheticSet:
+    """``ddjax select``: a coreset saved as ``synset.npz`` + ``synset.png`` (then evaluated).
+
+    Methods: random, herding, k-center, and the difficulty coresets (``forgetting``:
+    hardest/easiest per class; ``window``: SelMatch's sliding window, β fixed or searched),
+    see :func:`select_from_config`. The config, the data, the ``eval`` section and the
+    difficulty scores are checked before the work directory is written.
+    """
+    check_method(config.method)
+    dataset = data_lib.load_from_config(config.dataset)
+    check_ipc(dataset, config.ipc)
+    settings = EvalSettings.from_config(config.eval)
+    if config.evaluate or tuple(config.get("betas", ())):
+        settings.validate(dataset)
+    if config.method in DIFFICULTY_METHODS:
+        # Read the scores now: a missing or mismatched scores file is refused before the
+        # work directory is created.
+        check("scores" in config, "config lacks the difficulty fields (select.difficulty_fields)")
+        difficulty_lib.scores_from_source(
+            config.scores,
+            higher=config.scores_higher,
+            train_labels=dataset.y_train,
+            experts_dir=config.experts_dir,
+        )
+    work = Workdir(workdir, config, "select")
+    synset_file = work.file("synset.npz")
+    if synset_file.exists():
+        synset = load_synset(synset_file)
+    else:
+        synset = select_from_config(dataset, config, progress=True)
+        synset.save(synset_file)
+        work.log(event="selected", method=config.method, ipc=config.ipc)
+        if "window_search" in synset.meta:
+            work.log(event="window_search", accuracy_by_beta=synset.meta["window_search"])
+    save_grid(work.file("synset.png"), synset, dataset.to_pixels)
+    print(f"{config.method} IPC {config.ipc}: {synset_file} ({len(synset.labels)} images)")
+    if config.evaluate:
+        evaluate_into(work, synset, dataset, settings)
+    return synset

@@ -193,6 +193,13 @@ def test_help_lists_the_stages():
         assert stage in out
 
 
+def test_every_stage_resolves_to_its_run_function():
+    # The CLI imports the stages lazily through one table; each entry must name a function.
+    assert set(cli.STAGES) == set(cli.AVAILABLE.split(", "))
+    for stage, target in cli.STAGES.items():
+        assert callable(cli.resolve(target)), stage
+
+
 def test_select_window_from_a_scores_file_and_refusals(tmp_path, capsys):
     from ddjax import data
 

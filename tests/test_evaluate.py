@@ -1,7 +1,9 @@
 """ddjax.evaluate: the published protocols, K networks by vmap, devices don't change results."""
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -139,3 +141,30 @@ def test_eight_devices_give_the_same_results_as_one():
     for run in (eight["loop"], eight["vmap"]):
         np.testing.assert_allclose(run["loss"], reference["loss"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(run["acc"], reference["acc"], atol=1.5 / 320)
+
+
+def test_eval_settings_read_a_config_section_once_and_refuse_bad_fields(synthetic):
+    from ddjax.config import eval_section
+
+    section = eval_section(epochs=20, num_models=2, models=("ConvNet", "ConvNetBN"))
+    settings = evaluate.EvalSettings.from_config(section)
+    assert settings == evaluate.EvalSettings(
+        protocol="mtt", models=("ConvNet", "ConvNetBN"), num_models=2, epochs=20, batch_size=256
+    )
+    assert evaluate.EvalSettings.from_config(settings) is settings
+    assert settings.get_protocol().epochs == 20
+    settings.validate(synthetic)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.num_models = 3
+    refusals = {
+        "protocol='nope' is not known": {"protocol": "nope"},
+        "config.eval.num_models=0 must be at least 1": {"num_models": 0},
+        "config.eval.models is empty": {"models": ()},
+        "unknown model 'Nope'": {"models": ("Nope",)},
+    }
+    for message, change in refusals.items():
+        with pytest.raises(DDJaxError, match=re.escape(message)):
+            dataclasses.replace(settings, **change).validate(synthetic)
+    # SelMatch's combined augmentation needs the set's distilled/real split.
+    with pytest.raises(DDJaxError, match="num_distilled"):
+        evaluate.EvalSettings(protocol="selmatch").validate(synthetic, _coreset(synthetic))

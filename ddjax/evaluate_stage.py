@@ -1,0 +1,160 @@
+"""``ddjax evaluate``: the one evaluation entry, :func:`evaluate_into`, and the stage around it.
+
+A synthetic set is evaluated by one of two trainers, per architecture of ``config.eval.models``:
+
+* the hard-label trainer (:func:`ddjax.evaluate.evaluate_synset`): K networks trained on the
+  set's labels under ``config.eval.protocol`` (MTT, DSA, DC, SelMatch);
+* the KD trainer (:func:`ddjax.sre2l.kd.evaluate_kd`, a :class:`KDTrainer`): K students learn a
+  teacher's soft labels, stored by ``ddjax relabel`` or computed online (SRe2L's evaluation).
+
+Every stage that evaluates a set (select, evaluate, distill's final cross-architecture table)
+calls :func:`evaluate_into`, which keeps each architecture's result in the work directory's
+``results.json`` as soon as it is known, so that a killed run resumes with the first
+architecture without one.
+
+This module sits above ``ddjax.evaluate`` rather than inside it because the KD trainer
+(``ddjax.sre2l.kd``) itself builds on ``ddjax.evaluate`` (its ``EvalResult``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import ml_collections
+
+from ddjax import data as data_lib
+from ddjax.errors import check
+from ddjax.evaluate import EvalResult, EvalSettings
+from ddjax.sre2l import kd as kd_lib
+from ddjax.sre2l import relabel
+from ddjax.sre2l import teacher as teacher_lib
+from ddjax.synset import SyntheticSet, load_synset
+from ddjax.workdir import Workdir
+
+
+@dataclasses.dataclass(frozen=True)
+class KDTrainer:
+    """The KD trainer: students learn ``teacher``'s soft labels (SRe2L's evaluation).
+
+    Attributes:
+      teacher: a loaded teacher (``ddjax.sre2l.teacher.load_teacher``); ``None`` with a store.
+      recipe: the students' :class:`ddjax.sre2l.kd.Recipe`.
+      store: a ``ddjax relabel`` label store, or ``None`` for the online teacher.
+      augment_seed: the batch-map and augmentation seed (FKD's ``--fkd-seed``).
+    """
+
+    teacher: Any | None
+    recipe: kd_lib.Recipe
+    store: relabel.LabelStore | None
+    augment_seed: int
+
+    def evaluate(
+        self,
+        synset: SyntheticSet,
+        dataset: data_lib.Dataset,
+        model: str,
+        settings: EvalSettings,
+        *,
+        progress: bool,
+    ) -> EvalResult:
+        return kd_lib.evaluate_kd(
+            synset,
+            dataset,
+            self.teacher,
+            recipe=self.recipe,
+            store=self.store,
+            model=model,
+            model_overrides=settings.model_overrides,
+            num_models=settings.num_models,
+            seed=settings.seed,
+            augment_seed=self.augment_seed,
+            pool_mode=settings.pool_mode,
+            progress=progress,
+        )
+
+    def describe(self) -> str:
+        labels = "stored labels" if self.store is not None else "online teacher"
+        return f"KD, {self.recipe.name} recipe, {labels}"
+
+
+def evaluate_into(
+    work: Workdir,
+    synset: SyntheticSet,
+    dataset: data_lib.Dataset,
+    settings: EvalSettings | ml_collections.ConfigDict,
+    name: str = "eval",
+    *,
+    kd: KDTrainer | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluates ``synset`` on every architecture of ``settings.models``, results in ``work``.
+
+    Args:
+      work: the run's work directory; results go to ``results.json[name][model]``.
+      synset: the set to evaluate.
+      dataset: the real data whose test split is used.
+      settings: the ``eval`` section (an :class:`ddjax.evaluate.EvalSettings` or the config
+        section itself), validated by the caller.
+      name: the key in ``results.json`` (``'final'``: distill's cross-architecture table).
+      kd: the KD trainer; ``None`` trains on the set's labels under ``settings.protocol``.
+      progress: progress bars and one printed line per architecture.
+
+    Returns:
+      ``results.json[name]``: one :meth:`EvalResult.to_json` (plus ``seconds``) per model.
+      Architectures already there are not recomputed.
+    """
+    settings = EvalSettings.from_config(settings)
+    results = work.results()
+    done = results.setdefault(name, {})
+    for model in settings.models:
+        if model in done:
+            continue
+        start = time.time()
+        if kd is None:
+            result = settings.evaluate(synset, dataset, model, progress=progress)
+            how, tag = f"lr {result.learning_rate:g}, {result.lr_source}", {}
+        else:
+            result = kd.evaluate(synset, dataset, model, settings, progress=progress)
+            how, tag = kd.describe(), {"kd": True}
+        done[model] = {**result.to_json(), "seconds": round(time.time() - start, 1)}
+        work.log(event="eval", model=model, mean=result.mean, std=result.std, **tag)
+        work.save_results(results)
+        if progress:
+            print(f"{model}: {result.summary()} % ({how})")
+    return done
+
+
+def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """``ddjax evaluate``: ``config.synset`` evaluated on ``config.eval.models``.
+
+    With ``config.kd.teacher`` the students learn the teacher's soft labels by KD (SRe2L's
+    evaluation, :func:`ddjax.sre2l.kd.evaluate_kd`: stored labels from ``config.kd.store`` or
+    the teacher online) instead of training on the set's labels with ``config.eval.protocol``.
+    """
+    check(bool(config.synset), "config.synset is empty; pass --config.synset=PATH/TO/synset.npz")
+    dataset = data_lib.load_from_config(config.dataset)
+    synset = load_synset(config.synset)
+    settings = EvalSettings.from_config(config.eval)
+    kd_config = config.get("kd")
+    kd = None
+    if kd_config is not None and kd_config.teacher:
+        kd = _kd_trainer(kd_config, dataset)
+        # The KD trainer ignores the protocol (the recipe replaces it).
+        check(settings.num_models >= 1, f"config.eval.num_models={settings.num_models} < 1")
+        settings.check_models(dataset)
+    else:
+        settings.validate(dataset, synset)
+    work = Workdir(workdir, config, "evaluate")
+    return evaluate_into(work, synset, dataset, settings, kd=kd)
+
+
+def _kd_trainer(kd_config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> KDTrainer:
+    """``config.kd``'s trainer, its teacher checked against ``dataset``."""
+    teacher = teacher_lib.load_teacher(kd_config.teacher)
+    teacher_lib.check_teacher(teacher, dataset)
+    overrides = {k: kd_config[k] for k in ("epochs", "batch_size") if kd_config[k] is not None}
+    recipe = kd_lib.get_recipe(kd_config.recipe, **overrides)
+    store = relabel.open_store(kd_config.store) if kd_config.store else None
+    return KDTrainer(teacher, recipe, store, augment_seed=kd_config.seed)
