@@ -5,7 +5,7 @@
   ddjax evaluate --config configs/evaluate/fashion_mnist.py --config.synset=runs/a/synset.npz \\
                  --workdir runs/a_eval
   ddjax experts  --config configs/experts/digits.py --workdir runs/experts_digits
-  ddjax distill  --config configs/distill/digits_ipc10.py \\
+  ddjax distill  --config configs/distill/mtt.py:digits,ipc=10 \\
                  --config.experts_dir=runs/experts_digits --workdir runs/mtt_digits
   ddjax squeeze  --config configs/squeeze/digits.py --workdir runs/squeeze_digits
   ddjax recover  --config configs/recover/digits.py --config.teacher=runs/squeeze_digits/teacher \\
@@ -69,7 +69,8 @@ def _add_common(parser: argparse.ArgumentParser, default_config: str | None) -> 
         "--config",
         default=default_config,
         required=default_config is None,
-        help="config file with get_config() (default: %(default)s); override any field with "
+        help="config file with get_config(), or FILE.py:ARG for a config family such as "
+        "configs/distill/mtt.py:cifar10,ipc=10 (default: %(default)s); override any field with "
         "--config.FIELD=VALUE, e.g. --config.ipc=10 --config.eval.epochs=300",
     )
     parser.add_argument(
@@ -160,11 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         "grids, curves.png, results.json; checkpoints every config.checkpoint_every "
         "iterations, and a re-run resumes. config.method = mtt | datm (learned soft labels, "
         "difficulty-aligned start epochs, loss threshold) | selmatch (sliding-window "
-        "selection, only the easier part of each class learned); config.soft_labels=tesla is "
-        "TESLA's label assignment. Configs with the published hyper-parameters: "
-        "configs/distill/<dataset>_ipc<k>.py, datm_*.py, selmatch_*.py.",
+        "selection, only the easier part of each class learned) | pad (DATM matching the "
+        "deeper layers only); config.soft_labels=tesla is TESLA's label assignment. Configs "
+        "with the published hyper-parameters, one family per method: "
+        "configs/distill/{mtt,datm,selmatch,pad}.py:DATASET,ipc=K (e.g. mtt.py:cifar10,ipc=10).",
     )
-    _add_common(distill, "configs/distill/digits_ipc10.py")
+    _add_common(distill, "configs/distill/mtt.py:digits,ipc=10")
 
     squeeze = sub.add_parser(
         "squeeze",

@@ -37,9 +37,9 @@ def quickstart(
     ``epochs`` epochs (reduced from 1000 to fit a few CPU minutes) and lr 0.01
     (MTT rows: the learned lr), ``num_models`` ConvNet-3 networks of width 64 per
     set. With ``distill``, also trains 5 experts (``configs/experts/digits.py``)
-    and distils IPC 1 and IPC 10 sets by MTT (``configs/distill/digits_ipc*.py``,
+    and distils IPC 1 and IPC 10 sets by MTT (``configs/distill/mtt.py:digits,ipc={1,10}``,
     started from the random rows' images) and an IPC 10 set by DATM
-    (``configs/distill/datm_digits_ipc10.py``: learned soft labels); their rows are the final
+    (``configs/distill/datm.py:digits,ipc=10``: learned soft labels); their rows are the final
     sets' evaluations. It also squeezes a digits teacher, recovers an IPC 10 set from it and
     trains the students on the teacher's soft labels (SRe2L; ``configs/{squeeze,recover,
     relabel}/digits.py``). Writes one picture per set, ``results.json`` and ``table.md``;
@@ -83,9 +83,9 @@ def quickstart(
 
 #: The quick start's trajectory-matching rows: (method, IPC, config file).
 QUICKSTART_DISTILL = (
-    ("mtt", 1, "configs/distill/digits_ipc1.py"),
-    ("mtt", 10, "configs/distill/digits_ipc10.py"),
-    ("datm", 10, "configs/distill/datm_digits_ipc10.py"),
+    ("mtt", 1, "configs/distill/mtt.py:digits,ipc=1"),
+    ("mtt", 10, "configs/distill/mtt.py:digits,ipc=10"),
+    ("datm", 10, "configs/distill/datm.py:digits,ipc=10"),
 )
 
 
@@ -184,7 +184,7 @@ def format_table(rows: dict, dataset: str, epochs: int, num_models: int) -> str:
         lines += [
             "",
             "datm: learned soft labels (initialised from the experts), evaluated with soft "
-            "cross-entropy and batch 128 as DATM does (configs/distill/datm_digits_ipc10.py).",
+            "cross-entropy and batch 128 as DATM does (configs/distill/datm.py:digits,ipc=10).",
         ]
     if "sre2l" in methods:
         lines += [

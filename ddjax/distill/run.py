@@ -55,6 +55,7 @@ from ddjax import sharding
 from ddjax.distill import core, matching, registry
 from ddjax.distill.method import InitContext, Method
 from ddjax.errors import check
+from ddjax.evaluate_stage import evaluate_into
 from ddjax.synset import SyntheticSet, load_synset, save_grid
 from ddjax.workdir import Workdir
 
@@ -276,8 +277,6 @@ def run_distill(
     _plot_curves(work)
     best = results.get("best")
     if best is not None and tuple(config.eval.models) != (method.eval_model(config),):
-        from ddjax.stages import evaluate_into  # MERGE: evaluate.evaluate_into
-
         evaluate_into(
             work, load_synset(work.file("synset_best.npz")), dataset, config.eval, "final"
         )
