@@ -41,8 +41,9 @@ def resolve_path(path: str) -> Path:
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
-    """``'configs/distill/mtt.py:cifar10,ipc=10'`` → ``('configs/distill/mtt.py', 'cifar10,ipc=10')``.
+    """Splits a config spec into the file and the family argument.
 
+    ``'configs/distill/mtt.py:cifar10,ipc=10'`` → ``('configs/distill/mtt.py', 'cifar10,ipc=10')``.
     The part after ``.py:`` is the argument of ``get_config(arg)`` (big_vision's convention);
     without it ``get_config()`` is called with no argument.
     """
