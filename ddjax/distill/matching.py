@@ -832,21 +832,13 @@ def match_loss_and_grads(
     argnums = (0, 1, 2) if differentiate_labels else (0, 2)
     inner_lr = _as_learning_rate(inner_lr)
 
+    data = (start_params, target_params, batch_indices, batch_mask)  # not differentiated
+    options = dict(inner=inner, augment_key=augment_key, param_weights=param_weights)
+
     def loss_fn(images: Array, labels: Array, inner_lr: Array) -> Array:
         if label_transform is not None:
             labels = label_transform(labels)
-        return match_loss(
-            images,
-            labels,
-            inner_lr,
-            start_params,
-            target_params,
-            batch_indices,
-            batch_mask,
-            inner=inner,
-            augment_key=augment_key,
-            param_weights=param_weights,
-        )
+        return match_loss(images, labels, inner_lr, *data, **options)
 
     loss, grads = jax.value_and_grad(loss_fn, argnums=argnums)(images, labels, inner_lr)
     if differentiate_labels:

@@ -44,6 +44,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from ddjax import select as select_lib
 from ddjax.data import Dataset
 from ddjax.errors import check
 
@@ -192,8 +193,6 @@ class Method:
         Returns:
           ``(images [C·IPC, H, W, ch] float32, labels)`` with labels as the state holds them.
         """
-        from ddjax import select as select_lib  # a sibling stage, only needed here
-
         config, dataset = context.config, context.dataset
         real = select_lib.select(dataset, "random", config.ipc, seed=config.seed)
         images = np.asarray(real.images, np.float32)
