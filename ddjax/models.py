@@ -38,7 +38,9 @@ Conventions every caller relies on:
 * **Convolution gradients on CPU.** Stride-1 convolutions differentiate through
   :func:`conv_nhwc`, whose backward pass is written as a forward-layout convolution (input
   gradient) and per-tap matrix products (kernel gradient). The forward pass is XLA's convolution
-  unchanged; on GPUs and TPUs every convolution is XLA's (:data:`FAST_CPU_CONV_GRAD`).
+  unchanged; on GPUs and TPUs every convolution is XLA's. Every model has a ``conv_grad`` field
+  (``get_model(..., conv_grad=...)``): ``'fast'`` (the default) or ``'xla'`` for XLA's own
+  gradient everywhere (:data:`CONV_GRADS`).
 * **PyTorch interchange** (numpy only; torch is never imported): :func:`to_torch_state_dict` /
   :func:`from_torch_state_dict` use the exact ``state_dict`` key names of MTT's ``networks.py``
   (or torchvision's for ResNet-18 with ``key_style='torchvision'``), and
@@ -107,13 +109,14 @@ def _uniform(bound: float) -> Callable[..., jax.Array]:
     return init
 
 
-#: Route the gradients of stride-1 convolutions through :func:`conv_nhwc` when JAX's default
-#: backend is the CPU. XLA:CPU lowers the transposed convolutions of a convolution's gradient (and,
-#: in trajectory matching, of the gradient's gradient) to slow generic kernels; written as
-#: forward-layout convolutions and matrix products they take 2-2.5x less time for a ConvNet's
-#: first- and second-order gradients (benchmarks/memory_speed.py). Same values up to float
-#: rounding (float64: 1e-15). Set to False to compare against XLA's own gradient.
-FAST_CPU_CONV_GRAD = True
+#: Values of the models' ``conv_grad`` field. ``'fast'`` routes the gradients of stride-1
+#: convolutions through :func:`conv_nhwc` when JAX's default backend is the CPU: XLA:CPU lowers
+#: the transposed convolutions of a convolution's gradient (and, in trajectory matching, of the
+#: gradient's gradient) to slow generic kernels; written as forward-layout convolutions and
+#: matrix products they take 2-2.5x less time for a ConvNet's first- and second-order gradients
+#: (benchmarks/memory_speed.py). Same values up to float rounding (float64: 1e-15). ``'xla'``
+#: keeps XLA's own gradient (for comparison). On GPUs and TPUs both are XLA's.
+CONV_GRADS = ("fast", "xla")
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -160,7 +163,7 @@ def _conv_nhwc_bwd(padding, residuals, dy):
 conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
 
 
-def _conv_general_dilated(
+def _fast_cpu_conv_general_dilated(
     lhs,
     rhs,
     window_strides,
@@ -174,8 +177,7 @@ def _conv_general_dilated(
 ):
     """``lax.conv_general_dilated`` for ``nn.Conv``: :func:`conv_nhwc` where it applies."""
     plain = (
-        FAST_CPU_CONV_GRAD
-        and jax.default_backend() == "cpu"
+        jax.default_backend() == "cpu"
         and lhs.ndim == 4
         and tuple(window_strides) == (1, 1)
         and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
@@ -211,11 +213,13 @@ def _conv(
     padding: int = 0,
     use_bias: bool = True,
     init: str = "pytorch",
+    conv_grad: str = "fast",
 ) -> jax.Array:
     """A square conv with PyTorch's default init; must be called inside a compact method.
 
     The initialisers are built here because PyTorch's bias bound depends on the conv's fan-in
     (in_channels·k·k), which a Flax bias initialiser (given only the bias shape) cannot know.
+    ``conv_grad`` is one of :data:`CONV_GRADS`.
     """
     fan_in = x.shape[-1] * kernel_size * kernel_size
     bound = 1.0 / math.sqrt(fan_in)
@@ -232,7 +236,9 @@ def _conv(
         use_bias=use_bias,
         kernel_init=kernel_init,
         bias_init=_uniform(bound),
-        conv_general_dilated=_conv_general_dilated,
+        conv_general_dilated=(
+            _fast_cpu_conv_general_dilated if conv_grad == "fast" else jax.lax.conv_general_dilated
+        ),
         name=name,
     )(x)
 
@@ -372,6 +378,7 @@ class ConvNet(nn.Module):
         depth: number of conv blocks.
         norm: ``'instance'`` | ``'batch'`` | ``'layer'`` | ``'group'`` | ``'none'``.
         pool: ``'avg'`` | ``'max'`` | ``'none'``.
+        conv_grad: CPU convolution gradient, ``'fast'`` (ddjax's) or ``'xla'`` (:data:`CONV_GRADS`).
     """
 
     num_classes: int
@@ -379,6 +386,7 @@ class ConvNet(nn.Module):
     depth: int = 3
     norm: str = "instance"
     pool: str = "avg"
+    conv_grad: str = "fast"
 
     def __post_init__(self) -> None:
         _check_positive_int("ConvNet", "num_classes", self.num_classes)
@@ -386,6 +394,7 @@ class ConvNet(nn.Module):
         _check_positive_int("ConvNet", "depth", self.depth)
         _check_choice("ConvNet", "norm", self.norm, _NORMS)
         _check_choice("ConvNet", "pool", self.pool, _POOLS)
+        _check_choice("ConvNet", "conv_grad", self.conv_grad, CONV_GRADS)
         if self.norm == "group":
             check(
                 self.width % 4 == 0,
@@ -400,7 +409,7 @@ class ConvNet(nn.Module):
         in_channels = x.shape[-1]
         for d in range(self.depth):
             padding = 3 if in_channels == 1 and d == 0 else 1
-            x = _conv(x, self.width, 3, padding=padding, name=f"conv_{d}")
+            x = _conv(x, self.width, 3, padding=padding, conv_grad=self.conv_grad, name=f"conv_{d}")
             x = _norm(x, self.norm, train=train, name=f"norm_{d}")
             x = nn.relu(x)
             if self.pool == "avg":
@@ -421,6 +430,7 @@ class _BasicBlock(nn.Module):
     norm: str
     avgpool_downsample: bool
     conv_init: str
+    conv_grad: str
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -428,7 +438,7 @@ class _BasicBlock(nn.Module):
         # The _AP variant replaces each stride-2 conv by a stride-1 conv and a 2×2 average pool.
         conv_stride = 1 if self.avgpool_downsample else self.stride
         downsample = self.avgpool_downsample and self.stride != 1
-        conv = dict(use_bias=False, init=self.conv_init)
+        conv = dict(use_bias=False, init=self.conv_init, conv_grad=self.conv_grad)
 
         out = _conv(x, self.planes, 3, stride=conv_stride, padding=1, name="conv1", **conv)
         out = nn.relu(_norm(out, self.norm, train=train, name="bn1"))
@@ -472,6 +482,7 @@ class ResNet18(nn.Module):
             values are for tests).
         conv_init: ``'pytorch'`` (default U(±1/√fan_in), as MTT) or ``'torchvision'``
             (kaiming-normal, fan-out, as torchvision's ResNet and hence SRe2L).
+        conv_grad: CPU convolution gradient, ``'fast'`` (ddjax's) or ``'xla'`` (:data:`CONV_GRADS`).
     """
 
     num_classes: int
@@ -480,6 +491,7 @@ class ResNet18(nn.Module):
     avgpool_downsample: bool = False
     width: int = 64
     conv_init: str = "pytorch"
+    conv_grad: str = "fast"
 
     def __post_init__(self) -> None:
         _check_positive_int("ResNet18", "num_classes", self.num_classes)
@@ -488,6 +500,7 @@ class ResNet18(nn.Module):
         _check_choice("ResNet18", "small_stem", self.small_stem, (True, False))
         _check_choice("ResNet18", "avgpool_downsample", self.avgpool_downsample, (True, False))
         _check_choice("ResNet18", "conv_init", self.conv_init, ("pytorch", "torchvision"))
+        _check_choice("ResNet18", "conv_grad", self.conv_grad, CONV_GRADS)
         super().__post_init__()
 
     @nn.compact
@@ -503,6 +516,7 @@ class ResNet18(nn.Module):
             padding=padding,
             use_bias=False,
             init=self.conv_init,
+            conv_grad=self.conv_grad,
             name="conv1",
         )
         x = nn.relu(_norm(x, self.norm, train=train, name="bn1"))
@@ -516,6 +530,7 @@ class ResNet18(nn.Module):
                     norm=self.norm,
                     avgpool_downsample=self.avgpool_downsample,
                     conv_init=self.conv_init,
+                    conv_grad=self.conv_grad,
                     name=f"layer{stage + 1}_{block}",
                 )(x, train)
         features = _flatten_chw(x) if self.avgpool_downsample else jnp.mean(x, axis=(1, 2))
@@ -538,14 +553,17 @@ class VGG11(nn.Module):
     Attributes:
         num_classes: outputs of the linear head.
         norm: ``'instance'`` (``VGG11``) or ``'batch'`` (``VGG11BN``).
+        conv_grad: CPU convolution gradient, ``'fast'`` (ddjax's) or ``'xla'`` (:data:`CONV_GRADS`).
     """
 
     num_classes: int
     norm: str = "instance"
+    conv_grad: str = "fast"
 
     def __post_init__(self) -> None:
         _check_positive_int("VGG11", "num_classes", self.num_classes)
         _check_choice("VGG11", "norm", self.norm, ("instance", "batch"))
+        _check_choice("VGG11", "conv_grad", self.conv_grad, CONV_GRADS)
         super().__post_init__()
 
     @nn.compact
@@ -557,7 +575,7 @@ class VGG11(nn.Module):
                 x = _max_pool(x)
                 continue
             padding = 3 if in_channels == 1 and index == 0 else 1
-            x = _conv(x, entry, 3, padding=padding, name=f"conv_{index}")
+            x = _conv(x, entry, 3, padding=padding, conv_grad=self.conv_grad, name=f"conv_{index}")
             x = nn.relu(_norm(x, self.norm, train=train, name=f"norm_{index}"))
         features = _flatten_chw(x)
         if features_only:
@@ -574,24 +592,28 @@ class AlexNet(nn.Module):
 
     Attributes:
         num_classes: outputs of the linear head (``fc`` in PyTorch).
+        conv_grad: CPU convolution gradient, ``'fast'`` (ddjax's) or ``'xla'`` (:data:`CONV_GRADS`).
     """
 
     num_classes: int
+    conv_grad: str = "fast"
 
     def __post_init__(self) -> None:
         _check_positive_int("AlexNet", "num_classes", self.num_classes)
+        _check_choice("AlexNet", "conv_grad", self.conv_grad, CONV_GRADS)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, features_only: bool = False) -> jax.Array:
         """Maps images (N, H, W, C) to logits (N, num_classes) or features (N, F)."""
         del train  # no batch statistics; accepted so every model has the same signature
-        x = _conv(x, 128, 5, padding=4 if x.shape[-1] == 1 else 2, name="conv_0")
+        conv = functools.partial(_conv, conv_grad=self.conv_grad)
+        x = conv(x, 128, 5, padding=4 if x.shape[-1] == 1 else 2, name="conv_0")
         x = _max_pool(nn.relu(x))
-        x = _max_pool(nn.relu(_conv(x, 192, 5, padding=2, name="conv_1")))
-        x = nn.relu(_conv(x, 256, 3, padding=1, name="conv_2"))
-        x = nn.relu(_conv(x, 192, 3, padding=1, name="conv_3"))
-        x = _max_pool(nn.relu(_conv(x, 192, 3, padding=1, name="conv_4")))
+        x = _max_pool(nn.relu(conv(x, 192, 5, padding=2, name="conv_1")))
+        x = nn.relu(conv(x, 256, 3, padding=1, name="conv_2"))
+        x = nn.relu(conv(x, 192, 3, padding=1, name="conv_3"))
+        x = _max_pool(nn.relu(conv(x, 192, 3, padding=1, name="conv_4")))
         features = _flatten_chw(x)
         if features_only:
             return features
@@ -649,7 +671,12 @@ def _lookup(name: str) -> tuple[type[nn.Module], dict[str, Any]]:
 
 
 def get_model(
-    name: str, num_classes: int, image_shape: tuple[int, int, int], **overrides: Any
+    name: str,
+    num_classes: int,
+    image_shape: tuple[int, int, int],
+    *,
+    conv_grad: str = "fast",
+    **overrides: Any,
 ) -> nn.Module:
     """Builds a model by MTT's name, e.g. ``get_model('ConvNetD4', 200, (64, 64, 3))``.
 
@@ -657,6 +684,10 @@ def get_model(
         name: one of :data:`MODEL_NAMES`, or ``ConvNetD<k>`` / ``ConvNetW<k>``.
         num_classes: outputs of the classifier.
         image_shape: (H, W, C) of the inputs; checked against the network's downsampling.
+        conv_grad: how convolutions are differentiated on the CPU: ``'fast'`` (ddjax's
+            :func:`conv_nhwc` gradient for stride-1 convolutions, 2-2.5x faster on XLA:CPU) or
+            ``'xla'`` (XLA's own); the same values up to float rounding. Decided once, where a
+            stage starts; on GPUs and TPUs both are XLA's. See :data:`CONV_GRADS`.
         **overrides: fields of the model class that replace the name's settings, e.g.
             ``width=32`` or ``norm='batch'``.
 
@@ -667,15 +698,15 @@ def get_model(
         DDJaxError: unknown name, unknown or invalid field, or images too small for the model.
     """
     cls, settings = _lookup(name)
-    fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+    explicit = ("parent", "name", "num_classes", "conv_grad")
+    fields = [f.name for f in dataclasses.fields(cls) if f.name not in explicit]
     for field in overrides:
         check(
-            field in fields and field != "num_classes",
-            f"{name} has no setting {field!r}; valid settings: "
-            f"{', '.join(f for f in fields if f != 'num_classes')}",
+            field in fields,
+            f"{name} has no setting {field!r}; valid settings: {', '.join(fields)}",
         )
     settings.update(overrides)
-    model = cls(num_classes=num_classes, **settings)
+    model = cls(num_classes=num_classes, conv_grad=conv_grad, **settings)
     _check_image_shape(model, image_shape)
     return model
 
