@@ -85,10 +85,9 @@ def _problem(preset: str, num_steps: int, conv_grad: str = "fast"):
     from ddjax import models
     from ddjax.distill import matching
 
-    models.FAST_CPU_CONV_GRAD = conv_grad == "fast"
     spec = PRESETS[preset]
     shape, num_classes = spec["image_shape"], spec["num_classes"]
-    model = models.get_model("ConvNet", num_classes, shape, width=WIDTH)
+    model = models.get_model("ConvNet", num_classes, shape, conv_grad=conv_grad, width=WIDTH)
     start = models.init_variables(model, jax.random.key(0), shape)["params"]
     leaves, treedef = jax.tree.flatten(start)
     noise_keys = jax.random.split(jax.random.key(1), len(leaves))
@@ -272,7 +271,7 @@ def _seconds(value) -> str:
 
 
 _CONV_GRAD = {
-    "fast": "ddjax's (`models.FAST_CPU_CONV_GRAD`, on CPU)",
+    "fast": "ddjax's (`get_model(..., conv_grad='fast')`, on CPU)",
     "xla": "XLA's own",
 }
 
@@ -465,7 +464,7 @@ def main() -> None:
         "--conv-grad",
         choices=("fast", "xla"),
         default="fast",
-        help="CPU convolution gradients: ddjax's (models.FAST_CPU_CONV_GRAD) or XLA's own",
+        help="CPU convolution gradients: ddjax's or XLA's own (get_model's conv_grad)",
     )
     parser.add_argument("--note", action="append", default=[], help="a line for the Markdown")
     parser.add_argument("--out", default=None)

@@ -7,6 +7,7 @@ state_dict with ``strict=True`` and compare logits; they are skipped when torch 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -386,6 +387,10 @@ def test_invalid_names_and_settings_give_clear_errors():
         models.get_model("ConvNetGN", 10, (32, 32, 3), width=6)
     with pytest.raises(DDJaxError, match=r"ResNet18\.norm"):
         models.get_model("ResNet18", 10, (32, 32, 3), norm="layer")
+    with pytest.raises(DDJaxError, match=r"ConvNet\.conv_grad must be one of \['fast', 'xla'\]"):
+        models.get_model("ConvNet", 10, (32, 32, 3), conv_grad="cudnn")
+    with pytest.raises(DDJaxError, match=r"ResNet18\.conv_grad"):
+        models.ResNet18(num_classes=10, conv_grad=None)
     with pytest.raises(DDJaxError, match=r"VGG11 has no setting 'width'"):
         models.get_model("VGG11", 10, (32, 32, 3), width=8)
     with pytest.raises(DDJaxError, match=r"too small for ConvNet.*0×0"):
@@ -650,19 +655,20 @@ def test_cpu_conv_gradients_equal_xlas_to_second_order(kernel_size, padding):
     assert jnp.ones(()).dtype == jnp.float32  # x64 is off again
 
 
-def test_models_use_the_fast_cpu_conv_gradient_only_where_it_applies(monkeypatch):
-    """Stride-1 convs go through conv_nhwc on CPU, ResNet's stride-2 convs do not, the flag
-    switches it off, and the gradients agree either way."""
-    model = models.ResNet18(num_classes=3, width=4, norm="batch")
+def test_models_use_the_fast_cpu_conv_gradient_only_where_it_applies():
+    """Stride-1 convs go through conv_nhwc on CPU, ResNet's stride-2 convs do not,
+    conv_grad='xla' switches it off, and the gradients agree either way."""
     shape = (16, 16, 3)
+    model = models.ResNet18(num_classes=3, width=4, norm="batch")
+    xla_model = models.ResNet18(num_classes=3, width=4, norm="batch", conv_grad="xla")
     variables = _random_variables(model, shape)
     x = jnp.asarray(_images(shape))
 
-    def fast_convs():
+    def fast_convs(model):
         jaxpr = jax.make_jaxpr(lambda x: model.apply(variables, x))(x)
         return sum("custom_vjp" in eqn.primitive.name for eqn in jaxpr.eqns)
 
-    def loss(params):
+    def loss(model, params):
         logits, _ = model.apply(
             {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
         )
@@ -670,9 +676,8 @@ def test_models_use_the_fast_cpu_conv_gradient_only_where_it_applies(monkeypatch
 
     # 14 stride-1 3x3 convs: the stem and 16 in the blocks, less the 3 with stride 2; none of
     # the 1x1 stride-2 shortcuts.
-    assert fast_convs() == 14
-    fast = jax.grad(loss)(variables["params"])
-    monkeypatch.setattr(models, "FAST_CPU_CONV_GRAD", False)
-    assert fast_convs() == 0
-    slow = jax.grad(loss)(variables["params"])
+    assert fast_convs(model) == 14
+    fast = jax.grad(functools.partial(loss, model))(variables["params"])
+    assert fast_convs(xla_model) == 0
+    slow = jax.grad(functools.partial(loss, xla_model))(variables["params"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), fast, slow)

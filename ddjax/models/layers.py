@@ -1,0 +1,190 @@
+"""The layers MTT's networks are built from, with PyTorch's initialisation and semantics.
+
+Promises: :func:`conv2d` and :func:`dense` initialise as PyTorch's ``nn.Conv2d`` / ``nn.Linear``
+(U(±1/√fan_in) for weights and biases, or torchvision's kaiming-normal for ResNet convs);
+:class:`BatchNorm` is ``nn.BatchNorm2d`` (biased variance to normalise, unbiased for the running
+variance) and can record its input statistics (``'bn_inputs'``); :func:`norm_layer` gives the
+other normalisations of MTT's networks with eps 1e-5; :func:`flatten_chw` flattens in PyTorch's
+(C, H, W) order. The helpers must be called inside a ``@nn.compact`` method. The field checks
+(:func:`check_choice`, :func:`check_positive_int`) raise one-line :class:`DDJaxError` messages
+that name ``Owner.field``, the value and what is valid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddjax.errors import check
+from ddjax.models.conv import conv_general_dilated
+
+# PyTorch's defaults: BatchNorm2d(momentum=0.1) updates running = 0.9·running + 0.1·batch, and
+# every normalisation layer of these networks uses eps = 1e-5 (Flax's own default is 1e-6).
+BN_MOMENTUM = 0.9
+NORM_EPSILON = 1e-5
+
+NORMS = ("instance", "batch", "layer", "group", "none")
+POOLS = ("avg", "max", "none")
+
+
+def _uniform(bound: float) -> Callable[..., jax.Array]:
+    """U(-bound, bound): PyTorch's default for conv/linear weights and biases at 1/√fan_in."""
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+    return init
+
+
+def conv2d(
+    x: jax.Array,
+    features: int,
+    kernel_size: int,
+    *,
+    name: str,
+    stride: int = 1,
+    padding: int = 0,
+    use_bias: bool = True,
+    init: str = "pytorch",
+    conv_grad: str = "fast",
+) -> jax.Array:
+    """A square conv with PyTorch's default init; must be called inside a compact method.
+
+    The initialisers are built here because PyTorch's bias bound depends on the conv's fan-in
+    (in_channels·k·k), which a Flax bias initialiser (given only the bias shape) cannot know.
+    ``conv_grad`` is one of :data:`CONV_GRADS`.
+    """
+    fan_in = x.shape[-1] * kernel_size * kernel_size
+    bound = 1.0 / math.sqrt(fan_in)
+    if init == "torchvision":
+        # torchvision's ResNet: kaiming_normal_(mode='fan_out', nonlinearity='relu').
+        kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    else:
+        kernel_init = _uniform(bound)
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        use_bias=use_bias,
+        kernel_init=kernel_init,
+        bias_init=_uniform(bound),
+        conv_general_dilated=conv_general_dilated(conv_grad),
+        name=name,
+    )(x)
+
+
+def dense(x: jax.Array, features: int, *, name: str) -> jax.Array:
+    """nn.Linear with PyTorch's default init (weights and bias U(±1/√in_features))."""
+    bound = 1.0 / math.sqrt(x.shape[-1])
+    return nn.Dense(features, kernel_init=_uniform(bound), bias_init=_uniform(bound), name=name)(x)
+
+
+def flatten_chw(x: jax.Array) -> jax.Array:
+    """Flattens NHWC maps in PyTorch's (C, H, W) order, as ``out.view(out.size(0), -1)`` does.
+
+    Transposing the activations (not the weights) keeps the head's kernel a plain transpose of
+    PyTorch's ``classifier.weight``, so conversion needs no permutation of the feature axis.
+    """
+    return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+
+
+def avg_pool(x: jax.Array) -> jax.Array:
+    # nn.AvgPool2d(2, 2): VALID windows, odd sizes floor like PyTorch.
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+def max_pool(x: jax.Array) -> jax.Array:
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+class BatchNorm(nn.Module):
+    """``torch.nn.BatchNorm2d`` semantics over the channel (last) axis.
+
+    Differs from ``flax.linen.BatchNorm`` in one published detail: PyTorch normalises with the
+    biased batch variance but updates ``running_var`` with the *unbiased* one (× n/(n−1), n the
+    number of values per channel). Reproduced so that running statistics, and therefore
+    eval-mode accuracies and SRe2L's BN-matching targets, agree with PyTorch-trained networks.
+    Variables: params ``scale``, ``bias``; ``batch_stats`` ``mean``, ``var`` (Flax's names).
+
+    Attributes:
+        use_running_average: normalise with the running statistics (eval mode).
+        momentum: weight of the old running value (PyTorch's momentum 0.1 is 0.9 here).
+        epsilon: added to the variance.
+    """
+
+    use_running_average: bool
+    momentum: float = BN_MOMENTUM
+    epsilon: float = NORM_EPSILON
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalises ``x`` (..., C) per channel; see the class docstring for the statistics."""
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,))
+        bias = self.param("bias", nn.initializers.zeros, (channels,))
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,))
+        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,))
+
+        record_inputs = not self.is_initializing() and self.is_mutable_collection("bn_inputs")
+        if not self.use_running_average or record_inputs:
+            axes = tuple(range(x.ndim - 1))
+            batch_mean = jnp.mean(x, axis=axes)
+            # Two-pass variance: E[x²]−E[x]² loses digits that the PyTorch comparison needs.
+            batch_var = jnp.mean(jnp.square(x - batch_mean), axis=axes)
+        if record_inputs:
+            self.put_variable("bn_inputs", "mean", batch_mean)
+            self.put_variable("bn_inputs", "var", batch_var)
+
+        if self.use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            mean, var = batch_mean, batch_var
+            if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
+                count = x.size // channels
+                unbiased_var = batch_var * (count / max(count - 1, 1))
+                m = self.momentum
+                running_mean.value = m * running_mean.value + (1.0 - m) * batch_mean
+                running_var.value = m * running_var.value + (1.0 - m) * unbiased_var
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+def norm_layer(x: jax.Array, kind: str, *, train: bool, name: str) -> jax.Array:
+    """The normalisation layers of MTT's networks (all with affine parameters, eps 1e-5).
+
+    ``instance`` is PyTorch ``GroupNorm(C, C)``: per-sample, per-channel statistics over H, W.
+    ``group`` is ``GroupNorm(4, C)``. ``layer`` is ``LayerNorm([C, H, W])``: statistics over all
+    of C, H, W and an elementwise affine of that whole shape (stored here as (H, W, C)).
+    """
+    if kind == "none":
+        return x
+    if kind == "batch":
+        return BatchNorm(use_running_average=not train, name=name)(x)
+    if kind == "layer":
+        axes = (-3, -2, -1)
+        return nn.LayerNorm(
+            epsilon=NORM_EPSILON,
+            reduction_axes=axes,
+            feature_axes=axes,
+            use_fast_variance=False,
+            name=name,
+        )(x)
+    groups = x.shape[-1] if kind == "instance" else 4
+    return nn.GroupNorm(
+        num_groups=groups, epsilon=NORM_EPSILON, use_fast_variance=False, name=name
+    )(x)
+
+
+def check_choice(owner: str, field: str, value: Any, valid: Sequence[Any]) -> None:
+    check(value in valid, f"{owner}.{field} must be one of {list(valid)}, got {value!r}")
+
+
+def check_positive_int(owner: str, field: str, value: Any) -> None:
+    ok = isinstance(value, int | np.integer) and not isinstance(value, bool) and value > 0
+    check(ok, f"{owner}.{field} must be a positive integer, got {value!r}")

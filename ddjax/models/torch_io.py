@@ -1,0 +1,363 @@
+"""PyTorch interchange: MTT's (or torchvision's) ``state_dict`` and MTT's flat parameter vector.
+
+numpy only; torch is never imported. Promises: :func:`to_torch_state_dict` /
+:func:`from_torch_state_dict` use the exact ``state_dict`` keys of MTT's ``networks.py`` (or
+torchvision's for ResNet-18 with ``key_style='torchvision'``) in ``named_parameters`` order, and
+are inverse to each other; :func:`to_flat_vector` / :func:`from_flat_vector` use the flat vector
+of MTT's ``ReparamModule``, the format of MTT's expert buffers. A missing, unexpected or
+mis-shaped tensor is a one-line :class:`~ddjax.errors.DDJaxError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from ddjax.errors import DDJaxError, check
+from ddjax.models.convnet import ConvNet
+from ddjax.models.registry import Variables, count_params, variable_shapes
+from ddjax.models.resnet import ResNet18
+from ddjax.models.vgg_alexnet import VGG11, VGG11_CFG, AlexNet
+
+
+@dataclasses.dataclass(frozen=True)
+class _TorchLayer:
+    """One PyTorch module with state: its state_dict prefix and the matching Flax module path."""
+
+    torch_name: str  # e.g. 'features.0' or 'layer2.0.shortcut.1'
+    flax_path: tuple[str, ...]  # e.g. ('conv_0',) or ('layer2_0', 'shortcut_norm')
+    kind: str  # 'conv' | 'linear' | 'norm' | 'layer_norm' | 'batch_norm'
+    bias: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    """One tensor: Flax (collection, name) ↔ PyTorch suffix, and the axis order to PyTorch."""
+
+    collection: str
+    flax_name: str
+    torch_suffix: str
+    to_torch_axes: tuple[int, ...] | None  # permutation Flax → PyTorch; None = same layout
+
+
+_OIHW_FROM_HWIO = (3, 2, 0, 1)
+_CHW_FROM_HWC = (2, 0, 1)
+
+
+def _leaves(layer: _TorchLayer) -> list[_Leaf]:
+    """The tensors of a layer in PyTorch's state_dict order (parameters, then buffers)."""
+    if layer.kind in ("conv", "linear"):
+        axes = _OIHW_FROM_HWIO if layer.kind == "conv" else (1, 0)
+        leaves = [_Leaf("params", "kernel", "weight", axes)]
+        if layer.bias:
+            leaves.append(_Leaf("params", "bias", "bias", None))
+        return leaves
+    axes = _CHW_FROM_HWC if layer.kind == "layer_norm" else None
+    leaves = [_Leaf("params", "scale", "weight", axes), _Leaf("params", "bias", "bias", axes)]
+    if layer.kind == "batch_norm":
+        leaves += [
+            _Leaf("batch_stats", "mean", "running_mean", None),
+            _Leaf("batch_stats", "var", "running_var", None),
+        ]
+    return leaves
+
+
+def _norm_kind(norm: str) -> str:
+    return {"batch": "batch_norm", "layer": "layer_norm"}.get(norm, "norm")
+
+
+def _torch_layers(model: nn.Module, key_style: str = "mtt") -> list[_TorchLayer]:
+    """The model's stateful layers in PyTorch registration order (= ``named_parameters`` order)."""
+    check(
+        key_style in ("mtt", "torchvision"),
+        f"key_style must be 'mtt' or 'torchvision', got {key_style!r}",
+    )
+    if key_style == "torchvision":
+        check(
+            isinstance(model, ResNet18) and not model.avgpool_downsample,
+            f"key_style='torchvision' exists only for ResNet18 without avgpool_downsample, "
+            f"not {type(model).__name__}",
+        )
+    layers: list[_TorchLayer] = []
+    if isinstance(model, ConvNet):
+        # nn.Sequential indices: conv, [norm], ReLU, [pool] per block.
+        index = 0
+        for d in range(model.depth):
+            layers.append(_TorchLayer(f"features.{index}", (f"conv_{d}",), "conv"))
+            index += 1
+            if model.norm != "none":
+                kind = _norm_kind(model.norm)
+                layers.append(_TorchLayer(f"features.{index}", (f"norm_{d}",), kind))
+                index += 1
+            index += 1 if model.pool == "none" else 2
+        layers.append(_TorchLayer("classifier", ("classifier",), "linear"))
+    elif isinstance(model, VGG11):
+        # nn.Sequential indices: conv, norm, ReLU per conv entry; one MaxPool per 'M'.
+        index = 0
+        kind = _norm_kind(model.norm)
+        for position, entry in enumerate(VGG11_CFG):
+            if entry == "M":
+                index += 1
+                continue
+            layers.append(_TorchLayer(f"features.{index}", (f"conv_{position}",), "conv"))
+            layers.append(_TorchLayer(f"features.{index + 1}", (f"norm_{position}",), kind))
+            index += 3
+        layers.append(_TorchLayer("classifier", ("classifier",), "linear"))
+    elif isinstance(model, AlexNet):
+        for position, index in enumerate((0, 3, 6, 8, 10)):
+            layers.append(_TorchLayer(f"features.{index}", (f"conv_{position}",), "conv"))
+        layers.append(_TorchLayer("fc", ("fc",), "linear"))
+    elif isinstance(model, ResNet18):
+        kind = _norm_kind(model.norm)
+        shortcut = "downsample" if key_style == "torchvision" else "shortcut"
+        # BasicBlock_AP's shortcut is Sequential(conv, AvgPool2d, norm): the norm is index 2.
+        shortcut_norm = 2 if model.avgpool_downsample else 1
+        layers.append(_TorchLayer("conv1", ("conv1",), "conv", bias=False))
+        layers.append(_TorchLayer("bn1", ("bn1",), kind))
+        for stage in range(1, 5):
+            for block in range(2):
+                torch_prefix, flax_block = f"layer{stage}.{block}.", f"layer{stage}_{block}"
+                parts = [("conv1", "conv1"), ("bn1", "bn1"), ("conv2", "conv2"), ("bn2", "bn2")]
+                if stage > 1 and block == 0:  # the first block of stages 2-4 downsamples
+                    parts.append((f"{shortcut}.0", "shortcut_conv"))
+                    parts.append((f"{shortcut}.{shortcut_norm}", "shortcut_norm"))
+                for torch_name, flax_name in parts:
+                    is_conv = "conv" in flax_name
+                    layers.append(
+                        _TorchLayer(
+                            torch_prefix + torch_name,
+                            (flax_block, flax_name),
+                            "conv" if is_conv else kind,
+                            bias=not is_conv,
+                        )
+                    )
+        head = "fc" if key_style == "torchvision" else "classifier"
+        layers.append(_TorchLayer(head, ("classifier",), "linear"))
+    else:
+        raise DDJaxError(f"no PyTorch layout for {type(model).__name__}")
+    return layers
+
+
+def _tensors(model: nn.Module, key_style: str) -> Iterator[tuple[str, tuple[str, ...], _Leaf]]:
+    """Every (torch key, Flax path within its collection, leaf) in state_dict order."""
+    for layer in _torch_layers(model, key_style):
+        for leaf in _leaves(layer):
+            yield f"{layer.torch_name}.{leaf.torch_suffix}", layer.flax_path, leaf
+
+
+def _get(tree: Mapping[str, Any], path: Sequence[str], what: str) -> Any:
+    node: Any = tree
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            raise DDJaxError(f"variables do not match the model: {what} has no {'/'.join(path)}")
+        node = node[part]
+    return node
+
+
+def _set(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def _to_torch(array: Any, axes: tuple[int, ...] | None) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float32)
+    return array if axes is None else np.ascontiguousarray(np.transpose(array, axes))
+
+
+def _from_torch(array: np.ndarray, axes: tuple[int, ...] | None) -> np.ndarray:
+    return array if axes is None else np.transpose(array, np.argsort(axes))
+
+
+def _torch_shape(shape: Sequence[int], axes: tuple[int, ...] | None) -> tuple[int, ...]:
+    return tuple(shape) if axes is None else tuple(shape[a] for a in axes)
+
+
+def to_torch_state_dict(
+    variables: Mapping[str, Any], model: nn.Module, *, key_style: str = "mtt"
+) -> dict[str, np.ndarray]:
+    """Converts ddjax variables to the PyTorch ``state_dict`` of the same network.
+
+    Keys are those of MTT's ``networks.py`` (``features.0.weight``, ``layer1.0.bn1.running_var``,
+    ``classifier.weight`` …); ``key_style='torchvision'`` renames ResNet-18's ``shortcut`` →
+    ``downsample`` and ``classifier`` → ``fc`` for torchvision's ``resnet18``. Conv kernels go
+    HWIO → OIHW, linear kernels (in, out) → (out, in), LayerNorm affines (H, W, C) → (C, H, W).
+    BatchNorm layers also get ``num_batches_tracked`` = 0 (ddjax does not count batches; PyTorch
+    reads it only when ``momentum=None``). Load with
+    ``net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``.
+
+    Args:
+        variables: ``{'params': ..., 'batch_stats': ...}`` of ``model``.
+        model: the ddjax model the variables belong to.
+        key_style: ``'mtt'`` or ``'torchvision'`` (ResNet18 only).
+
+    Returns:
+        An ordered dict of float32 numpy arrays (int64 for ``num_batches_tracked``).
+
+    Raises:
+        DDJaxError: the variables lack a tensor the model needs.
+    """
+    state_dict: dict[str, np.ndarray] = {}
+    for key, path, leaf in _tensors(model, key_style):
+        collection = _get(variables, (leaf.collection,), "variables")
+        value = _get(collection, (*path, leaf.flax_name), f"variables[{leaf.collection!r}]")
+        state_dict[key] = _to_torch(value, leaf.to_torch_axes)
+        if leaf.flax_name == "var":
+            state_dict[key.replace("running_var", "num_batches_tracked")] = np.array(0, np.int64)
+    return state_dict
+
+
+def _strip_data_parallel(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Drops the ``module.`` prefix that ``nn.DataParallel`` checkpoints (MTT, SRe2L) carry."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module.") :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _as_numpy(value: Any, what: str) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise DDJaxError(
+            f"{what} is not convertible to a float32 array ({error}); pass CPU tensors "
+            "(detached) or numpy arrays"
+        ) from error
+
+
+def from_torch_state_dict(
+    state_dict: Mapping[str, Any],
+    model: nn.Module,
+    image_shape: tuple[int, int, int],
+    *,
+    key_style: str = "mtt",
+) -> Variables:
+    """Converts a PyTorch ``state_dict`` of MTT's (or torchvision's) network to ddjax variables.
+
+    The inverse of :func:`to_torch_state_dict`. Values may be numpy arrays or CPU tensors; a
+    ``module.`` prefix (``nn.DataParallel``) is removed; ``num_batches_tracked`` is accepted and
+    ignored. Every other key must match exactly, as with ``load_state_dict(strict=True)``.
+
+    Args:
+        state_dict: mapping from PyTorch keys to tensors.
+        model: the ddjax model to load into.
+        image_shape: (H, W, C) of the inputs (fixes the head's input size).
+        key_style: ``'mtt'`` or ``'torchvision'`` (ResNet18 only).
+
+    Returns:
+        ``{'params': ..., 'batch_stats': ...}`` (``batch_stats`` only for BatchNorm models).
+
+    Raises:
+        DDJaxError: missing or unexpected keys, or a tensor whose shape differs (the message
+            names the key, the shape found and the shape expected, both in PyTorch layout).
+    """
+    template = variable_shapes(model, image_shape)
+    state_dict = _strip_data_parallel(state_dict)
+    expected = list(_tensors(model, key_style))
+    expected_keys = {key for key, _, _ in expected}
+    name = type(model).__name__
+    missing = [key for key, _, _ in expected if key not in state_dict]
+    unexpected = [
+        key
+        for key in state_dict
+        if key not in expected_keys and not key.endswith("num_batches_tracked")
+    ]
+    check(not missing, f"state_dict for {name} is missing keys: {', '.join(missing)}")
+    check(not unexpected, f"state_dict for {name} has unexpected keys: {', '.join(unexpected)}")
+
+    variables: Variables = {}
+    for key, path, leaf in expected:
+        shape = _get(template[leaf.collection], (*path, leaf.flax_name), "template").shape
+        want = _torch_shape(shape, leaf.to_torch_axes)
+        value = _as_numpy(state_dict[key], f"state_dict[{key!r}]")
+        check(
+            value.shape == want,
+            f"state_dict[{key!r}] has shape {tuple(value.shape)}, expected {want} for {name} "
+            f"at image_shape {tuple(image_shape)}",
+        )
+        array = jnp.asarray(_from_torch(value, leaf.to_torch_axes))
+        _set(variables, (leaf.collection, *path, leaf.flax_name), array)
+    return variables
+
+
+def to_flat_vector(variables: Mapping[str, Any], model: nn.Module) -> np.ndarray:
+    """MTT's flat parameter vector: ``torch.cat([p.reshape(-1) for p in net.parameters()])``.
+
+    This is the layout of MTT's ``ReparamModule`` and of the parameter lists in MTT's expert
+    buffers (``replay_buffer_*.pt``): parameters only (no running statistics), in
+    ``named_parameters`` order, each in PyTorch's layout.
+
+    Args:
+        variables: variables of ``model`` (only ``'params'`` is read).
+        model: the ddjax model.
+
+    Returns:
+        A float32 vector of length ``count_params(variables)``.
+    """
+    pieces = [
+        _to_torch(
+            _get(variables["params"], (*path, leaf.flax_name), "variables['params']"),
+            leaf.to_torch_axes,
+        ).reshape(-1)
+        for _, path, leaf in _tensors(model, "mtt")
+        if leaf.collection == "params"
+    ]
+    return np.concatenate(pieces)
+
+
+def from_flat_vector(vector: Any, model: nn.Module, image_shape: tuple[int, int, int]) -> Variables:
+    """Inverse of :func:`to_flat_vector`: MTT's flat parameter vector to ddjax variables.
+
+    BatchNorm models also get fresh running statistics (mean 0, variance 1), which is what
+    MTT's ``ReparamModule`` student has, since its buffers are not part of the flat vector.
+
+    Args:
+        vector: 1-D array (numpy, JAX or a CPU tensor) of all parameters.
+        model: the ddjax model.
+        image_shape: (H, W, C) of the inputs.
+
+    Returns:
+        ``{'params': ...}`` plus ``'batch_stats'`` for BatchNorm models.
+
+    Raises:
+        DDJaxError: the vector is not 1-D or its length is not the model's parameter count.
+    """
+    template = variable_shapes(model, image_shape)
+    vector = _as_numpy(vector, "the flat parameter vector")
+    expected = count_params(template)
+    check(
+        vector.ndim == 1 and vector.size == expected,
+        f"flat parameter vector has shape {tuple(vector.shape)}, expected ({expected},) for "
+        f"{type(model).__name__} at image_shape {tuple(image_shape)}",
+    )
+    variables: Variables = {"params": {}}
+    offset = 0
+    for _, path, leaf in _tensors(model, "mtt"):
+        if leaf.collection != "params":
+            continue
+        shape = _get(template["params"], (*path, leaf.flax_name), "template").shape
+        torch_shape = _torch_shape(shape, leaf.to_torch_axes)
+        size = math.prod(torch_shape)
+        piece = vector[offset : offset + size].reshape(torch_shape)
+        offset += size
+        array = jnp.asarray(_from_torch(piece, leaf.to_torch_axes))
+        _set(variables["params"], (*path, leaf.flax_name), array)
+    if "batch_stats" in template:
+        variables["batch_stats"] = _fresh_batch_stats(template["batch_stats"])
+    return variables
+
+
+def _fresh_batch_stats(shapes: Mapping[str, Any]) -> dict[str, Any]:
+    """PyTorch's initial running statistics (mean 0, variance 1) shaped like ``shapes``."""
+    fresh: dict[str, Any] = {}
+    for name, node in shapes.items():
+        if isinstance(node, Mapping):
+            fresh[name] = _fresh_batch_stats(node)
+        else:
+            fresh[name] = (jnp.ones if name == "var" else jnp.zeros)(node.shape, node.dtype)
+    return fresh
