@@ -128,8 +128,9 @@ def _compile(model, args, key, mode: str, loop):
 
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (args, key))
     start = time.perf_counter()
+    inner = matching.InnerLoop(model, mode=mode, loop=loop)
     compiled = matching.match_loss_and_grads.lower(
-        *abstract[0], model=model, augment_key=abstract[1], mode=mode, loop=loop
+        *abstract[0], inner=inner, augment_key=abstract[1]
     ).compile()
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()

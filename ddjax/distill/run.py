@@ -166,7 +166,9 @@ def run_distill(
     # Data-dependent checks (e.g. SelMatch's scores and windows) before the work directory.
     prepared = method.prepare(config, dataset)
     settings.validate(num_snapshots=int(meta["epochs"]) + 1)
-    model = models_lib.get_model(config.model, dataset.num_classes, dataset.image_shape)
+    model = models_lib.get_model(
+        config.model, dataset.num_classes, dataset.image_shape, conv_grad=config.conv_grad
+    )
     for name in config.eval.models:
         models_lib.get_model(name, dataset.num_classes, dataset.image_shape)
     evaluate_lib.get_protocol(config.eval.protocol, epochs=config.eval.epochs)
