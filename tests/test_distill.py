@@ -283,7 +283,7 @@ def test_killed_run_resumes_to_the_same_synthetic_set(experts_dir, tmp_path):
     config = _run_config(experts_dir)
     whole = run_distill(config, str(tmp_path / "whole"), compiler_options=FAST_COMPILE)
     # Killed after iteration 3: the newest checkpoint is iteration 2, so iteration 3 is redone.
-    run_distill(config, str(tmp_path / "killed"), compiler_options=FAST_COMPILE, _stop_at=3)
+    run_distill(config, str(tmp_path / "killed"), compiler_options=FAST_COMPILE, _stop_after=3)
     assert sorted(int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir()) == [2]
     resumed = run_distill(config, str(tmp_path / "killed"), compiler_options=FAST_COMPILE)
     a = load_synset(tmp_path / "whole" / "synset.npz")

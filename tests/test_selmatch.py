@@ -396,7 +396,7 @@ def test_selmatch_run_learns_only_the_distilled_part_and_resumes(experts_dir, tm
     config = _run_config(experts_dir)
     work = tmp_path / "run"
     # Killed after iteration 3: the newest checkpoint is iteration 2, so iteration 3 is redone.
-    run_distill(config, str(work), compiler_options=FAST_COMPILE, _stop_at=3)
+    run_distill(config, str(work), compiler_options=FAST_COMPILE, _stop_after=3)
     assert sorted(int(p.name) for p in (work / "checkpoints").iterdir()) == [2]
     results = run_distill(config, str(work), compiler_options=FAST_COMPILE)
     assert results["evals"].keys() == {"0", "4"}  # eval_iterations, then the end

@@ -33,7 +33,6 @@ and all other randomness comes from the checkpointed key).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -50,8 +49,8 @@ from ddjax import checkpoint as checkpoint_lib
 from ddjax import data as data_lib
 from ddjax import evaluate as evaluate_lib
 from ddjax import experts as experts_lib
+from ddjax import loop, sharding
 from ddjax import models as models_lib
-from ddjax import sharding
 from ddjax.distill import core, matching, registry
 from ddjax.distill.method import InitContext, Method
 from ddjax.errors import check
@@ -86,16 +85,16 @@ def inner_loop(config: ml_collections.ConfigDict, model, batch_sharding=None) ->
     ``loop='auto'`` is decided here, once: unrolled on CPU (XLA:CPU runs rolled loops of
     convolution steps slowly), rolled elsewhere (compile time independent of N).
     """
-    loop = config.loop
-    if loop == "auto":
-        loop = "unrolled" if jax.default_backend() == "cpu" else "rolled"
-    elif isinstance(loop, str) and loop.isdigit():
-        loop = int(loop)
+    loop_form = config.loop
+    if loop_form == "auto":
+        loop_form = "unrolled" if jax.default_backend() == "cpu" else "rolled"
+    elif isinstance(loop_form, str) and loop_form.isdigit():
+        loop_form = int(loop_form)
     return matching.InnerLoop(
         model=model,
         mode=config.mode,
         remat_every=config.remat_every,
-        loop=loop,
+        loop=loop_form,
         dsa_strategy=config.dsa_strategy,
         batch_sharding=batch_sharding,
     )
@@ -124,7 +123,7 @@ def run_distill(
     *,
     progress: bool = True,
     compiler_options: dict | None = None,
-    _stop_at: int | None = None,
+    _stop_after: int | None = None,
 ) -> dict:
     """``ddjax distill``: runs (or resumes) a trajectory-matching distillation in ``workdir``.
 
@@ -133,8 +132,9 @@ def run_distill(
       workdir: the run directory.
       progress: show a progress bar (silent when not a terminal).
       compiler_options: XLA compiler options for the distill step (tests compile fast).
-      _stop_at: for tests: return after this many iterations as if the process were killed
-        there (no final evaluation, nothing saved beyond the periodic checkpoints).
+      _stop_after: for tests: return after this many iterations of this call, as if the
+        process were killed there (:class:`ddjax.loop.KillSwitch`): no final evaluation,
+        nothing saved beyond the periodic checkpoints.
 
     Returns:
       ``results.json``'s content.
@@ -203,16 +203,13 @@ def run_distill(
     results.setdefault("evals", {})
     loaded, trajectories = None, None
     iteration = int(state.step)
-    stop = config.iterations if _stop_at is None else min(_stop_at, config.iterations)
-    bar = tqdm(
-        total=config.iterations,
-        initial=iteration,
-        desc="distill",
-        disable=None if progress else True,
+    kill = loop.KillSwitch(_stop_after)
+    bar = loop.progress_bar(
+        progress=progress, desc="distill", total=config.iterations, initial=iteration
     )
     window = _Window(iteration)  # seconds per iteration since the last log, without evaluations
     skipped = 0  # updates skipped since the last log
-    while iteration < stop:
+    while iteration < config.iterations and not kill.fired:
         if method.evaluates_at(config, iteration):
             _evaluate(work, results, state, dataset, config, method, iteration, bar)
             window.reset(iteration)
@@ -226,6 +223,7 @@ def run_distill(
             loaded = subset_id
         state, metrics = step_fn(state, trajectories, jnp.asarray(within, jnp.int32))
         iteration += 1
+        kill.tick()
         metrics = jax.device_get(metrics)
         if metrics["skipped"]:
             skipped += 1
@@ -243,7 +241,7 @@ def run_distill(
             )
             if metrics["non_finite"]:  # threshold skips are routine in DATM: logged only
                 tqdm.write(f"iteration {iteration}: {reason}; update skipped")
-        if iteration % config.log_every == 0 or iteration == stop:
+        if loop.every(config.log_every, iteration, last=config.iterations) or kill.fired:
             seconds = window.seconds_per_iteration(iteration)
             window.reset(iteration)
             extra = {}
@@ -266,7 +264,7 @@ def run_distill(
         bar.set_postfix(
             loss=f"{float(metrics['loss']):.4f}", lr=f"{float(metrics['inner_lr']):.4g}"
         )
-        if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+        if loop.every(config.checkpoint_every, iteration, last=config.iterations):
             checkpoints.save(iteration, state)
     bar.close()
     checkpoints.close()
@@ -343,7 +341,7 @@ def _initial_state(
         # as DATM's buffer[0][-1] is the first expert of the first buffer file it loads.
         label_expert=int(schedule.subset(0)[1][0]),
         log=lambda **record: work.log(event="init", **record),
-        save_npz=lambda name, **arrays: _save_npz(work.file(name), **arrays),
+        save_npz=lambda name, **arrays: loop.atomic_savez(work.file(name), **arrays),
         prepared=prepared,
     )
     images, labels = method.initial_set(context, init_key)
@@ -360,13 +358,6 @@ def _load_subset(experts_dir, done, members, subset_size, num_snapshots):
     ids += [ids[0]] * (subset_size - len(ids))
     trajectories = experts_lib.load_trajectories(experts_dir, ids)
     return jax.tree.map(lambda a: jnp.asarray(a[:, :num_snapshots], jnp.float32), trajectories)
-
-
-def _save_npz(path: Path, **arrays) -> None:
-    """``np.savez`` written atomically (temporary file + rename)."""
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def _synset(
@@ -401,10 +392,7 @@ def _save_synset(
     """``<name>.npz`` and the method's arrays as ``<name>_<array>.npy`` (atomic)."""
     synset.save(work.file(f"{name}.npz"))
     for array_name, array in extra_arrays.items():
-        path = work.file(f"{name}_{array_name}.npy")
-        tmp = path.with_name(path.name + ".tmp.npy")
-        np.save(tmp, array)
-        os.replace(tmp, path)
+        loop.atomic_save_npy(work.file(f"{name}_{array_name}.npy"), array)
 
 
 def _evaluate(
