@@ -16,9 +16,10 @@ exist the pool axis is sharded over the mesh (``ddjax.sharding``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from ddjax import sharding
+from ddjax import checkpoint, sharding
 from ddjax.errors import check
 
 Array = jax.Array
@@ -266,11 +267,6 @@ def make_loop_epoch(step, batch_size: int):
     both forms train identically.
     """
 
-    @jax.jit
-    def plan(key, labels):
-        perm_key, step_key = jax.random.split(key)
-        return jax.random.permutation(perm_key, labels.shape[0]), step_key
-
     @functools.partial(jax.jit, donate_argnums=(0,))
     def indexed_step(state, images, labels, index, key):
         return step(state, images[index], labels[index], key)
@@ -278,7 +274,7 @@ def make_loop_epoch(step, batch_size: int):
     def epoch(state, images, labels, key):
         n = images.shape[0]
         num_full, tail = divmod(n, batch_size)
-        perm, step_key = plan(key, labels)
+        perm, step_key = _shuffle(key, labels)
         keys = jax.random.split(step_key, num_full + (tail > 0))
         total = 0.0
         per_example = []
@@ -296,6 +292,376 @@ def make_loop_epoch(step, batch_size: int):
     return epoch
 
 
+# --------------------------------------------------------------------------------------------
+# Batch sources
+# --------------------------------------------------------------------------------------------
+
+Batch = tuple[Array, Array, Array]
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """Where :func:`train_epochs` takes its minibatches from, one epoch at a time.
+
+    What a source promises:
+
+    * ``epoch_batches(epoch, key)`` yields the batches of 0-based ``epoch`` as
+      ``(images, labels, key)``: ``images`` ``(B, H, W, C)``, ``labels`` whatever the step's
+      loss takes (``(B,)`` classes, ``(B, C)`` targets or teacher logits), and the PRNG key
+      the train step uses for that batch (its augmentation). ``B`` may change from batch to
+      batch (a smaller last batch); each new ``B`` compiles the step once.
+    * **Determinism**: the same ``(epoch, key)`` gives the same batches in any process,
+      whatever was drawn before -- so a run resumed at epoch ``e`` trains on exactly the
+      batches an uninterrupted run would have.
+    * ``per_model``: ``True`` if the batches depend on ``key`` -- each model of a pool draws
+      its own epoch with its own key (the in-memory shuffle); ``False`` if they do not
+      (``key`` is ignored, may be ``None``): the batches are drawn once per epoch and every
+      model of a pool trains on them (KD's replayed views: one teacher forward for K students).
+
+    Nothing else is assumed: no length, no random access; a stream fits.
+    """
+
+    per_model: bool
+
+    def epoch_batches(self, epoch: int, key: Array | None) -> Iterator[Batch]: ...
+
+
+@jax.jit
+def _shuffle(key: Array, labels: Array) -> tuple[Array, Array]:
+    """An epoch's ``(permutation, step_key)``, as :func:`make_epoch` draws them from ``key``."""
+    perm_key, step_key = jax.random.split(key)
+    return jax.random.permutation(perm_key, labels.shape[0]), step_key
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArraySource:
+    """In-memory arrays, reshuffled every epoch: PyTorch's ``DataLoader(shuffle=True)``.
+
+    The epoch of key ``k`` is the permutation and the per-batch keys :func:`make_epoch` draws
+    from ``k``: full batches of ``batch_size`` and a smaller last one (``drop_last=False``).
+    The epoch number does not enter; :func:`train_epochs` gives every model its own key per
+    epoch. :func:`train_epochs` runs an epoch of this source as one compiled program
+    (:func:`make_epoch` / :func:`make_loop_epoch`: the gather inside the step, per-example
+    outputs in data order); :meth:`epoch_batches` yields exactly the batches those programs
+    train on.
+    """
+
+    images: Any
+    labels: Any
+    batch_size: int
+    per_model: bool = dataclasses.field(default=True, init=False)
+
+    def epoch_batches(self, epoch: int, key: Array | None) -> Iterator[Batch]:
+        n = self.images.shape[0]
+        num_full, tail = divmod(n, self.batch_size)
+        perm, step_key = _shuffle(key, self.labels)
+        keys = jax.random.split(step_key, num_full + (tail > 0))
+        for b in range(num_full + (tail > 0)):
+            index = perm[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.images[index], self.labels[index], keys[b]
+
+
+def pool_epoch_keys(key: Array, num_models: int) -> Callable[[int], Array]:
+    """``epoch -> split(fold_in(key, epoch), num_models)``: the keys :func:`fit_pool` gives."""
+    return lambda epoch: jax.random.split(jax.random.fold_in(key, epoch), num_models)
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+
+
+class EpochOutputs(NamedTuple):
+    """What one epoch reports to ``on_epoch`` (host NumPy; a pool has a leading ``K`` axis).
+
+    Attributes:
+      loss: the mean training loss of the epoch, ``(K,)`` (``()`` for one model).
+      per_example: a ``with_correct`` step's per-example outputs, ``(K, n)`` (``(n,)``), in
+        the data's order -- only for an :class:`ArraySource`; ``None`` otherwise.
+    """
+
+    loss: np.ndarray
+    per_example: np.ndarray | None
+
+
+OnEpoch = Callable[[int, TrainState, EpochOutputs], dict | None]
+
+
+def train_epochs(
+    state: TrainState,
+    step,
+    source: BatchSource,
+    *,
+    epochs: int,
+    epoch_keys: Callable[[int], Array] | None = None,
+    pool: bool = True,
+    pool_mode: str = "auto",
+    lr_schedule: Callable[[int], float] | None = None,
+    reset_optimizer_at: Sequence[int] = (),
+    tx: optax.GradientTransformation | None = None,
+    on_epoch: OnEpoch | None = None,
+    record: dict | None = None,
+    checkpoints: checkpoint.Checkpoints | None = None,
+    checkpoint_every: int = 1,
+    checkpoint_final: bool = True,
+    progress: str | None = None,
+    stop_after_epochs: int | None = None,
+) -> tuple[TrainState, np.ndarray] | None:
+    """Trains one model or a pool of K models for ``epochs`` epochs on ``source``'s batches.
+
+    The one epoch loop of ddjax (experts, the squeeze teacher, KD students, evaluation). Per
+    epoch ``e``, in this order: the optimiser reset (``e in reset_optimizer_at``) and the
+    learning rate ``lr_schedule(e)``; one :func:`make_train_step` step per batch of the
+    epoch; ``on_epoch(e, state, outputs)``; a checkpoint. Where the pool runs is decided
+    here, once, by :func:`resolve_pool_mode`: ``'vmap'`` trains the pool as one vmapped
+    program (its model axis may be sharded over a mesh; the data is replicated beside it),
+    ``'loop'`` one model after another, each on the device that holds its slice. Both give
+    the same numbers.
+
+    **Resume.** With ``checkpoints``, the state and ``record`` are saved as step ``e + 1``
+    after every ``checkpoint_every``-th epoch (and after the last with ``checkpoint_final``),
+    and a call that finds a checkpoint continues after it: the restored state, ``record``
+    restored in place, then epoch ``e + 1`` with the keys and learning rate that epoch
+    always gets -- so a killed run ends bit-identical to an uninterrupted one.
+
+    Args:
+      state: a pool-stacked :class:`TrainState` (``pool=True``; from :func:`init_pool`) or one
+        model's (``pool=False``). Donated: do not reuse it.
+      step: from :func:`make_train_step`.
+      source: a :class:`BatchSource`.
+      epochs: the total number of epochs (a resumed run trains the remaining ones).
+      epoch_keys: ``epoch -> keys (K, ...)``, model ``i``'s key for the epoch (``K = 1`` for
+        one model); only for ``source.per_model`` sources.
+      pool: whether ``state`` has a leading model axis.
+      pool_mode: ``'vmap'``, ``'loop'`` or ``'auto'`` (:func:`resolve_pool_mode`). For one
+        model ``'vmap'`` is the epoch as one compiled program without a model axis.
+      lr_schedule: ``epoch -> learning rate`` (an optimiser with an injected learning rate,
+        e.g. :func:`sgd`); ``None`` keeps the optimiser's.
+      reset_optimizer_at: epochs at whose start the optimiser state is re-initialised (PyTorch
+        code that re-creates its optimiser when it decays the rate resets momentum).
+      tx: the optimiser, needed for ``reset_optimizer_at``.
+      on_epoch: ``on_epoch(epoch, state, outputs)`` after every epoch, with the state as
+        ``state`` was given (pool-stacked or one model) and :class:`EpochOutputs`; it may
+        update ``record`` and return a dict for the progress bar (``None``: the loss).
+      record: host arrays (a dict of pytrees) that ``on_epoch`` keeps -- histories,
+        trajectories -- saved with the state and restored in place on resume.
+      checkpoints: where resume points go (``None``: none).
+      checkpoint_every: save every this many epochs.
+      checkpoint_final: also save after the last epoch.
+      progress: description of a progress bar over epochs (``None``: none; silent when
+        stderr is not a terminal).
+      stop_after_epochs: testing hook, the kill of a test: return ``None`` after this many
+        epochs of this call, after their ``on_epoch`` and checkpoint.
+
+    Returns:
+      ``(state, losses)``: the trained state (as given, pool-stacked or not) and the mean
+      training loss of every epoch this call ran, ``(epochs_run, K)`` (``(epochs_run,)``
+      for one model); ``None`` when stopped by ``stop_after_epochs``.
+    """
+    check(not reset_optimizer_at or tx is not None, "train_epochs: reset_optimizer_at needs `tx`")
+    check(
+        epoch_keys is not None or not source.per_model,
+        "train_epochs: a per-model source needs epoch_keys",
+    )
+    mode = resolve_pool_mode(pool_mode)
+    start = 0
+    if checkpoints is not None and checkpoints.latest_step() is not None:
+        start = checkpoints.latest_step()
+        check(start <= epochs, f"checkpoint {checkpoints.directory} is at epoch {start} > {epochs}")
+        like = {"state": checkpoint.abstract_like(state), "record": record}
+        restored = checkpoints.restore(start, like)
+        state = TrainState(*restored["state"])
+        if record is not None:
+            record.update(jax.tree.map(np.array, restored["record"]))  # writable host copies
+    placed = _Placed(state, pool, mode)
+    run_epoch = _epoch_runner(step, source, placed)
+    history = []
+    bar = tqdm(
+        range(start, epochs),
+        desc=progress,
+        initial=start,
+        total=epochs,
+        unit="epoch",
+        disable=True if progress is None else None,
+        leave=False,
+    )
+    for count, epoch in enumerate(bar, start=1):
+        keys = epoch_keys(epoch) if epoch_keys is not None else None
+        placed.prepare(epoch, lr_schedule, reset_optimizer_at, tx)
+        loss, per_example = run_epoch(epoch, keys)
+        history.append(loss)
+        postfix = None
+        if on_epoch is not None:
+            loss_host, per_example = jax.device_get((loss, per_example))  # one sync for all
+            if isinstance(per_example, tuple | list):  # a looped pool: one array per model
+                per_example = np.stack(per_example)
+            outputs = EpochOutputs(np.asarray(loss_host), per_example)
+            postfix = on_epoch(epoch, placed.gathered(), outputs)
+        if postfix is None and (epoch % 10 == 0 or epoch + 1 == epochs):
+            postfix = {"loss": f"{float(np.mean(jax.device_get(loss))):.4f}"}
+        if postfix is not None:
+            bar.set_postfix(**postfix)
+        last = epoch + 1 == epochs
+        if checkpoints is not None and (
+            ((epoch + 1) % checkpoint_every == 0 and not last) or (last and checkpoint_final)
+        ):
+            state_host = jax.tree.map(np.asarray, jax.device_get(placed.gathered()))
+            checkpoints.save(epoch + 1, {"state": state_host, "record": record})
+        if stop_after_epochs is not None and count >= stop_after_epochs:
+            bar.close()
+            return None
+    bar.close()
+    losses = np.asarray(jax.device_get(history), np.float32)
+    shape = (len(history), placed.num_models) if pool else (len(history),)
+    return placed.gathered(), losses.reshape(shape)
+
+
+class _Placed:
+    """The state where the pool mode puts it: one (stacked) state, or one state per model."""
+
+    def __init__(self, state: TrainState, pool: bool, mode: str):
+        self.pool, self.mode, self.like = pool, mode, state
+        self.num_models = _num_models(state) if pool else 1
+        if not pool:
+            self.states = [state]
+        elif mode == "loop":
+            # One state per model, each on the device that holds its slice of the pool.
+            self.states = [_take(state, i) for i in range(self.num_models)]
+        else:
+            self.states = [state]
+        self.vmapped = pool and mode == "vmap"
+
+    def prepare(self, epoch, lr_schedule, reset_optimizer_at, tx) -> None:
+        """Applies the optimiser reset and the learning rate for ``epoch``."""
+        for i, state in enumerate(self.states):
+            if epoch in reset_optimizer_at:
+                init = jax.vmap(tx.init) if self.vmapped else tx.init
+                state = state._replace(opt_state=_like(init(state.params), state.opt_state))
+            if lr_schedule is not None:
+                opt_state = set_learning_rate(state.opt_state, lr_schedule(epoch))
+                state = state._replace(opt_state=opt_state)
+            self.states[i] = state
+
+    def gathered(self) -> TrainState:
+        """The state in the form it was given (a looped pool stacked again)."""
+        if self.pool and self.mode == "loop":
+            return _stack(self.states, self.like)
+        return self.states[0]
+
+
+def _epoch_runner(step, source: BatchSource, placed: _Placed):
+    """``run(epoch, keys) -> (loss, per_example)``: one epoch of ``placed``'s models.
+
+    An :class:`ArraySource` runs as compiled whole-epoch programs; other sources feed their
+    batches to the jitted step (vmapped over the pool with shared or per-model batches).
+    Outputs stay on the devices (no sync), so looped devices run side by side.
+    """
+    states = placed.states
+    if isinstance(source, ArraySource):
+        form = "pool" if placed.vmapped else ("one" if placed.mode == "vmap" else "loop")
+        program = _epoch_program(step, source.batch_size, form)
+        data = _DataBeside((source.images, source.labels))
+
+        def run_arrays(epoch, keys):
+            if form != "loop":
+                images, labels = data.beside(states[0])
+                one_key = keys if placed.vmapped else keys[0]
+                states[0], out = program(states[0], images, labels, one_key)
+                return _split_output(out)
+            outputs = []
+            for i, one in enumerate(states):
+                images, labels = data.beside(one)
+                key = jax.device_put(keys[i], _sharding_of(one))
+                states[i], out = program(one, images, labels, key)
+                outputs.append(_split_output(out))
+            if not placed.pool:
+                return outputs[0]
+            losses, per_example = zip(*outputs, strict=True)
+            return losses, (None if per_example[0] is None else per_example)
+
+        return run_arrays
+
+    programs = _step_programs(step)
+    shared = not source.per_model
+
+    def run_batches(epoch, keys):
+        totals, count = 0.0, 0
+        if shared:
+            streams = [source.epoch_batches(epoch, None)]
+        else:
+            streams = [source.epoch_batches(epoch, k) for k in keys]
+        for batches in zip(*streams, strict=True):
+            size = batches[0][0].shape[0]
+            if placed.vmapped:
+                batch = batches[0] if shared else jax.tree.map(lambda *x: jnp.stack(x), *batches)
+                batch = _DataBeside.put(batch, states[0])
+                program = programs.pool_shared if shared else programs.pool_each
+                states[0], out = program(states[0], *batch)
+                loss = _split_output(out)[0]
+            else:
+                losses = []
+                for i, one in enumerate(states):
+                    states[i], out = programs.one(one, *batches[0 if shared else i])
+                    losses.append(_split_output(out)[0])
+                loss = jnp.stack(losses) if placed.pool else losses[0]
+            totals = totals + loss * size
+            count += size
+        return totals / count, None
+
+    return run_batches
+
+
+class _DataBeside:
+    """Arrays placed beside a state, once per placement (replicated over a pool's mesh)."""
+
+    def __init__(self, arrays):
+        self.arrays, self.cache = arrays, {}
+
+    def beside(self, state: TrainState):
+        where = _sharding_of(state)
+        if where not in self.cache:
+            self.cache[where] = self.put(self.arrays, state)
+        return self.cache[where]
+
+    @staticmethod
+    def put(arrays, state: TrainState):
+        where = _sharding_of(state)
+        if isinstance(where, jax.sharding.NamedSharding):
+            return sharding.replicate(arrays, where.mesh)
+        return jax.device_put(arrays, where)
+
+
+def _sharding_of(state: TrainState):
+    return jax.tree.leaves(state.params)[0].sharding
+
+
+class _StepPrograms(NamedTuple):
+    one: Callable  # one model, donating its state
+    pool_shared: Callable  # a stacked pool, one batch for all models
+    pool_each: Callable  # a stacked pool, one batch per model (leading K axis)
+
+
+# Cached on the step so that repeated runs with one step (a second group of experts, a second
+# KD student run, a resumed teacher) reuse the compiled programs instead of tracing anew.
+@functools.lru_cache(maxsize=16)
+def _step_programs(step) -> _StepPrograms:
+    return _StepPrograms(
+        one=jax.jit(step, donate_argnums=0),
+        pool_shared=jax.jit(jax.vmap(step, in_axes=(0, None, None, None)), donate_argnums=0),
+        pool_each=jax.jit(jax.vmap(step), donate_argnums=0),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _epoch_program(step, batch_size: int, form: str):
+    """A whole-epoch program: ``'pool'`` vmapped, ``'one'`` one model, ``'loop'`` Python loop."""
+    if form == "pool":
+        return make_pool_epoch(step, batch_size)
+    if form == "one":
+        return jax.jit(make_epoch(step, batch_size), donate_argnums=(0,))
+    return make_loop_epoch(step, batch_size)
+
+
 def fit_pool(
     state: TrainState,
     step,
@@ -310,7 +676,7 @@ def fit_pool(
     progress: str | None = None,
     pool_mode: str = "auto",
 ) -> tuple[TrainState, np.ndarray]:
-    """Trains a pool of models for ``epochs`` epochs (the Python driver: loop, schedule, bar).
+    """Trains a pool of models on in-memory arrays: :func:`train_epochs` on an :class:`ArraySource`.
 
     Args:
       state: pool-stacked :class:`TrainState` (from :func:`init_pool`).
@@ -320,57 +686,23 @@ def fit_pool(
       key: the models' keys are ``jax.random.split(fold_in(key, epoch), K)``.
       epochs: number of epochs.
       batch_size: minibatch size.
-      lr_schedule: ``epoch -> learning rate`` (needs the :func:`sgd` optimiser);
-        ``None`` keeps the optimiser's rate.
-      reset_optimizer_at: epochs at whose start the optimiser state is
-        re-initialised -- PyTorch code that re-creates its optimiser when it
-        decays the rate (MTT's evaluation) resets the momentum buffers.
-      tx: the optimiser, needed for ``reset_optimizer_at``.
-      progress: description for the progress bar (``None``: no bar). The bar
-        is silent when stderr is not a terminal.
-      pool_mode: ``'vmap'``, ``'loop'`` or ``'auto'`` (see :func:`resolve_pool_mode`).
+      lr_schedule, reset_optimizer_at, tx, progress, pool_mode: as in :func:`train_epochs`.
 
     Returns:
       The trained state and the mean training loss per epoch, shape ``(epochs, K)``.
     """
-    check(not reset_optimizer_at or tx is not None, "fit_pool: reset_optimizer_at needs `tx`")
-    num_models = jax.tree.leaves(state.params)[0].shape[0]
-    loop = resolve_pool_mode(pool_mode) == "loop"
-    if loop:
-        epoch_fn = make_loop_epoch(step, batch_size)
-        # One state per model, each on the device that holds its slice of the pool.
-        states = [_take(state, i) for i in range(num_models)]
-        data = {}
-    else:
-        pool_epoch = make_pool_epoch(step, batch_size)
-        images, labels = jnp.asarray(images), jnp.asarray(labels)
-    history = []
-    quiet = True if progress is None else None  # None: tqdm stays silent when not a terminal
-    bar = tqdm(range(epochs), desc=progress, disable=quiet, leave=False)
-    for epoch in bar:
-        keys = jax.random.split(jax.random.fold_in(key, epoch), num_models)
-        if loop:
-            losses = []
-            for i in range(num_models):
-                one = states[i]
-                device = jax.tree.leaves(one.params)[0].sharding
-                if device not in data:
-                    data[device] = jax.device_put((images, labels), device)
-                one = _prepare(one, epoch, lr_schedule, reset_optimizer_at, tx, vmapped=False)
-                states[i], out = epoch_fn(one, *data[device], jax.device_put(keys[i], device))
-                losses.append(_split_output(out)[0])
-            loss = losses  # stays on the devices: no sync, so devices run side by side
-        else:
-            state = _prepare(state, epoch, lr_schedule, reset_optimizer_at, tx, vmapped=True)
-            state, out = pool_epoch(state, images, labels, keys)
-            loss = _split_output(out)[0]
-        history.append(loss)
-        if progress is not None and (epoch % 10 == 0 or epoch == epochs - 1):
-            bar.set_postfix(loss=f"{float(np.mean(jax.device_get(loss))):.4f}")
-    if loop:
-        state = _stack(states, state)
-    history = np.asarray(jax.device_get(history), np.float32).reshape(len(history), num_models)
-    return state, history
+    return train_epochs(
+        state,
+        step,
+        ArraySource(images, labels, batch_size),
+        epochs=epochs,
+        epoch_keys=pool_epoch_keys(key, _num_models(state)),
+        pool_mode=pool_mode,
+        lr_schedule=lr_schedule,
+        reset_optimizer_at=reset_optimizer_at,
+        tx=tx,
+        progress=progress,
+    )
 
 
 def fit(state: TrainState, step, images, labels, key: Array, epochs: int, batch_size: int, **kw):
@@ -386,16 +718,6 @@ def fit(state: TrainState, step, images, labels, key: Array, epochs: int, batch_
     pool = jax.tree.map(lambda x: jnp.asarray(x)[None], state)
     pool, history = fit_pool(pool, step, images, labels, key, epochs, batch_size, **kw)
     return jax.tree.map(lambda x: x[0], pool), history[:, 0]
-
-
-def _prepare(state, epoch, lr_schedule, reset_optimizer_at, tx, vmapped):
-    """Applies the optimiser reset and the learning rate for ``epoch``."""
-    if epoch in reset_optimizer_at:
-        init = jax.vmap(tx.init) if vmapped else tx.init
-        state = state._replace(opt_state=_like(init(state.params), state.opt_state))
-    if lr_schedule is not None:
-        state = state._replace(opt_state=set_learning_rate(state.opt_state, lr_schedule(epoch)))
-    return state
 
 
 def _take(pool: TrainState, i: int) -> TrainState:
@@ -429,6 +751,11 @@ def _like(new_tree, old_tree):
     return jax.tree.map(lambda n, o: jax.device_put(n, o.sharding), new_tree, old_tree)
 
 
+# --------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------
+
+
 def make_predict(model, batch_size: int = 500):
     """Builds ``predict(params, batch_stats, images) -> logits`` in inference mode, in chunks."""
 
@@ -455,7 +782,13 @@ def make_predict(model, batch_size: int = 500):
 def pool_accuracy(
     model, state: TrainState, images, labels, num_classes: int, batch_size=500, pool_mode="auto"
 ):
-    """Test accuracy of every model of a pool.
+    """Test accuracy of every model of a pool: the one accuracy of ddjax.
+
+    The test set is scored in chunks of ``batch_size`` by a Python loop of one jitted program
+    (vmapped over the pool in ``'vmap'`` mode; model after model, each on its device, in
+    ``'loop'`` mode): a convolution inside a rolled loop is slow on XLA:CPU
+    (:func:`resolve_pool_mode`). Correct predictions are counted exactly, and accuracies are
+    ``count / size`` rounded once to float32.
 
     Args:
       model, state: the architecture and the pool-stacked trained state.
@@ -465,27 +798,44 @@ def pool_accuracy(
       pool_mode: ``'vmap'``, ``'loop'`` or ``'auto'`` (see :func:`resolve_pool_mode`).
 
     Returns:
-      ``(accuracy (K,), per_class_accuracy (K, num_classes))`` as NumPy arrays.
+      ``(accuracy (K,), per_class_accuracy (K, num_classes))`` as float32 NumPy arrays.
     """
-    predict = make_predict(model, batch_size)
-    labels = jnp.asarray(labels)
-    images = jnp.asarray(images)
-    onehot = jax.nn.one_hot(labels, num_classes)
-    class_sizes = jnp.maximum(onehot.sum(0), 1)
+    vmapped = resolve_pool_mode(pool_mode) == "vmap"
+    count = _count_correct(model, num_classes, vmapped)
+    n = len(labels)
+    states = [state] if vmapped else [_take(state, i) for i in range(_num_models(state))]
+    totals = []
+    for one in states:
+        device = _sharding_of(one)
+        if isinstance(device, jax.sharding.NamedSharding):
+            test = sharding.replicate((images, labels), device.mesh)
+        else:
+            test = jax.device_put((images, labels), device)
+        total = 0
+        for start in range(0, n, batch_size):
+            chunk = (test[0][start : start + batch_size], test[1][start : start + batch_size])
+            total = total + count(one.params, one.batch_stats, *chunk)
+        totals.append(total)
+    per_class = np.asarray(jax.device_get(totals), np.float64).reshape(-1, num_classes)
+    class_sizes = np.maximum(np.bincount(np.asarray(labels), minlength=num_classes), 1)
+    accuracy = (per_class.sum(1) / n).astype(np.float32)
+    return accuracy, (per_class / class_sizes).astype(np.float32)
 
-    def scores(logits):
-        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        return correct.mean(-1), (correct @ onehot) / class_sizes
 
-    if resolve_pool_mode(pool_mode) == "vmap":
-        score_pool = jax.jit(jax.vmap(lambda p, b: scores(predict(p, b, images))))
-        accuracy, per_class = score_pool(state.params, state.batch_stats)
-        return np.asarray(accuracy), np.asarray(per_class)
-    score_one = jax.jit(lambda p, b, x: scores(predict(p, b, x)))
-    results = []
-    for i in range(jax.tree.leaves(state.params)[0].shape[0]):
-        one = _take(state, i)
-        device = jax.tree.leaves(one.params)[0].sharding
-        results.append(score_one(one.params, one.batch_stats, jax.device_put(images, device)))
-    accuracy, per_class = zip(*jax.device_get(results), strict=True)
-    return np.stack(accuracy), np.stack(per_class)
+def _num_models(pool: TrainState) -> int:
+    return jax.tree.leaves(pool.params)[0].shape[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _count_correct(model, num_classes: int, vmapped: bool):
+    """``(params, batch_stats, images, labels) -> correct per class`` in inference mode, jitted."""
+
+    def count(params, batch_stats, images, labels):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        logits = model.apply(variables, images, train=False)
+        correct = jnp.argmax(logits, -1) == labels
+        return jnp.sum(jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * correct[:, None], 0)
+
+    return jax.jit(jax.vmap(count, in_axes=(0, 0, None, None)) if vmapped else count)
