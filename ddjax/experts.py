@@ -611,7 +611,7 @@ def train_experts(
         return read_meta(out_dir)
     tx = train.sgd(lr, momentum=momentum, weight_decay=weight_decay)
     step = train.make_train_step(net, tx, augment_lib.make_augment(augment), with_correct=True)
-    recipe = _Recipe(
+    run = _Run(
         net=net,
         tx=tx,
         step=step,
@@ -619,21 +619,16 @@ def train_experts(
         pool_mode=train.resolve_pool_mode(pool_mode),
         test_images=jnp.asarray(dataset.x_test[:test_limit]),
         test_labels=jnp.asarray(dataset.y_test[:test_limit]),
-        image_shape=dataset.image_shape,
         num_classes=dataset.num_classes,
-    )
-    budget = [math.inf if _stop_after_epochs is None else _stop_after_epochs]
-    options = dict(
-        epochs=epochs,
-        seed=seed,
-        test_every=test_every,
-        checkpoint_every=checkpoint_every,
+        image_shape=dataset.image_shape,
+        settings=settings,
         progress=progress,
         log=log,
     )
+    budget = [math.inf if _stop_after_epochs is None else _stop_after_epochs]
     while group is not None:
         start = time.time()
-        record = _train_group(recipe, group, out_dir, budget, num_experts=num_experts, **options)
+        record = _train_group(run, group, out_dir, budget)
         if record is None:  # stopped by _stop_after_epochs
             break
         meta = _finish_group(out_dir, meta, group, record, dataset.y_train, epochs)
@@ -658,7 +653,7 @@ def _pending_group(out_dir: Path, meta: dict, experts_at_once: int) -> list[int]
     return todo[:experts_at_once] or None
 
 
-class _Recipe(NamedTuple):
+class _Run(NamedTuple):
     """What every group of a run trains with (built once per run)."""
 
     net: nn.Module
@@ -668,36 +663,27 @@ class _Recipe(NamedTuple):
     pool_mode: str
     test_images: jax.Array
     test_labels: jax.Array
-    image_shape: tuple
     num_classes: int
+    image_shape: tuple
+    settings: dict  # as checked by check_settings
+    progress: bool
+    log: Log | None
 
 
-def _train_group(
-    recipe: _Recipe,
-    group: list[int],
-    out_dir: Path,
-    budget: list,
-    *,
-    epochs: int,
-    seed: int,
-    num_experts: int,
-    test_every: int,
-    checkpoint_every: int,
-    progress: bool,
-    log: Log | None,
-) -> dict | None:
+def _train_group(run: _Run, group: list[int], out_dir: Path, budget: list) -> dict | None:
     """Trains the experts ``group`` side by side; returns their record (``None`` if stopped)."""
+    epochs, test_every, log = run.settings["epochs"], run.settings["test_every"], run.log
     partial_dir = out_dir / PARTIAL_DIR
     partial_dir.mkdir(exist_ok=True)
     group_file = partial_dir / "group.json"
     if not group_file.exists():
         write_json(group_file, {"experts": group})
-    keys = [expert_keys(seed, i) for i in group]
+    keys = [expert_keys(run.settings["seed"], i) for i in group]
     train_keys = jnp.stack([k[1] for k in keys])
 
-    state = _init_group(recipe.net, recipe.tx, recipe.image_shape, [k[0] for k in keys])
+    state = _init_group(run.net, run.tx, run.image_shape, [k[0] for k in keys])
     params = _params_to_host(state)
-    record = _empty_record(params, len(group), epochs, len(recipe.source.labels))
+    record = _empty_record(params, len(group), epochs, len(run.source.labels))
     _put(record["trajectory"], (slice(None), 0), params)
 
     def on_epoch(epoch: int, state: train.TrainState, outputs: train.EpochOutputs) -> dict:
@@ -710,12 +696,12 @@ def _train_group(
         postfix = {"loss": f"{losses.mean():.4f}"}
         if (epoch + 1) % test_every == 0 or epoch + 1 == epochs:
             accuracy, _ = train.pool_accuracy(
-                recipe.net,
+                run.net,
                 state,
-                recipe.test_images,
-                recipe.test_labels,
-                recipe.num_classes,
-                pool_mode=recipe.pool_mode,
+                run.test_images,
+                run.test_labels,
+                run.num_classes,
+                pool_mode=run.pool_mode,
             )
             record["test_accuracy"][:, epoch] = accuracy
             fields["test_accuracy"] = accuracy.tolist()
@@ -724,21 +710,22 @@ def _train_group(
             log(event="expert_epoch", experts=group, epoch=epoch + 1, **fields)
         return postfix
 
+    description = f"experts {_ranges(group)} of {run.settings['num_experts']}"
     with checkpoint.Checkpoints(partial_dir / "checkpoints", keep=1) as saves:
         start = saves.latest_step() or 0
         result = train.train_epochs(
             state,
-            recipe.step,
-            recipe.source,
+            run.step,
+            run.source,
             epochs=epochs,
             epoch_keys=lambda epoch: jax.vmap(epoch_key, in_axes=(0, None))(train_keys, epoch),
-            pool_mode=recipe.pool_mode,
+            pool_mode=run.pool_mode,
             on_epoch=on_epoch,
             record=record,
             checkpoints=saves,
-            checkpoint_every=checkpoint_every,
+            checkpoint_every=run.settings["checkpoint_every"],
             checkpoint_final=False,  # a finished group is written out at once
-            progress=f"experts {_ranges(group)} of {num_experts}" if progress else None,
+            progress=description if run.progress else None,
             stop_after_epochs=None if math.isinf(budget[0]) else budget[0],
         )
     if result is None:  # the testing hook: stopped as a kill would, saving nothing more

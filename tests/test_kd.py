@@ -258,7 +258,7 @@ def test_stored_and_online_students_agree_with_the_same_keys(setup):
     assert history.shape == (2, 1) and np.all(np.isfinite(history))
     # The student step compiled once for the three runs (one batch shape, lr injected).
     _, step = kd._steps(student, recipe)
-    assert train._step_programs(step).one._cache_size() == 1
+    assert train.driver._step_programs(step).one._cache_size() == 1
 
     def distance(a, b):
         return max(

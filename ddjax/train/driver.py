@@ -1,17 +1,12 @@
-"""Training: one pure step, epochs as ``lax.scan``, pools of models by ``vmap``.
+"""The one epoch loop of ddjax: :func:`train_epochs` over a :class:`BatchSource`.
 
-Everything that trains a network in ddjax -- evaluation of a synthetic set,
-expert trajectories, the SRe2L teacher, feature extractors for coresets --
-goes through :func:`make_train_step`. The step is a pure function
-
-    (state, images, labels, key) -> (state, loss)
-
-where ``state`` is a :class:`TrainState` of plain pytrees (params, BatchNorm
-statistics, optax state). An *epoch* is a shuffled pass in minibatches
-(``lax.scan`` over the full batches, plus one step on the remainder, as a
-PyTorch ``DataLoader`` with ``drop_last=False`` does). A *pool* of K models is
-the same epoch under ``jax.vmap`` with one key per model; when several devices
-exist the pool axis is sharded over the mesh (``ddjax.sharding``).
+Experts, the SRe2L teacher (squeeze), KD students and the evaluation of synthetic sets all
+train through :func:`train_epochs`: one model or a pool of K models, an optimiser with its
+per-epoch learning rate and resets, an ``on_epoch`` callback, the pool's placement decided
+once (:func:`ddjax.train.resolve_pool_mode`) and resume from :class:`ddjax.checkpoint.Checkpoints`.
+The batches come from a source: in-memory arrays reshuffled every epoch (:class:`ArraySource`),
+KD's replayed views (:class:`ddjax.sre2l.kd.ViewSource`), or any iterator that keeps the
+:class:`BatchSource` promises. :func:`fit_pool` and :func:`fit` are the in-memory shortcuts.
 """
 
 from __future__ import annotations
@@ -29,268 +24,23 @@ from tqdm.auto import tqdm
 
 from ddjax import checkpoint, sharding
 from ddjax.errors import check
+from ddjax.train.step import (
+    TrainState,
+    _like,
+    _num_models,
+    _sharding_of,
+    _shuffle,
+    _split_output,
+    _stack,
+    _take,
+    make_epoch,
+    make_loop_epoch,
+    make_pool_epoch,
+    resolve_pool_mode,
+    set_learning_rate,
+)
 
 Array = jax.Array
-Augment = Callable[[Array, Array], Array]
-
-
-class TrainState(NamedTuple):
-    """The state of one network in training (a pytree; vmap adds a leading model axis).
-
-    Attributes:
-      params: the ``params`` collection.
-      batch_stats: the ``batch_stats`` collection (``{}`` for models without BatchNorm).
-      opt_state: the optax state.
-    """
-
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-
-
-def sgd(learning_rate: float, momentum: float = 0.0, weight_decay: float = 0.0):
-    """SGD with PyTorch's semantics, learning rate injected as a state hyper-parameter.
-
-    PyTorch adds ``weight_decay * p`` to the gradient *before* momentum, keeps
-    ``buf = momentum * buf + g`` (the first step's buffer is ``g``) and applies
-    ``p -= lr * buf`` -- exactly ``add_decayed_weights`` then optax's ``trace``.
-    The learning rate lives in ``opt_state.hyperparams['learning_rate']`` so that
-    schedules, learned rates and decays change it without recompiling.
-    """
-
-    def build(learning_rate, momentum, weight_decay):
-        parts = []
-        if weight_decay:
-            parts.append(optax.add_decayed_weights(weight_decay))
-        parts.append(optax.sgd(learning_rate, momentum=momentum or None))
-        return optax.chain(*parts)
-
-    return optax.inject_hyperparams(build, static_args=("momentum", "weight_decay"))(
-        learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay
-    )
-
-
-def set_learning_rate(opt_state, learning_rate) -> Any:
-    """Returns ``opt_state`` (of :func:`sgd`, possibly pool-stacked) with a new learning rate."""
-    lr = opt_state.hyperparams["learning_rate"]
-    new = dict(opt_state.hyperparams, learning_rate=jnp.full_like(lr, learning_rate))
-    return opt_state._replace(hyperparams=new)
-
-
-def cross_entropy(logits: Array, labels: Array) -> Array:
-    """Mean cross-entropy with hard labels ``(N,)`` or target probabilities ``(N, C)``."""
-    if labels.ndim == 1:
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return optax.softmax_cross_entropy(logits, labels).mean()
-
-
-def init_state(model, tx: optax.GradientTransformation, key: Array, image_shape) -> TrainState:
-    """Initialises a network (PyTorch-default init) and its optimiser state."""
-    variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
-    return TrainState(params, batch_stats, tx.init(params))
-
-
-def init_pool(model, tx, key: Array, image_shape, num_models: int, mesh=None) -> TrainState:
-    """Initialises ``num_models`` independent networks stacked on a leading axis.
-
-    Model ``i`` is initialised from ``jax.random.split(key, num_models)[i]``, so
-    the pool equals the models initialised one by one. With a ``mesh`` the pool
-    axis is sharded over its ``pool`` axis.
-    """
-    keys = jax.random.split(key, num_models)
-    init = jax.vmap(lambda k: init_state(model, tx, k, image_shape))
-    if mesh is None:
-        return jax.jit(init)(keys)
-    return jax.jit(init, out_shardings=sharding.pool_sharding(mesh))(keys)
-
-
-def make_train_step(
-    model,
-    tx: optax.GradientTransformation,
-    augment: Augment | None = None,
-    loss_fn: Callable[[Array, Array], Array] = cross_entropy,
-    with_correct: bool = False,
-):
-    """Builds the pure train step ``(state, images, labels, key) -> (state, loss)``.
-
-    Args:
-      model: a Flax Linen module with ``__call__(x, train)``.
-      tx: the optax optimiser (e.g. :func:`sgd`).
-      augment: ``augment(key, images) -> images`` applied to every batch
-        (``ddjax.augment.make_augment``), or ``None``.
-      loss_fn: ``loss_fn(logits, labels) -> scalar``.
-      with_correct: if true the step returns ``(state, (loss, correct))`` where
-        ``correct`` (bool, ``(B,)``) says whether each example of the batch was
-        classified correctly by the forward pass the gradient came from (on the
-        augmented images, before the update) -- what forgetting statistics
-        (Toneva et al. 2019) record, at no extra cost. Soft labels count as
-        their arg-max class.
-    """
-
-    def step(state: TrainState, images: Array, labels: Array, key: Array):
-        if augment is not None:
-            images = augment(key, images)
-
-        def objective(params):
-            variables = {"params": params}
-            if state.batch_stats:
-                variables["batch_stats"] = state.batch_stats
-                logits, updates = model.apply(
-                    variables, images, train=True, mutable=["batch_stats"]
-                )
-                return loss_fn(logits, labels), (updates["batch_stats"], logits)
-            logits = model.apply(variables, images, train=True)
-            return loss_fn(logits, labels), (state.batch_stats, logits)
-
-        (loss, (batch_stats, logits)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        state = TrainState(params, batch_stats, opt_state)
-        if not with_correct:
-            return state, loss
-        classes = labels if labels.ndim == 1 else jnp.argmax(labels, -1)
-        return state, (loss, jnp.argmax(logits, -1) == classes)
-
-    return step
-
-
-def make_epoch(step, batch_size: int):
-    """Builds ``epoch(state, images, labels, key) -> (state, mean_loss)`` for one model.
-
-    The data is reshuffled with ``key``; full batches run under ``lax.scan`` and a
-    smaller last batch (if any) runs once more, like PyTorch's ``DataLoader``
-    with ``shuffle=True, drop_last=False``. Shapes are static, so one epoch
-    function compiles once per dataset size.
-
-    A step that returns ``(loss, per_example)`` (``make_train_step(...,
-    with_correct=True)``) gives ``epoch -> (state, (mean_loss, per_example))``
-    with ``per_example`` of shape ``(n, ...)`` in the data's order: every
-    example is in exactly one batch of an epoch.
-    """
-
-    def epoch(state: TrainState, images: Array, labels: Array, key: Array):
-        n = images.shape[0]
-        num_full, tail = divmod(n, batch_size)
-        perm_key, step_key = jax.random.split(key)
-        perm = jax.random.permutation(perm_key, n)
-        keys = jax.random.split(step_key, num_full + (tail > 0))
-        losses, per_example = [], []
-        if num_full:
-
-            def body(state, xs):
-                index, k = xs
-                return step(state, images[index], labels[index], k)
-
-            batches = perm[: num_full * batch_size].reshape(num_full, batch_size)
-            state, out = jax.lax.scan(body, state, (batches, keys[:num_full]))
-            full_losses, full_examples = _split_output(out)
-            losses.append(full_losses * batch_size)
-            if full_examples is not None:  # (num_full, batch_size, ...) -> (num_full * b, ...)
-                full_examples = full_examples.reshape(-1, *full_examples.shape[2:])
-            per_example.append(full_examples)
-        if tail:
-            index = perm[num_full * batch_size :]
-            state, out = step(state, images[index], labels[index], keys[-1])
-            tail_loss, tail_examples = _split_output(out)
-            losses.append(tail_loss[None] * tail)
-            per_example.append(tail_examples)
-        mean_loss = jnp.concatenate(losses).sum() / n
-        if per_example[0] is None:
-            return state, mean_loss
-        return state, (mean_loss, _in_data_order(perm, per_example))
-
-    return epoch
-
-
-def _split_output(out):
-    """A step's second output as ``(loss, per_example or None)``."""
-    return out if isinstance(out, tuple) else (out, None)
-
-
-def _in_data_order(perm: Array, per_example: Sequence[Array]) -> Array:
-    """Per-example outputs of an epoch's batches, in ``perm`` order, put back in data order."""
-    in_batch_order = jnp.concatenate(per_example)
-    return jnp.zeros_like(in_batch_order).at[perm].set(in_batch_order)
-
-
-POOL_MODES = ("auto", "vmap", "loop")
-
-
-def resolve_pool_mode(mode: str) -> str:
-    """``'auto'`` is ``'vmap'`` on GPU/TPU and ``'loop'`` on CPU.
-
-    Two facts about XLA:CPU (jax 0.10.2, measured in
-    ``benchmarks/eval_throughput.py``) decide the CPU form:
-
-    * ``vmap`` over networks turns every convolution into a grouped
-      convolution (one group per model), and a batched DSA group choice runs
-      all six groups; XLA:CPU runs the vmapped pool several times slower per
-      model than one model at a time.
-    * A convolution step inside a *rolled* loop (``lax.scan``/``lax.map``)
-      runs about 10x slower than the same step outside a loop.
-
-    So on CPU a pool is trained one model after another, each epoch a Python
-    loop over jitted minibatch steps (dispatch costs microseconds against
-    milliseconds of compute). On accelerators the pool is one vmapped program
-    whose epoch is a ``lax.scan``. Both give the same numbers (tested).
-    """
-    check(mode in POOL_MODES, f"pool_mode={mode!r} is not known; valid: {list(POOL_MODES)}")
-    if mode == "auto":
-        return "loop" if jax.default_backend() == "cpu" else "vmap"
-    return mode
-
-
-def make_pool_epoch(step, batch_size: int):
-    """``make_epoch`` vmapped over a leading model axis, jitted, donating the state.
-
-    Returns ``pool_epoch(state, images, labels, keys) -> (state, losses)``. The
-    data is shared by all models; model ``i`` shuffles and augments with
-    ``keys[i]``, exactly as if the models were trained one after another.
-    A pool-sharded state (``ddjax.sharding.shard_pool``) stays sharded: each
-    device trains its own models.
-    """
-    epoch = make_epoch(step, batch_size)
-    return jax.jit(jax.vmap(epoch, in_axes=(0, None, None, 0)), donate_argnums=(0,))
-
-
-def make_loop_epoch(step, batch_size: int):
-    """The same epoch as :func:`make_epoch` as a Python loop over jitted steps.
-
-    Returns ``epoch(state, images, labels, key) -> (state, mean_loss)`` for one
-    model (``(state, (mean_loss, per_example))`` for a step with per-example
-    outputs, as in :func:`make_epoch`). The permutation, the batches and the
-    per-step keys are derived from ``key`` exactly as in :func:`make_epoch`, so
-    both forms train identically.
-    """
-
-    @functools.partial(jax.jit, donate_argnums=(0,))
-    def indexed_step(state, images, labels, index, key):
-        return step(state, images[index], labels[index], key)
-
-    def epoch(state, images, labels, key):
-        n = images.shape[0]
-        num_full, tail = divmod(n, batch_size)
-        perm, step_key = _shuffle(key, labels)
-        keys = jax.random.split(step_key, num_full + (tail > 0))
-        total = 0.0
-        per_example = []
-        for b in range(num_full + (tail > 0)):
-            index = perm[b * batch_size : (b + 1) * batch_size]
-            state, out = indexed_step(state, images, labels, index, keys[b])
-            loss, examples = _split_output(out)
-            total = total + loss * index.shape[0]
-            per_example.append(examples)
-        if per_example[0] is None:
-            return state, total / n
-        return state, (total / n, in_data_order(perm, per_example))
-
-    in_data_order = jax.jit(_in_data_order)
-    return epoch
-
 
 # --------------------------------------------------------------------------------------------
 # Batch sources
@@ -324,13 +74,6 @@ class BatchSource(Protocol):
     per_model: bool
 
     def epoch_batches(self, epoch: int, key: Array | None) -> Iterator[Batch]: ...
-
-
-@jax.jit
-def _shuffle(key: Array, labels: Array) -> tuple[Array, Array]:
-    """An epoch's ``(permutation, step_key)``, as :func:`make_epoch` draws them from ``key``."""
-    perm_key, step_key = jax.random.split(key)
-    return jax.random.permutation(perm_key, labels.shape[0]), step_key
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -631,10 +374,6 @@ class _DataBeside:
         return jax.device_put(arrays, where)
 
 
-def _sharding_of(state: TrainState):
-    return jax.tree.leaves(state.params)[0].sharding
-
-
 class _StepPrograms(NamedTuple):
     one: Callable  # one model, donating its state
     pool_shared: Callable  # a stacked pool, one batch for all models
@@ -718,124 +457,3 @@ def fit(state: TrainState, step, images, labels, key: Array, epochs: int, batch_
     pool = jax.tree.map(lambda x: jnp.asarray(x)[None], state)
     pool, history = fit_pool(pool, step, images, labels, key, epochs, batch_size, **kw)
     return jax.tree.map(lambda x: x[0], pool), history[:, 0]
-
-
-def _take(pool: TrainState, i: int) -> TrainState:
-    """Model ``i`` of a pool, placed on a device that holds its shard."""
-
-    def take(x):
-        device = _device_of(x, i)
-        return jax.device_put(x[i], device)
-
-    return jax.tree.map(take, pool)
-
-
-def _device_of(x, i: int):
-    """The device holding row ``i`` of a pool-sharded array (any device of a replicated one)."""
-    for shard in x.addressable_shards:
-        rows = shard.index[0] if shard.index else slice(None)
-        start, stop, _ = rows.indices(x.shape[0])
-        if start <= i < stop:
-            return shard.device
-    return list(x.devices())[0]
-
-
-def _stack(states: list[TrainState], like: TrainState) -> TrainState:
-    """Stacks per-model states back into a pool with ``like``'s shardings."""
-    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states)
-    return jax.tree.map(lambda s, o: jax.device_put(s, o.sharding), stacked, like)
-
-
-def _like(new_tree, old_tree):
-    """Puts ``new_tree``'s leaves on the shardings of ``old_tree``'s (keeps a pool sharded)."""
-    return jax.tree.map(lambda n, o: jax.device_put(n, o.sharding), new_tree, old_tree)
-
-
-# --------------------------------------------------------------------------------------------
-# Inference
-# --------------------------------------------------------------------------------------------
-
-
-def make_predict(model, batch_size: int = 500):
-    """Builds ``predict(params, batch_stats, images) -> logits`` in inference mode, in chunks."""
-
-    def predict(params, batch_stats, images):
-        variables = {"params": params}
-        if batch_stats:
-            variables["batch_stats"] = batch_stats
-        n = images.shape[0]
-        num_full, tail = divmod(n, batch_size)
-        outputs = []
-        if num_full:
-            chunks = images[: num_full * batch_size].reshape(
-                num_full, batch_size, *images.shape[1:]
-            )
-            logits = jax.lax.map(lambda x: model.apply(variables, x, train=False), chunks)
-            outputs.append(logits.reshape(num_full * batch_size, -1))
-        if tail:
-            outputs.append(model.apply(variables, images[num_full * batch_size :], train=False))
-        return jnp.concatenate(outputs)
-
-    return predict
-
-
-def pool_accuracy(
-    model, state: TrainState, images, labels, num_classes: int, batch_size=500, pool_mode="auto"
-):
-    """Test accuracy of every model of a pool: the one accuracy of ddjax.
-
-    The test set is scored in chunks of ``batch_size`` by a Python loop of one jitted program
-    (vmapped over the pool in ``'vmap'`` mode; model after model, each on its device, in
-    ``'loop'`` mode): a convolution inside a rolled loop is slow on XLA:CPU
-    (:func:`resolve_pool_mode`). Correct predictions are counted exactly, and accuracies are
-    ``count / size`` rounded once to float32.
-
-    Args:
-      model, state: the architecture and the pool-stacked trained state.
-      images, labels: the test set.
-      num_classes: number of classes.
-      batch_size: inference chunk size.
-      pool_mode: ``'vmap'``, ``'loop'`` or ``'auto'`` (see :func:`resolve_pool_mode`).
-
-    Returns:
-      ``(accuracy (K,), per_class_accuracy (K, num_classes))`` as float32 NumPy arrays.
-    """
-    vmapped = resolve_pool_mode(pool_mode) == "vmap"
-    count = _count_correct(model, num_classes, vmapped)
-    n = len(labels)
-    states = [state] if vmapped else [_take(state, i) for i in range(_num_models(state))]
-    totals = []
-    for one in states:
-        device = _sharding_of(one)
-        if isinstance(device, jax.sharding.NamedSharding):
-            test = sharding.replicate((images, labels), device.mesh)
-        else:
-            test = jax.device_put((images, labels), device)
-        total = 0
-        for start in range(0, n, batch_size):
-            chunk = (test[0][start : start + batch_size], test[1][start : start + batch_size])
-            total = total + count(one.params, one.batch_stats, *chunk)
-        totals.append(total)
-    per_class = np.asarray(jax.device_get(totals), np.float64).reshape(-1, num_classes)
-    class_sizes = np.maximum(np.bincount(np.asarray(labels), minlength=num_classes), 1)
-    accuracy = (per_class.sum(1) / n).astype(np.float32)
-    return accuracy, (per_class / class_sizes).astype(np.float32)
-
-
-def _num_models(pool: TrainState) -> int:
-    return jax.tree.leaves(pool.params)[0].shape[0]
-
-
-@functools.lru_cache(maxsize=16)
-def _count_correct(model, num_classes: int, vmapped: bool):
-    """``(params, batch_stats, images, labels) -> correct per class`` in inference mode, jitted."""
-
-    def count(params, batch_stats, images, labels):
-        variables = {"params": params}
-        if batch_stats:
-            variables["batch_stats"] = batch_stats
-        logits = model.apply(variables, images, train=False)
-        correct = jnp.argmax(logits, -1) == labels
-        return jnp.sum(jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * correct[:, None], 0)
-
-    return jax.jit(jax.vmap(count, in_axes=(0, 0, None, None)) if vmapped else count)
