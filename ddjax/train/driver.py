@@ -211,8 +211,8 @@ def train_epochs(
     if checkpoints is not None and checkpoints.latest_step() is not None:
         start = checkpoints.latest_step()
         check(start <= epochs, f"checkpoint {checkpoints.directory} is at epoch {start} > {epochs}")
-        like = {"state": checkpoint.abstract_like(state), "record": record}
-        restored = checkpoints.restore(start, like)
+        # Restored where the given state lives (one device, or sharded over a pool's mesh).
+        restored = checkpoints.restore(start, {"state": state, "record": record})
         state = TrainState(*restored["state"])
         if record is not None:
             record.update(jax.tree.map(np.array, restored["record"]))  # writable host copies
