@@ -64,7 +64,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from ddjax import augment as augment_lib
 from ddjax import checkpoint, sharding, train
@@ -487,153 +486,30 @@ def _ranges(values: Sequence[int]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class _Pool:
-    """Several networks trained side by side with one set of compiled functions.
+def _init_group(net, tx, image_shape, init_keys: Sequence[jax.Array]) -> train.TrainState:
+    """Fresh networks, one per key, each initialised on its own, stacked into a pool.
 
-    ``vmap``: one pool-stacked state and one vmapped, jitted epoch (the pool axis sharded over
-    the devices when there are several). ``loop``: a list of per-model states, each epoch a
-    Python loop over jitted steps (:func:`ddjax.train.make_loop_epoch`), models spread over
-    the devices round-robin.
+    One model at a time, so that the (slow to compile) initialisation program is the same
+    whatever the group size, and expert ``i``'s initial weights cannot depend on it. The state
+    is built as ``train.init_state`` builds it (same dtypes and weak types), so a ``train.fit``
+    of the same model runs the same compiled step. With several devices the pool axis is
+    sharded over them.
     """
-
-    def __init__(self, net, tx, step, batch_size: int, mode: str, dataset: Dataset, test_limit):
-        self.net, self.tx, self.mode = net, tx, mode
-        self.image_shape = dataset.image_shape
-        self.images, self.labels = dataset.x_train, dataset.y_train
-        self.test_images = dataset.x_test[:test_limit]
-        self.test_labels = dataset.y_test[:test_limit]
-        self._data: dict = {}  # device -> (train images, labels, test images, labels)
-        if mode == "vmap":
-            self._epoch = train.make_pool_epoch(step, batch_size)
-        else:
-            self._epoch = train.make_loop_epoch(step, batch_size)
-        self._correct_count = jax.jit(
-            jax.vmap(_correct_count(net), in_axes=(0, 0, None, None))
-            if mode == "vmap"
-            else _correct_count(net)
-        )
-
-    def _mesh(self, num_models: int):
-        return sharding.pool_mesh(num_models) if jax.device_count() > 1 else None
-
-    def _device_data(self, place):
-        """The train and test arrays on ``place`` (a device, or a mesh: replicated), once."""
-        if place not in self._data:
-            arrays = (self.images, self.labels, self.test_images, self.test_labels)
-            if isinstance(place, jax.sharding.Mesh):
-                self._data[place] = sharding.replicate(arrays, place)
-            else:
-                self._data[place] = jax.device_put(arrays, place)
-        return self._data[place]
-
-    def _pool_data(self, state):
-        """The data for a vmapped pool: beside its models (replicated over their mesh)."""
-        mesh = self._mesh(len(jax.tree.leaves(state.params)[0]))
-        return self._device_data(mesh if mesh is not None else jax.devices()[0])
-
-    def init(self, init_keys: Sequence[jax.Array]):
-        """Fresh networks, one per key, each initialised on its own.
-
-        One model at a time, so that the (slow to compile) initialisation program is the same
-        whatever the group size, and expert ``i``'s initial weights cannot depend on it. The
-        state is built as ``train.init_state`` builds it (same dtypes and weak types), so a
-        ``train.fit`` of the same model runs the same compiled step.
-        """
-        states = []
-        for key in init_keys:
-            variables = models_lib.init_variables(self.net, key, self.image_shape)
-            params = variables["params"]
-            batch_stats = variables.get("batch_stats", {})
-            states.append(train.TrainState(params, batch_stats, self.tx.init(params)))
-        if self.mode == "loop":
-            devices = jax.devices()
-            return [jax.device_put(s, devices[i % len(devices)]) for i, s in enumerate(states)]
-        pool = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-        mesh = self._mesh(len(states))
-        return pool if mesh is None else sharding.shard_pool(pool, mesh)
-
-    def from_host(self, pool: train.TrainState):
-        """A pool-stacked host state (a restored checkpoint) placed for training."""
-        if self.mode == "loop":
-            return self._unstack(pool)
-        mesh = self._mesh(len(jax.tree.leaves(pool.params)[0]))
-        return jax.device_put(pool) if mesh is None else sharding.shard_pool(pool, mesh)
-
-    def _unstack(self, pool: train.TrainState) -> list[train.TrainState]:
-        devices = jax.devices()
-        num_models = len(jax.tree.leaves(pool.params)[0])
-        return [
-            jax.device_put(
-                jax.tree.map(lambda x, i=i: np.asarray(x[i]), pool), devices[i % len(devices)]
-            )
-            for i in range(num_models)
-        ]
-
-    def to_host(self, state) -> train.TrainState:
-        """The pool-stacked state as NumPy arrays (for checkpoints)."""
-        if self.mode == "vmap":
-            return jax.tree.map(np.asarray, jax.device_get(state))
-        return jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(state))
-
-    def params_to_host(self, state) -> Params:
-        """The models' ``params`` stacked, as float32 NumPy arrays."""
-        states = [state] if self.mode == "vmap" else state
-        params = jax.device_get([s.params for s in states])
-        stack = (lambda *xs: xs[0]) if self.mode == "vmap" else (lambda *xs: np.stack(xs))
-        return jax.tree.map(lambda *xs: np.asarray(stack(*xs), np.float32), *params)
-
-    def epoch(self, state, keys: jax.Array):
-        """One epoch of every model; returns the state, losses ``(K,)``, correct ``(K, n)``."""
-        if self.mode == "vmap":
-            images, labels, _, _ = self._pool_data(state)
-            state, (losses, correct) = self._epoch(state, images, labels, keys)
-            losses, correct = jax.device_get((losses, correct))
-            return state, np.asarray(losses), np.asarray(correct)
-        outputs = []
-        for i, one in enumerate(state):
-            device = _device(one)
-            images, labels, _, _ = self._device_data(device)
-            state[i], out = self._epoch(one, images, labels, jax.device_put(keys[i], device))
-            outputs.append(out)
-        losses, correct = zip(*jax.device_get(outputs), strict=True)  # one sync for all models
-        return state, np.asarray(losses), np.stack(correct)
-
-    def accuracy(self, state, chunk: int = 500) -> np.ndarray:
-        """Test accuracy of every model, ``(K,)``; chunks in a Python loop (fast on CPU)."""
-        n = len(self.test_labels)
-        states = [state] if self.mode == "vmap" else state
-        counts = []
-        for one in states:
-            data = self._pool_data(one) if self.mode == "vmap" else self._device_data(_device(one))
-            _, _, images, labels = data
-            total = 0
-            for start in range(0, n, chunk):
-                total = total + self._correct_count(
-                    one.params,
-                    one.batch_stats,
-                    images[start : start + chunk],
-                    labels[start : start + chunk],
-                )
-            counts.append(total)
-        counts = np.asarray(jax.device_get(counts), np.float64).reshape(-1)
-        return (counts / n).astype(np.float32)
+    states = []
+    for key in init_keys:
+        variables = models_lib.init_variables(net, key, image_shape)
+        params = variables["params"]
+        batch_stats = variables.get("batch_stats", {})
+        states.append(train.TrainState(params, batch_stats, tx.init(params)))
+    pool = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    if jax.device_count() == 1:
+        return pool
+    return sharding.shard_pool(pool, sharding.pool_mesh(len(states)))
 
 
-def _device(state: train.TrainState):
-    return next(iter(jax.tree.leaves(state.params)[0].devices()))
-
-
-def _correct_count(net):
-    """``(params, batch_stats, images, labels) -> number classified correctly`` (inference)."""
-
-    def count(params, batch_stats, images, labels):
-        variables = {"params": params}
-        if batch_stats:
-            variables["batch_stats"] = batch_stats
-        logits = net.apply(variables, images, train=False)
-        return jnp.sum(jnp.argmax(logits, -1) == labels)
-
-    return count
+def _params_to_host(state: train.TrainState) -> Params:
+    """The pool's ``params``, as float32 NumPy arrays."""
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(state.params))
 
 
 def _empty_record(params_like: Params, num_models: int, epochs: int, n: int) -> dict:
@@ -735,19 +611,24 @@ def train_experts(
         return read_meta(out_dir)
     tx = train.sgd(lr, momentum=momentum, weight_decay=weight_decay)
     step = train.make_train_step(net, tx, augment_lib.make_augment(augment), with_correct=True)
-    pool = _Pool(net, tx, step, batch_size, train.resolve_pool_mode(pool_mode), dataset, test_limit)
-    budget = [math.inf if _stop_after_epochs is None else _stop_after_epochs]
-    options = dict(
-        epochs=epochs,
-        seed=seed,
-        test_every=test_every,
-        checkpoint_every=checkpoint_every,
+    run = _Run(
+        net=net,
+        tx=tx,
+        step=step,
+        source=train.ArraySource(dataset.x_train, dataset.y_train, batch_size),
+        pool_mode=train.resolve_pool_mode(pool_mode),
+        test_images=jnp.asarray(dataset.x_test[:test_limit]),
+        test_labels=jnp.asarray(dataset.y_test[:test_limit]),
+        num_classes=dataset.num_classes,
+        image_shape=dataset.image_shape,
+        settings=settings,
         progress=progress,
         log=log,
     )
+    budget = [math.inf if _stop_after_epochs is None else _stop_after_epochs]
     while group is not None:
         start = time.time()
-        record = _train_group(pool, group, out_dir, budget, num_experts=num_experts, **options)
+        record = _train_group(run, group, out_dir, budget)
         if record is None:  # stopped by _stop_after_epochs
             break
         meta = _finish_group(out_dir, meta, group, record, dataset.y_train, epochs)
@@ -772,74 +653,84 @@ def _pending_group(out_dir: Path, meta: dict, experts_at_once: int) -> list[int]
     return todo[:experts_at_once] or None
 
 
-def _train_group(
-    pool: _Pool,
-    group: list[int],
-    out_dir: Path,
-    budget: list,
-    *,
-    epochs: int,
-    seed: int,
-    num_experts: int,
-    test_every: int,
-    checkpoint_every: int,
-    progress: bool,
-    log: Log | None,
-) -> dict | None:
+class _Run(NamedTuple):
+    """What every group of a run trains with (built once per run)."""
+
+    net: nn.Module
+    tx: Any
+    step: Callable
+    source: train.ArraySource
+    pool_mode: str
+    test_images: jax.Array
+    test_labels: jax.Array
+    num_classes: int
+    image_shape: tuple
+    settings: dict  # as checked by check_settings
+    progress: bool
+    log: Log | None
+
+
+def _train_group(run: _Run, group: list[int], out_dir: Path, budget: list) -> dict | None:
     """Trains the experts ``group`` side by side; returns their record (``None`` if stopped)."""
+    epochs, test_every, log = run.settings["epochs"], run.settings["test_every"], run.log
     partial_dir = out_dir / PARTIAL_DIR
     partial_dir.mkdir(exist_ok=True)
     group_file = partial_dir / "group.json"
     if not group_file.exists():
         write_json(group_file, {"experts": group})
-    keys = [expert_keys(seed, i) for i in group]
+    keys = [expert_keys(run.settings["seed"], i) for i in group]
     train_keys = jnp.stack([k[1] for k in keys])
 
-    state = pool.init([k[0] for k in keys])
-    params = pool.params_to_host(state)
-    record = _empty_record(params, len(group), epochs, len(pool.labels))
+    state = _init_group(run.net, run.tx, run.image_shape, [k[0] for k in keys])
+    params = _params_to_host(state)
+    record = _empty_record(params, len(group), epochs, len(run.source.labels))
     _put(record["trajectory"], (slice(None), 0), params)
-    start = 0
-    with checkpoint.Checkpoints(partial_dir / "checkpoints", keep=1) as saves:
-        last = saves.latest_step()
-        if last is not None:
-            restored = saves.restore(last, {"state": pool.to_host(state), "record": record})
-            restored = jax.tree.map(np.array, restored)  # writable host copies
-            state, record, start = pool.from_host(restored["state"]), restored["record"], last
 
-        bar = tqdm(
-            range(start, epochs),
-            desc=f"experts {_ranges(group)} of {num_experts}",
-            initial=start,
-            total=epochs,
-            unit="epoch",
-            disable=None if progress else True,
-            leave=False,
+    def on_epoch(epoch: int, state: train.TrainState, outputs: train.EpochOutputs) -> dict:
+        losses, correct = outputs
+        _put(record["trajectory"], (slice(None), epoch + 1), _params_to_host(state))
+        record["forgetting"] = forgetting_update(record["forgetting"], correct)
+        record["train_loss"][:, epoch] = losses
+        record["train_accuracy"][:, epoch] = correct.mean(1)
+        fields = {"train_loss": losses.tolist(), "train_accuracy": correct.mean(1).tolist()}
+        postfix = {"loss": f"{losses.mean():.4f}"}
+        if (epoch + 1) % test_every == 0 or epoch + 1 == epochs:
+            accuracy, _ = train.pool_accuracy(
+                run.net,
+                state,
+                run.test_images,
+                run.test_labels,
+                run.num_classes,
+                pool_mode=run.pool_mode,
+            )
+            record["test_accuracy"][:, epoch] = accuracy
+            fields["test_accuracy"] = accuracy.tolist()
+            postfix["acc"] = f"{accuracy.mean():.4f}"
+        if log is not None:
+            log(event="expert_epoch", experts=group, epoch=epoch + 1, **fields)
+        return postfix
+
+    description = f"experts {_ranges(group)} of {run.settings['num_experts']}"
+    with checkpoint.Checkpoints(partial_dir / "checkpoints", keep=1) as saves:
+        start = saves.latest_step() or 0
+        result = train.train_epochs(
+            state,
+            run.step,
+            run.source,
+            epochs=epochs,
+            epoch_keys=lambda epoch: jax.vmap(epoch_key, in_axes=(0, None))(train_keys, epoch),
+            pool_mode=run.pool_mode,
+            on_epoch=on_epoch,
+            record=record,
+            checkpoints=saves,
+            checkpoint_every=run.settings["checkpoint_every"],
+            checkpoint_final=False,  # a finished group is written out at once
+            progress=description if run.progress else None,
+            stop_after_epochs=None if math.isinf(budget[0]) else budget[0],
         )
-        for epoch in bar:
-            epoch_keys = jax.vmap(epoch_key, in_axes=(0, None))(train_keys, epoch)
-            state, losses, correct = pool.epoch(state, epoch_keys)
-            params = pool.params_to_host(state)
-            _put(record["trajectory"], (slice(None), epoch + 1), params)
-            record["forgetting"] = forgetting_update(record["forgetting"], correct)
-            record["train_loss"][:, epoch] = losses
-            record["train_accuracy"][:, epoch] = correct.mean(1)
-            fields = {"train_loss": losses.tolist(), "train_accuracy": correct.mean(1).tolist()}
-            if (epoch + 1) % test_every == 0 or epoch + 1 == epochs:
-                record["test_accuracy"][:, epoch] = accuracy = pool.accuracy(state)
-                fields["test_accuracy"] = accuracy.tolist()
-                bar.set_postfix(loss=f"{losses.mean():.4f}", acc=f"{accuracy.mean():.4f}")
-            else:
-                bar.set_postfix(loss=f"{losses.mean():.4f}")
-            if log is not None:
-                log(event="expert_epoch", experts=group, epoch=epoch + 1, **fields)
-            if (epoch + 1) % checkpoint_every == 0 and epoch + 1 < epochs:
-                saves.save(epoch + 1, {"state": pool.to_host(state), "record": record})
-            budget[0] -= 1
-            if budget[0] <= 0:  # the testing hook: stop as a kill would, saving nothing more
-                bar.close()
-                return None
-        bar.close()
+    if result is None:  # the testing hook: stopped as a kill would, saving nothing more
+        return None
+    budget[0] -= epochs - start
     return record
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from ddjax import augment, models, train
+from ddjax import augment, checkpoint, models, train
 from ddjax.errors import DDJaxError
 
 
@@ -218,3 +218,68 @@ def test_with_correct_reports_the_steps_own_forward_pass_and_trains_the_same():
     assert float(loss) == float(loss_plain)
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(new_plain), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+class _Batches:
+    """A plain BatchSource (no compiled-epoch shortcut) over an ArraySource's batches."""
+
+    per_model = True
+
+    def __init__(self, source):
+        self.source = source
+
+    def epoch_batches(self, epoch, key):
+        return self.source.epoch_batches(epoch, key)
+
+
+@pytest.mark.parametrize("pool_mode", ["vmap", "loop"])
+def test_driver_trains_any_batch_source_like_the_compiled_epoch(pool_mode):
+    # An ArraySource runs as one compiled epoch program; any other source feeds its batches to
+    # the jitted step. ArraySource.epoch_batches yields the program's batches, so both agree.
+    images, labels = _data(n=20)
+    net = models.get_model("ConvNet", 3, (8, 8, 1), width=4)
+    tx = train.sgd(0.05, momentum=0.9)
+    step = train.make_train_step(net, tx, augment.make_augment("dsa"))
+    source = train.ArraySource(images, labels, 8)
+    keys = train.pool_epoch_keys(jax.random.key(1), 2)
+    trained = {}
+    for name, batches in (("compiled", source), ("batches", _Batches(source))):
+        pool = train.init_pool(net, tx, jax.random.key(0), (8, 8, 1), 2)
+        trained[name] = train.train_epochs(
+            pool, step, batches, epochs=2, epoch_keys=keys, pool_mode=pool_mode
+        )
+    compiled, batches = jax.tree.leaves(trained["compiled"]), jax.tree.leaves(trained["batches"])
+    for a, b in zip(compiled, batches, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_driver_resumes_bit_identical_with_on_epoch_record(tmp_path):
+    images, labels = _data(n=20)
+    net = models.get_model("ConvNet", 3, (8, 8, 1), width=4)
+    tx = train.sgd(0.05, momentum=0.9)
+    step = train.make_train_step(net, tx)
+    source = train.ArraySource(images, labels, 8)
+    keys = train.pool_epoch_keys(jax.random.key(1), 2)
+
+    def run(directory, stop=None):
+        record = {"loss": np.full((3, 2), np.nan, np.float32)}
+
+        def on_epoch(epoch, state, outputs):
+            record["loss"][epoch] = outputs.loss
+
+        pool = train.init_pool(net, tx, jax.random.key(0), (8, 8, 1), 2)
+        with checkpoint.Checkpoints(directory) as saves:
+            result = train.train_epochs(
+                pool, step, source, epochs=3, epoch_keys=keys,
+                lr_schedule=lambda e: 0.05 / (e + 1), on_epoch=on_epoch, record=record,
+                checkpoints=saves, stop_after_epochs=stop,
+            )  # fmt: skip
+        return result, record
+
+    whole, whole_record = run(tmp_path / "whole")
+    assert run(tmp_path / "killed", stop=2)[0] is None
+    resumed, resumed_record = run(tmp_path / "killed")
+    assert resumed[1].shape == (1, 2)  # only the epoch this call ran
+    np.testing.assert_array_equal(resumed_record["loss"], whole_record["loss"])
+    for a, b in zip(jax.tree.leaves(whole[0]), jax.tree.leaves(resumed[0]), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -55,7 +55,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from ddjax import models as models_lib
 from ddjax import sharding, train
@@ -78,6 +77,7 @@ __all__ = [
     "recipe_from_config",
     "stored_batches",
     "train_kd",
+    "ViewSource",
 ]
 
 Array = jax.Array
@@ -416,6 +416,26 @@ def online_batches(
 # --------------------------------------------------------------------------------------------
 
 
+class ViewSource:
+    """KD's batches as a :class:`ddjax.train.BatchSource`: views and teacher logits.
+
+    Wraps :func:`stored_batches` or :func:`online_batches`. The batches of an epoch are fixed
+    by the store (or the augmentation seed), not by a model's key, so every student of a pool
+    trains on the same ones (``per_model = False``), drawn -- and labelled online -- once per
+    epoch. The step augments nothing (the views come augmented), so its key is a constant.
+    """
+
+    per_model = False
+
+    def __init__(self, batches: Batches):
+        self.batches = batches
+        self.unused_key = jax.random.key(0)
+
+    def epoch_batches(self, epoch: int, key: Array | None = None) -> Iterator[train.Batch]:
+        for views, logits in self.batches(epoch):
+            yield views, logits, self.unused_key
+
+
 def train_kd(
     model: nn.Module,
     recipe: Recipe,
@@ -429,12 +449,13 @@ def train_kd(
 ) -> tuple[train.TrainState, np.ndarray]:
     """Trains ``num_models`` students with the KD loss on the views and logits of ``batches``.
 
-    Per epoch: the learning rate :meth:`Recipe.lr_at`, then one step per batch of
-    ``batches(epoch)`` with :func:`ddjax.train.make_train_step` and :func:`kd_loss` (students
-    in train mode; their BatchNorm statistics are updated as in PyTorch). ``'vmap'`` trains
-    the pool as one program, its model axis sharded over the devices' ``pool`` mesh axis;
-    ``'loop'`` trains the students one after another on the default device. The step is
-    compiled once per batch shape (the learning rate is injected, not baked in).
+    :func:`ddjax.train.train_epochs` over a :class:`ViewSource`: per epoch the learning rate
+    :meth:`Recipe.lr_at`, then one step per batch of ``batches(epoch)`` with
+    :func:`ddjax.train.make_train_step` and :func:`kd_loss` (students in train mode; their
+    BatchNorm statistics are updated as in PyTorch). ``'vmap'`` trains the pool as one
+    program, its model axis sharded over the devices' ``pool`` mesh axis; ``'loop'`` trains
+    the students one after another. The step is compiled once per batch shape (the learning
+    rate is injected, not baked in).
 
     Args:
       model: the student architecture.
@@ -454,64 +475,33 @@ def train_kd(
       ``(epochs, K)``.
     """
     check(num_models >= 1, f"num_models={num_models} must be at least 1")
-    tx, one_step, pool_step = _steps(model, recipe)
-    unused_key = jax.random.key(0)  # the step augments nothing; the views come augmented
+    tx, step = _steps(model, recipe)
     init_key, _ = jax.random.split(jax.random.key(seed, impl="rbg"))
     vmapped = train.resolve_pool_mode(pool_mode) == "vmap"
-    if vmapped:
-        mesh = sharding.pool_mesh(num_models)
-        state = train.init_pool(model, tx, init_key, image_shape, num_models, mesh)
-    else:
-        pool = train.init_pool(model, tx, init_key, image_shape, num_models)
-        states = [jax.tree.map(lambda x, i=i: x[i], pool) for i in range(num_models)]
-
-    history = []
-    bar = tqdm(range(recipe.epochs), desc=progress, disable=True if progress is None else None)
-    for epoch in bar:
-        lr = recipe.lr_at(epoch)
-        if vmapped:
-            state = state._replace(opt_state=train.set_learning_rate(state.opt_state, lr))
-        else:
-            states = [
-                s._replace(opt_state=train.set_learning_rate(s.opt_state, lr)) for s in states
-            ]
-        totals, count = jnp.zeros((num_models,)), 0
-        for views, logits in batches(epoch):
-            size = views.shape[0]
-            if vmapped:
-                views, logits = sharding.replicate((views, logits), mesh)
-                state, loss = pool_step(state, views, logits, unused_key)
-            else:
-                losses = []
-                for i in range(num_models):
-                    states[i], one_loss = one_step(states[i], views, logits, unused_key)
-                    losses.append(one_loss)
-                loss = jnp.stack(losses)
-            totals = totals + loss * size
-            count += size
-        history.append(totals / count)
-        if progress is not None and (epoch % 10 == 0 or epoch == recipe.epochs - 1):
-            bar.set_postfix(loss=f"{float(jnp.mean(history[-1])):.4f}", lr=f"{lr:.2e}")
-    if not vmapped:
-        state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-    history = np.asarray(jax.device_get(history), np.float32).reshape(recipe.epochs, num_models)
-    return state, history
+    mesh = sharding.pool_mesh(num_models) if vmapped else None
+    state = train.init_pool(model, tx, init_key, image_shape, num_models, mesh)
+    return train.train_epochs(
+        state,
+        step,
+        ViewSource(batches),
+        epochs=recipe.epochs,
+        pool_mode=pool_mode,
+        lr_schedule=recipe.lr_at,
+        progress=progress,
+    )
 
 
 @functools.lru_cache(maxsize=16)
 def _steps(model: nn.Module, recipe: Recipe):
-    """``(tx, one_step, pool_step)`` of a student and recipe, jitted once per process.
+    """``(tx, step)`` of a student and recipe, built once per process.
 
-    ``one_step`` trains one student, ``pool_step`` a stacked pool by ``vmap`` over the state
-    (the views and logits are shared); both donate the state. Only the optimiser and the loss
-    depend on the recipe, but the recipe is the natural (hashable) cache key.
+    :func:`ddjax.train.train_epochs` compiles per step object, so one step per (model,
+    recipe) compiles once however many runs use it. Only the optimiser and the loss depend on
+    the recipe, but the recipe is the natural (hashable) cache key.
     """
     tx = recipe.make_optimizer()
     loss_fn = functools.partial(kd_loss, temperature=recipe.temperature, t_squared=recipe.t_squared)
-    step = train.make_train_step(model, tx, None, loss_fn)
-    one_step = jax.jit(step, donate_argnums=0)
-    pool_step = jax.jit(jax.vmap(step, in_axes=(0, None, None, None)), donate_argnums=0)
-    return tx, one_step, pool_step
+    return tx, train.make_train_step(model, tx, None, loss_fn)
 
 
 def evaluate_kd(

@@ -73,7 +73,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
 from ddjax import augment as augment_lib
 from ddjax import checkpoint, train
@@ -393,14 +392,6 @@ class SqueezeResult(NamedTuple):
     test_accuracy: np.ndarray
 
 
-def _epoch_mode(mode: str) -> str:
-    """``'auto'`` is ``'loop'`` on CPU (rolled convolution loops are slow on XLA:CPU), else
-    ``'scan'``; see :func:`ddjax.train.resolve_pool_mode` for the measurements."""
-    if mode == "auto":
-        return "loop" if jax.default_backend() == "cpu" else "scan"
-    return mode
-
-
 class _DataSpace(NamedTuple):
     """What the training programs need to know about the data (hashable, for the cache)."""
 
@@ -410,7 +401,8 @@ class _DataSpace(NamedTuple):
 
 
 # Cached on everything they close over, so that a run resumed in the same process (or a
-# second teacher with the same recipe) reuses the compiled programs instead of tracing anew.
+# second teacher with the same recipe) reuses the step, and with it the compiled epoch
+# (``ddjax.train.train_epochs`` caches its programs on the step).
 @functools.lru_cache(maxsize=8)
 def _programs(
     model: nn.Module,
@@ -419,53 +411,16 @@ def _programs(
     weight_decay: float,
     augment: str,
     space: _DataSpace,
-    batch_size: int,
-    epoch_mode: str,
 ):
-    """``(tx, run_epoch, count)``: the optimiser, the jitted epoch and the test counter."""
+    """``(tx, step)``: the optimiser and the train step (with per-example correctness)."""
     tx = train.sgd(lr, momentum=momentum, weight_decay=weight_decay)
     step = train.make_train_step(model, tx, make_augment(augment, space), with_correct=True)
-    if epoch_mode == "loop":
-        run_epoch = train.make_loop_epoch(step, batch_size)
-    else:
-        run_epoch = jax.jit(train.make_epoch(step, batch_size), donate_argnums=(0,))
-
-    @jax.jit
-    def count(params, batch_stats, images, labels):
-        variables = {"params": params, "batch_stats": batch_stats}
-        logits = model.apply(variables, images, train=False)
-        return jnp.sum(jnp.argmax(logits, -1) == labels)
-
-    return tx, run_epoch, count
-
-
-def _test_accuracy(count, state: train.TrainState, images, labels, chunk: int = 500) -> float:
-    total = 0
-    for start in range(0, len(labels), chunk):
-        stop = start + chunk
-        total = total + count(
-            state.params, state.batch_stats, images[start:stop], labels[start:stop]
-        )
-    return float(total) / max(len(labels), 1)
+    return tx, step
 
 
 def _empty_history(epochs: int) -> dict[str, np.ndarray]:
     nan = np.full((epochs,), np.nan, np.float32)
     return {"train_loss": nan.copy(), "train_accuracy": nan.copy(), "test_accuracy": nan.copy()}
-
-
-def _to_host(tree: Any) -> Any:
-    return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
-def _checkpoint_like(model, tx, image_shape, key_data, history) -> dict:
-    """The abstract checkpoint tree (shapes, dtypes, one device): nothing is initialised."""
-    shapes = models_lib.variable_shapes(model, image_shape)
-    opt_state = jax.eval_shape(tx.init, shapes["params"])
-    state = train.TrainState(shapes["params"], shapes["batch_stats"], opt_state)
-    tree = {"state": state, "epoch": np.int32(0), "key": key_data, "history": history}
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=device), tree)
 
 
 def train_teacher(
@@ -478,6 +433,10 @@ def train_teacher(
     _stop_after_epochs: int | None = None,
 ) -> SqueezeResult | None:
     """Trains a BatchNorm teacher on ``dataset``'s train split (the squeeze stage on arrays).
+
+    One model, :func:`ddjax.train.train_epochs` over the shuffled train split; ``epoch_mode``
+    ``'scan'`` is the driver's ``'vmap'`` placement (for one model: the epoch as one compiled
+    program), ``'auto'`` is decided by :func:`ddjax.train.resolve_pool_mode`.
 
     Args:
       dataset: the real data (mean/std-normalised, no ZCA).
@@ -499,107 +458,78 @@ def train_teacher(
     model = check_settings(settings, dataset)
     epochs = settings.epochs
     space = _DataSpace(tuple(dataset.mean), tuple(dataset.std), dataset.image_shape)
-    tx, run_epoch, count = _programs(
-        model,
-        settings.lr,
-        settings.momentum,
-        settings.weight_decay,
-        settings.augment,
-        space,
-        settings.batch_size,
-        _epoch_mode(settings.epoch_mode),
+    tx, step = _programs(
+        model, settings.lr, settings.momentum, settings.weight_decay, settings.augment, space
     )
-
     init_key, train_key = jax.random.split(jax.random.key(settings.seed))
-    key_data = np.asarray(jax.random.key_data(train_key))
-    history = _empty_history(epochs)
-    images, labels = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
+    # The key goes into the checkpoint with the history: a resumed run continues with it.
+    record = {"key": np.asarray(jax.random.key_data(train_key)), "history": _empty_history(epochs)}
+    variables = models_lib.init_variables(model, init_key, dataset.image_shape)
+    params = variables["params"]
+    state = train.TrainState(params, variables["batch_stats"], tx.init(params))
+    # Committed to the device, as restored checkpoints are: jit specialises on committed
+    # inputs, so a fresh and a resumed run share one compiled epoch.
+    state = jax.device_put(state, jax.devices()[0])
     limit = settings.test_limit or len(dataset.y_test)
     test_images = jnp.asarray(dataset.x_test[:limit])
     test_labels = jnp.asarray(dataset.y_test[:limit])
 
+    def lr_at(epoch: int) -> float:
+        return learning_rate(
+            epoch,
+            base_lr=settings.lr,
+            epochs=epochs,
+            warmup_epochs=settings.warmup_epochs,
+            warmup_start_factor=settings.warmup_start_factor,
+        )
+
+    def on_epoch(epoch: int, state: train.TrainState, outputs: train.EpochOutputs) -> dict:
+        history = record["history"]
+        loss, accuracy = float(outputs.loss), float(np.mean(outputs.per_example))
+        history["train_loss"][epoch], history["train_accuracy"][epoch] = loss, accuracy
+        fields = {"lr": lr_at(epoch), "train_loss": loss, "train_accuracy": accuracy}
+        postfix = {"loss": f"{loss:.4f}"}
+        if (epoch + 1) % settings.test_every == 0 or epoch + 1 == epochs:
+            pool = jax.tree.map(lambda x: x[None], state)  # a pool of one, scored as it is
+            tested, _ = train.pool_accuracy(
+                model, pool, test_images, test_labels, dataset.num_classes, pool_mode="loop"
+            )
+            history["test_accuracy"][epoch] = fields["test_accuracy"] = float(tested[0])
+            postfix["acc"] = f"{tested[0]:.4f}"
+        if log is not None:
+            log(event="squeeze_epoch", epoch=epoch + 1, **fields)
+        return postfix
+
     saves = checkpoint.Checkpoints(checkpoint_dir, keep=1) if checkpoint_dir else None
     try:
-        last = saves.latest_step() if saves is not None else None
-        if last is None:
-            variables = models_lib.init_variables(model, init_key, dataset.image_shape)
-            params = variables["params"]
-            state = train.TrainState(params, variables["batch_stats"], tx.init(params))
-            # Committed to the device, as restored checkpoints are: jit specialises on
-            # committed inputs, so a fresh and a resumed run share one compiled epoch.
-            state = jax.device_put(state, jax.devices()[0])
-            start = 0
-        else:
-            like = _checkpoint_like(model, tx, dataset.image_shape, key_data, history)
-            restored = saves.restore(last, like)
-            state = train.TrainState(*restored["state"])
-            start = int(restored["epoch"])
-            key_data = np.asarray(restored["key"])
-            train_key = jax.random.wrap_key_data(jnp.asarray(key_data))
-            history = {k: np.array(v) for k, v in restored["history"].items()}
-            check(
-                0 <= start <= epochs,
-                f"checkpoint in {checkpoint_dir} is at epoch {start}, beyond epochs={epochs}",
-            )
-
-        bar = tqdm(
-            range(start, epochs),
-            desc=f"squeeze {settings.model}",
-            initial=start,
-            total=epochs,
-            unit="epoch",
-            disable=None if progress else True,
-            leave=False,
+        result = train.train_epochs(
+            state,
+            step,
+            train.ArraySource(
+                jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train), settings.batch_size
+            ),
+            epochs=epochs,
+            epoch_keys=lambda epoch: jax.random.fold_in(
+                jax.random.wrap_key_data(jnp.asarray(record["key"])), epoch
+            )[None],
+            pool=False,
+            pool_mode={"scan": "vmap"}.get(settings.epoch_mode, settings.epoch_mode),
+            lr_schedule=lr_at,
+            on_epoch=on_epoch,
+            record=record,
+            checkpoints=saves,
+            checkpoint_every=settings.checkpoint_every,
+            progress=f"squeeze {settings.model}" if progress else None,
+            stop_after_epochs=_stop_after_epochs,
         )
-        budget = math.inf if _stop_after_epochs is None else _stop_after_epochs
-        for epoch in bar:
-            lr = learning_rate(
-                epoch,
-                base_lr=settings.lr,
-                epochs=epochs,
-                warmup_epochs=settings.warmup_epochs,
-                warmup_start_factor=settings.warmup_start_factor,
-            )
-            state = state._replace(opt_state=train.set_learning_rate(state.opt_state, lr))
-            epoch_key = jax.random.fold_in(train_key, epoch)
-            state, (loss, correct) = run_epoch(state, images, labels, epoch_key)
-            loss, correct = jax.device_get((loss, correct))
-            history["train_loss"][epoch] = float(loss)
-            history["train_accuracy"][epoch] = float(np.mean(correct))
-            fields = {
-                "lr": lr,
-                "train_loss": float(loss),
-                "train_accuracy": float(np.mean(correct)),
-            }
-            if (epoch + 1) % settings.test_every == 0 or epoch + 1 == epochs:
-                accuracy = _test_accuracy(count, state, test_images, test_labels)
-                history["test_accuracy"][epoch] = fields["test_accuracy"] = accuracy
-                bar.set_postfix(loss=f"{float(loss):.4f}", acc=f"{accuracy:.4f}")
-            else:
-                bar.set_postfix(loss=f"{float(loss):.4f}")
-            if log is not None:
-                log(event="squeeze_epoch", epoch=epoch + 1, **fields)
-            if saves is not None and (
-                (epoch + 1) % settings.checkpoint_every == 0 or epoch + 1 == epochs
-            ):
-                saves.save(
-                    epoch + 1,
-                    {
-                        "state": _to_host(state),
-                        "epoch": np.int32(epoch + 1),
-                        "key": key_data,
-                        "history": history,
-                    },
-                )
-            budget -= 1
-            if budget <= 0 and epoch + 1 < epochs:  # the testing hook: stop as a kill would
-                bar.close()
-                return None
-        bar.close()
     finally:
         if saves is not None:
             saves.close()
+    if result is None:
+        return None
+    state, _ = result
     variables = {"params": state.params, "batch_stats": state.batch_stats}
+    history = record["history"]
     return SqueezeResult(variables, *(history[k] for k in SqueezeResult._fields[1:]))
 
 

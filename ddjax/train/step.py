@@ -1,17 +1,14 @@
-"""Training: one pure step, epochs as ``lax.scan``, pools of models by ``vmap``.
+"""The pure train step, its epochs as compiled programs, pools of models, test accuracy.
 
-Everything that trains a network in ddjax -- evaluation of a synthetic set,
-expert trajectories, the SRe2L teacher, feature extractors for coresets --
-goes through :func:`make_train_step`. The step is a pure function
-
-    (state, images, labels, key) -> (state, loss)
-
-where ``state`` is a :class:`TrainState` of plain pytrees (params, BatchNorm
-statistics, optax state). An *epoch* is a shuffled pass in minibatches
-(``lax.scan`` over the full batches, plus one step on the remainder, as a
-PyTorch ``DataLoader`` with ``drop_last=False`` does). A *pool* of K models is
-the same epoch under ``jax.vmap`` with one key per model; when several devices
-exist the pool axis is sharded over the mesh (``ddjax.sharding``).
+Everything that trains a network in ddjax goes through :func:`make_train_step`, a pure
+function ``(state, images, labels, key) -> (state, loss)`` over a :class:`TrainState` of plain
+pytrees (params, BatchNorm statistics, optax state). An *epoch* of in-memory data is a shuffled
+pass in minibatches (:func:`make_epoch`: ``lax.scan`` over the full batches, plus one step on
+the remainder, as a PyTorch ``DataLoader`` with ``drop_last=False``; :func:`make_loop_epoch`:
+the same batches as a Python loop of jitted steps). A *pool* of K models is the same epoch
+under ``jax.vmap`` with one key per model (:func:`make_pool_epoch`); where a pool runs is
+decided by :func:`resolve_pool_mode`. The epoch loop around these programs is
+:func:`ddjax.train.driver.train_epochs`.
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from ddjax import sharding
 from ddjax.errors import check
@@ -266,11 +262,6 @@ def make_loop_epoch(step, batch_size: int):
     both forms train identically.
     """
 
-    @jax.jit
-    def plan(key, labels):
-        perm_key, step_key = jax.random.split(key)
-        return jax.random.permutation(perm_key, labels.shape[0]), step_key
-
     @functools.partial(jax.jit, donate_argnums=(0,))
     def indexed_step(state, images, labels, index, key):
         return step(state, images[index], labels[index], key)
@@ -278,7 +269,7 @@ def make_loop_epoch(step, batch_size: int):
     def epoch(state, images, labels, key):
         n = images.shape[0]
         num_full, tail = divmod(n, batch_size)
-        perm, step_key = plan(key, labels)
+        perm, step_key = _shuffle(key, labels)
         keys = jax.random.split(step_key, num_full + (tail > 0))
         total = 0.0
         per_example = []
@@ -296,106 +287,16 @@ def make_loop_epoch(step, batch_size: int):
     return epoch
 
 
-def fit_pool(
-    state: TrainState,
-    step,
-    images,
-    labels,
-    key: Array,
-    epochs: int,
-    batch_size: int,
-    lr_schedule: Callable[[int], float] | None = None,
-    reset_optimizer_at: Sequence[int] = (),
-    tx: optax.GradientTransformation | None = None,
-    progress: str | None = None,
-    pool_mode: str = "auto",
-) -> tuple[TrainState, np.ndarray]:
-    """Trains a pool of models for ``epochs`` epochs (the Python driver: loop, schedule, bar).
-
-    Args:
-      state: pool-stacked :class:`TrainState` (from :func:`init_pool`).
-      step: from :func:`make_train_step` (per-example outputs of a ``with_correct``
-        step are dropped).
-      images, labels: the training data, shared by all models.
-      key: the models' keys are ``jax.random.split(fold_in(key, epoch), K)``.
-      epochs: number of epochs.
-      batch_size: minibatch size.
-      lr_schedule: ``epoch -> learning rate`` (needs the :func:`sgd` optimiser);
-        ``None`` keeps the optimiser's rate.
-      reset_optimizer_at: epochs at whose start the optimiser state is
-        re-initialised -- PyTorch code that re-creates its optimiser when it
-        decays the rate (MTT's evaluation) resets the momentum buffers.
-      tx: the optimiser, needed for ``reset_optimizer_at``.
-      progress: description for the progress bar (``None``: no bar). The bar
-        is silent when stderr is not a terminal.
-      pool_mode: ``'vmap'``, ``'loop'`` or ``'auto'`` (see :func:`resolve_pool_mode`).
-
-    Returns:
-      The trained state and the mean training loss per epoch, shape ``(epochs, K)``.
-    """
-    check(not reset_optimizer_at or tx is not None, "fit_pool: reset_optimizer_at needs `tx`")
-    num_models = jax.tree.leaves(state.params)[0].shape[0]
-    loop = resolve_pool_mode(pool_mode) == "loop"
-    if loop:
-        epoch_fn = make_loop_epoch(step, batch_size)
-        # One state per model, each on the device that holds its slice of the pool.
-        states = [_take(state, i) for i in range(num_models)]
-        data = {}
-    else:
-        pool_epoch = make_pool_epoch(step, batch_size)
-        images, labels = jnp.asarray(images), jnp.asarray(labels)
-    history = []
-    quiet = True if progress is None else None  # None: tqdm stays silent when not a terminal
-    bar = tqdm(range(epochs), desc=progress, disable=quiet, leave=False)
-    for epoch in bar:
-        keys = jax.random.split(jax.random.fold_in(key, epoch), num_models)
-        if loop:
-            losses = []
-            for i in range(num_models):
-                one = states[i]
-                device = jax.tree.leaves(one.params)[0].sharding
-                if device not in data:
-                    data[device] = jax.device_put((images, labels), device)
-                one = _prepare(one, epoch, lr_schedule, reset_optimizer_at, tx, vmapped=False)
-                states[i], out = epoch_fn(one, *data[device], jax.device_put(keys[i], device))
-                losses.append(_split_output(out)[0])
-            loss = losses  # stays on the devices: no sync, so devices run side by side
-        else:
-            state = _prepare(state, epoch, lr_schedule, reset_optimizer_at, tx, vmapped=True)
-            state, out = pool_epoch(state, images, labels, keys)
-            loss = _split_output(out)[0]
-        history.append(loss)
-        if progress is not None and (epoch % 10 == 0 or epoch == epochs - 1):
-            bar.set_postfix(loss=f"{float(np.mean(jax.device_get(loss))):.4f}")
-    if loop:
-        state = _stack(states, state)
-    history = np.asarray(jax.device_get(history), np.float32).reshape(len(history), num_models)
-    return state, history
+@jax.jit
+def _shuffle(key: Array, labels: Array) -> tuple[Array, Array]:
+    """An epoch's ``(permutation, step_key)``, as :func:`make_epoch` draws them from ``key``."""
+    perm_key, step_key = jax.random.split(key)
+    return jax.random.permutation(perm_key, labels.shape[0]), step_key
 
 
-def fit(state: TrainState, step, images, labels, key: Array, epochs: int, batch_size: int, **kw):
-    """Trains one model: :func:`fit_pool` with a pool of one.
-
-    Args:
-      state: an unstacked :class:`TrainState` (from :func:`init_state`).
-      step, images, labels, key, epochs, batch_size, **kw: as in :func:`fit_pool`.
-
-    Returns:
-      The trained state and the mean training loss per epoch, shape ``(epochs,)``.
-    """
-    pool = jax.tree.map(lambda x: jnp.asarray(x)[None], state)
-    pool, history = fit_pool(pool, step, images, labels, key, epochs, batch_size, **kw)
-    return jax.tree.map(lambda x: x[0], pool), history[:, 0]
-
-
-def _prepare(state, epoch, lr_schedule, reset_optimizer_at, tx, vmapped):
-    """Applies the optimiser reset and the learning rate for ``epoch``."""
-    if epoch in reset_optimizer_at:
-        init = jax.vmap(tx.init) if vmapped else tx.init
-        state = state._replace(opt_state=_like(init(state.params), state.opt_state))
-    if lr_schedule is not None:
-        state = state._replace(opt_state=set_learning_rate(state.opt_state, lr_schedule(epoch)))
-    return state
+# --------------------------------------------------------------------------------------------
+# Pool placement
+# --------------------------------------------------------------------------------------------
 
 
 def _take(pool: TrainState, i: int) -> TrainState:
@@ -429,6 +330,15 @@ def _like(new_tree, old_tree):
     return jax.tree.map(lambda n, o: jax.device_put(n, o.sharding), new_tree, old_tree)
 
 
+def _sharding_of(state: TrainState):
+    return jax.tree.leaves(state.params)[0].sharding
+
+
+# --------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------
+
+
 def make_predict(model, batch_size: int = 500):
     """Builds ``predict(params, batch_stats, images) -> logits`` in inference mode, in chunks."""
 
@@ -455,7 +365,13 @@ def make_predict(model, batch_size: int = 500):
 def pool_accuracy(
     model, state: TrainState, images, labels, num_classes: int, batch_size=500, pool_mode="auto"
 ):
-    """Test accuracy of every model of a pool.
+    """Test accuracy of every model of a pool: the one accuracy of ddjax.
+
+    The test set is scored in chunks of ``batch_size`` by a Python loop of one jitted program
+    (vmapped over the pool in ``'vmap'`` mode; model after model, each on its device, in
+    ``'loop'`` mode): a convolution inside a rolled loop is slow on XLA:CPU
+    (:func:`resolve_pool_mode`). Correct predictions are counted exactly, and accuracies are
+    ``count / size`` rounded once to float32.
 
     Args:
       model, state: the architecture and the pool-stacked trained state.
@@ -465,27 +381,44 @@ def pool_accuracy(
       pool_mode: ``'vmap'``, ``'loop'`` or ``'auto'`` (see :func:`resolve_pool_mode`).
 
     Returns:
-      ``(accuracy (K,), per_class_accuracy (K, num_classes))`` as NumPy arrays.
+      ``(accuracy (K,), per_class_accuracy (K, num_classes))`` as float32 NumPy arrays.
     """
-    predict = make_predict(model, batch_size)
-    labels = jnp.asarray(labels)
-    images = jnp.asarray(images)
-    onehot = jax.nn.one_hot(labels, num_classes)
-    class_sizes = jnp.maximum(onehot.sum(0), 1)
+    vmapped = resolve_pool_mode(pool_mode) == "vmap"
+    count = _count_correct(model, num_classes, vmapped)
+    n = len(labels)
+    states = [state] if vmapped else [_take(state, i) for i in range(_num_models(state))]
+    totals = []
+    for one in states:
+        device = _sharding_of(one)
+        if isinstance(device, jax.sharding.NamedSharding):
+            test = sharding.replicate((images, labels), device.mesh)
+        else:
+            test = jax.device_put((images, labels), device)
+        total = 0
+        for start in range(0, n, batch_size):
+            chunk = (test[0][start : start + batch_size], test[1][start : start + batch_size])
+            total = total + count(one.params, one.batch_stats, *chunk)
+        totals.append(total)
+    per_class = np.asarray(jax.device_get(totals), np.float64).reshape(-1, num_classes)
+    class_sizes = np.maximum(np.bincount(np.asarray(labels), minlength=num_classes), 1)
+    accuracy = (per_class.sum(1) / n).astype(np.float32)
+    return accuracy, (per_class / class_sizes).astype(np.float32)
 
-    def scores(logits):
-        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        return correct.mean(-1), (correct @ onehot) / class_sizes
 
-    if resolve_pool_mode(pool_mode) == "vmap":
-        score_pool = jax.jit(jax.vmap(lambda p, b: scores(predict(p, b, images))))
-        accuracy, per_class = score_pool(state.params, state.batch_stats)
-        return np.asarray(accuracy), np.asarray(per_class)
-    score_one = jax.jit(lambda p, b, x: scores(predict(p, b, x)))
-    results = []
-    for i in range(jax.tree.leaves(state.params)[0].shape[0]):
-        one = _take(state, i)
-        device = jax.tree.leaves(one.params)[0].sharding
-        results.append(score_one(one.params, one.batch_stats, jax.device_put(images, device)))
-    accuracy, per_class = zip(*jax.device_get(results), strict=True)
-    return np.stack(accuracy), np.stack(per_class)
+def _num_models(pool: TrainState) -> int:
+    return jax.tree.leaves(pool.params)[0].shape[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _count_correct(model, num_classes: int, vmapped: bool):
+    """``(params, batch_stats, images, labels) -> correct per class`` in inference mode, jitted."""
+
+    def count(params, batch_stats, images, labels):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        logits = model.apply(variables, images, train=False)
+        correct = jnp.argmax(logits, -1) == labels
+        return jnp.sum(jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * correct[:, None], 0)
+
+    return jax.jit(jax.vmap(count, in_axes=(0, 0, None, None)) if vmapped else count)

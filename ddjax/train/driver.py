@@ -1,0 +1,459 @@
+"""The one epoch loop of ddjax: :func:`train_epochs` over a :class:`BatchSource`.
+
+Experts, the SRe2L teacher (squeeze), KD students and the evaluation of synthetic sets all
+train through :func:`train_epochs`: one model or a pool of K models, an optimiser with its
+per-epoch learning rate and resets, an ``on_epoch`` callback, the pool's placement decided
+once (:func:`ddjax.train.resolve_pool_mode`) and resume from :class:`ddjax.checkpoint.Checkpoints`.
+The batches come from a source: in-memory arrays reshuffled every epoch (:class:`ArraySource`),
+KD's replayed views (:class:`ddjax.sre2l.kd.ViewSource`), or any iterator that keeps the
+:class:`BatchSource` promises. :func:`fit_pool` and :func:`fit` are the in-memory shortcuts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from ddjax import checkpoint, sharding
+from ddjax.errors import check
+from ddjax.train.step import (
+    TrainState,
+    _like,
+    _num_models,
+    _sharding_of,
+    _shuffle,
+    _split_output,
+    _stack,
+    _take,
+    make_epoch,
+    make_loop_epoch,
+    make_pool_epoch,
+    resolve_pool_mode,
+    set_learning_rate,
+)
+
+Array = jax.Array
+
+# --------------------------------------------------------------------------------------------
+# Batch sources
+# --------------------------------------------------------------------------------------------
+
+Batch = tuple[Array, Array, Array]
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """Where :func:`train_epochs` takes its minibatches from, one epoch at a time.
+
+    What a source promises:
+
+    * ``epoch_batches(epoch, key)`` yields the batches of 0-based ``epoch`` as
+      ``(images, labels, key)``: ``images`` ``(B, H, W, C)``, ``labels`` whatever the step's
+      loss takes (``(B,)`` classes, ``(B, C)`` targets or teacher logits), and the PRNG key
+      the train step uses for that batch (its augmentation). ``B`` may change from batch to
+      batch (a smaller last batch); each new ``B`` compiles the step once.
+    * **Determinism**: the same ``(epoch, key)`` gives the same batches in any process,
+      whatever was drawn before -- so a run resumed at epoch ``e`` trains on exactly the
+      batches an uninterrupted run would have.
+    * ``per_model``: ``True`` if the batches depend on ``key`` -- each model of a pool draws
+      its own epoch with its own key (the in-memory shuffle); ``False`` if they do not
+      (``key`` is ignored, may be ``None``): the batches are drawn once per epoch and every
+      model of a pool trains on them (KD's replayed views: one teacher forward for K students).
+
+    Nothing else is assumed: no length, no random access; a stream fits.
+    """
+
+    per_model: bool
+
+    def epoch_batches(self, epoch: int, key: Array | None) -> Iterator[Batch]: ...
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArraySource:
+    """In-memory arrays, reshuffled every epoch: PyTorch's ``DataLoader(shuffle=True)``.
+
+    The epoch of key ``k`` is the permutation and the per-batch keys :func:`make_epoch` draws
+    from ``k``: full batches of ``batch_size`` and a smaller last one (``drop_last=False``).
+    The epoch number does not enter; :func:`train_epochs` gives every model its own key per
+    epoch. :func:`train_epochs` runs an epoch of this source as one compiled program
+    (:func:`make_epoch` / :func:`make_loop_epoch`: the gather inside the step, per-example
+    outputs in data order); :meth:`epoch_batches` yields exactly the batches those programs
+    train on.
+    """
+
+    images: Any
+    labels: Any
+    batch_size: int
+    per_model: bool = dataclasses.field(default=True, init=False)
+
+    def epoch_batches(self, epoch: int, key: Array | None) -> Iterator[Batch]:
+        n = self.images.shape[0]
+        num_full, tail = divmod(n, self.batch_size)
+        perm, step_key = _shuffle(key, self.labels)
+        keys = jax.random.split(step_key, num_full + (tail > 0))
+        for b in range(num_full + (tail > 0)):
+            index = perm[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.images[index], self.labels[index], keys[b]
+
+
+def pool_epoch_keys(key: Array, num_models: int) -> Callable[[int], Array]:
+    """``epoch -> split(fold_in(key, epoch), num_models)``: the keys :func:`fit_pool` gives."""
+    return lambda epoch: jax.random.split(jax.random.fold_in(key, epoch), num_models)
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+
+
+class EpochOutputs(NamedTuple):
+    """What one epoch reports to ``on_epoch`` (host NumPy; a pool has a leading ``K`` axis).
+
+    Attributes:
+      loss: the mean training loss of the epoch, ``(K,)`` (``()`` for one model).
+      per_example: a ``with_correct`` step's per-example outputs, ``(K, n)`` (``(n,)``), in
+        the data's order -- only for an :class:`ArraySource`; ``None`` otherwise.
+    """
+
+    loss: np.ndarray
+    per_example: np.ndarray | None
+
+
+OnEpoch = Callable[[int, TrainState, EpochOutputs], dict | None]
+
+
+def train_epochs(
+    state: TrainState,
+    step,
+    source: BatchSource,
+    *,
+    epochs: int,
+    epoch_keys: Callable[[int], Array] | None = None,
+    pool: bool = True,
+    pool_mode: str = "auto",
+    lr_schedule: Callable[[int], float] | None = None,
+    reset_optimizer_at: Sequence[int] = (),
+    tx: optax.GradientTransformation | None = None,
+    on_epoch: OnEpoch | None = None,
+    record: dict | None = None,
+    checkpoints: checkpoint.Checkpoints | None = None,
+    checkpoint_every: int = 1,
+    checkpoint_final: bool = True,
+    progress: str | None = None,
+    stop_after_epochs: int | None = None,
+) -> tuple[TrainState, np.ndarray] | None:
+    """Trains one model or a pool of K models for ``epochs`` epochs on ``source``'s batches.
+
+    The one epoch loop of ddjax (experts, the squeeze teacher, KD students, evaluation). Per
+    epoch ``e``, in this order: the optimiser reset (``e in reset_optimizer_at``) and the
+    learning rate ``lr_schedule(e)``; one :func:`make_train_step` step per batch of the
+    epoch; ``on_epoch(e, state, outputs)``; a checkpoint. Where the pool runs is decided
+    here, once, by :func:`resolve_pool_mode`: ``'vmap'`` trains the pool as one vmapped
+    program (its model axis may be sharded over a mesh; the data is replicated beside it),
+    ``'loop'`` one model after another, each on the device that holds its slice. Both give
+    the same numbers.
+
+    **Resume.** With ``checkpoints``, the state and ``record`` are saved as step ``e + 1``
+    after every ``checkpoint_every``-th epoch (and after the last with ``checkpoint_final``),
+    and a call that finds a checkpoint continues after it: the restored state, ``record``
+    restored in place, then epoch ``e + 1`` with the keys and learning rate that epoch
+    always gets -- so a killed run ends bit-identical to an uninterrupted one.
+
+    Args:
+      state: a pool-stacked :class:`TrainState` (``pool=True``; from :func:`init_pool`) or one
+        model's (``pool=False``). Donated: do not reuse it.
+      step: from :func:`make_train_step`.
+      source: a :class:`BatchSource`.
+      epochs: the total number of epochs (a resumed run trains the remaining ones).
+      epoch_keys: ``epoch -> keys (K, ...)``, model ``i``'s key for the epoch (``K = 1`` for
+        one model); only for ``source.per_model`` sources.
+      pool: whether ``state`` has a leading model axis.
+      pool_mode: ``'vmap'``, ``'loop'`` or ``'auto'`` (:func:`resolve_pool_mode`). For one
+        model ``'vmap'`` is the epoch as one compiled program without a model axis.
+      lr_schedule: ``epoch -> learning rate`` (an optimiser with an injected learning rate,
+        e.g. :func:`sgd`); ``None`` keeps the optimiser's.
+      reset_optimizer_at: epochs at whose start the optimiser state is re-initialised (PyTorch
+        code that re-creates its optimiser when it decays the rate resets momentum).
+      tx: the optimiser, needed for ``reset_optimizer_at``.
+      on_epoch: ``on_epoch(epoch, state, outputs)`` after every epoch, with the state as
+        ``state`` was given (pool-stacked or one model) and :class:`EpochOutputs`; it may
+        update ``record`` and return a dict for the progress bar (``None``: the loss).
+      record: host arrays (a dict of pytrees) that ``on_epoch`` keeps -- histories,
+        trajectories -- saved with the state and restored in place on resume.
+      checkpoints: where resume points go (``None``: none).
+      checkpoint_every: save every this many epochs.
+      checkpoint_final: also save after the last epoch.
+      progress: description of a progress bar over epochs (``None``: none; silent when
+        stderr is not a terminal).
+      stop_after_epochs: testing hook, the kill of a test: return ``None`` after this many
+        epochs of this call, after their ``on_epoch`` and checkpoint.
+
+    Returns:
+      ``(state, losses)``: the trained state (as given, pool-stacked or not) and the mean
+      training loss of every epoch this call ran, ``(epochs_run, K)`` (``(epochs_run,)``
+      for one model); ``None`` when stopped by ``stop_after_epochs``.
+    """
+    check(not reset_optimizer_at or tx is not None, "train_epochs: reset_optimizer_at needs `tx`")
+    check(
+        epoch_keys is not None or not source.per_model,
+        "train_epochs: a per-model source needs epoch_keys",
+    )
+    mode = resolve_pool_mode(pool_mode)
+    start = 0
+    if checkpoints is not None and checkpoints.latest_step() is not None:
+        start = checkpoints.latest_step()
+        check(start <= epochs, f"checkpoint {checkpoints.directory} is at epoch {start} > {epochs}")
+        # Restored where the given state lives (one device, or sharded over a pool's mesh).
+        restored = checkpoints.restore(start, {"state": state, "record": record})
+        state = TrainState(*restored["state"])
+        if record is not None:
+            record.update(jax.tree.map(np.array, restored["record"]))  # writable host copies
+    placed = _Placed(state, pool, mode)
+    run_epoch = _epoch_runner(step, source, placed)
+    history = []
+    bar = tqdm(
+        range(start, epochs),
+        desc=progress,
+        initial=start,
+        total=epochs,
+        unit="epoch",
+        disable=True if progress is None else None,
+        leave=False,
+    )
+    for count, epoch in enumerate(bar, start=1):
+        keys = epoch_keys(epoch) if epoch_keys is not None else None
+        placed.prepare(epoch, lr_schedule, reset_optimizer_at, tx)
+        loss, per_example = run_epoch(epoch, keys)
+        history.append(loss)
+        postfix = None
+        if on_epoch is not None:
+            loss_host, per_example = jax.device_get((loss, per_example))  # one sync for all
+            if isinstance(per_example, tuple | list):  # a looped pool: one array per model
+                per_example = np.stack(per_example)
+            outputs = EpochOutputs(np.asarray(loss_host), per_example)
+            postfix = on_epoch(epoch, placed.gathered(), outputs)
+        if postfix is None and (epoch % 10 == 0 or epoch + 1 == epochs):
+            postfix = {"loss": f"{float(np.mean(jax.device_get(loss))):.4f}"}
+        if postfix is not None:
+            bar.set_postfix(**postfix)
+        last = epoch + 1 == epochs
+        if checkpoints is not None and (
+            ((epoch + 1) % checkpoint_every == 0 and not last) or (last and checkpoint_final)
+        ):
+            state_host = jax.tree.map(np.asarray, jax.device_get(placed.gathered()))
+            checkpoints.save(epoch + 1, {"state": state_host, "record": record})
+        if stop_after_epochs is not None and count >= stop_after_epochs:
+            bar.close()
+            return None
+    bar.close()
+    losses = np.asarray(jax.device_get(history), np.float32)
+    shape = (len(history), placed.num_models) if pool else (len(history),)
+    return placed.gathered(), losses.reshape(shape)
+
+
+class _Placed:
+    """The state where the pool mode puts it: one (stacked) state, or one state per model."""
+
+    def __init__(self, state: TrainState, pool: bool, mode: str):
+        self.pool, self.mode, self.like = pool, mode, state
+        self.num_models = _num_models(state) if pool else 1
+        if not pool:
+            self.states = [state]
+        elif mode == "loop":
+            # One state per model, each on the device that holds its slice of the pool.
+            self.states = [_take(state, i) for i in range(self.num_models)]
+        else:
+            self.states = [state]
+        self.vmapped = pool and mode == "vmap"
+
+    def prepare(self, epoch, lr_schedule, reset_optimizer_at, tx) -> None:
+        """Applies the optimiser reset and the learning rate for ``epoch``."""
+        for i, state in enumerate(self.states):
+            if epoch in reset_optimizer_at:
+                init = jax.vmap(tx.init) if self.vmapped else tx.init
+                state = state._replace(opt_state=_like(init(state.params), state.opt_state))
+            if lr_schedule is not None:
+                opt_state = set_learning_rate(state.opt_state, lr_schedule(epoch))
+                state = state._replace(opt_state=opt_state)
+            self.states[i] = state
+
+    def gathered(self) -> TrainState:
+        """The state in the form it was given (a looped pool stacked again)."""
+        if self.pool and self.mode == "loop":
+            return _stack(self.states, self.like)
+        return self.states[0]
+
+
+def _epoch_runner(step, source: BatchSource, placed: _Placed):
+    """``run(epoch, keys) -> (loss, per_example)``: one epoch of ``placed``'s models.
+
+    An :class:`ArraySource` runs as compiled whole-epoch programs; other sources feed their
+    batches to the jitted step (vmapped over the pool with shared or per-model batches).
+    Outputs stay on the devices (no sync), so looped devices run side by side.
+    """
+    states = placed.states
+    if isinstance(source, ArraySource):
+        form = "pool" if placed.vmapped else ("one" if placed.mode == "vmap" else "loop")
+        program = _epoch_program(step, source.batch_size, form)
+        data = _DataBeside((source.images, source.labels))
+
+        def run_arrays(epoch, keys):
+            if form != "loop":
+                images, labels = data.beside(states[0])
+                one_key = keys if placed.vmapped else keys[0]
+                states[0], out = program(states[0], images, labels, one_key)
+                return _split_output(out)
+            outputs = []
+            for i, one in enumerate(states):
+                images, labels = data.beside(one)
+                key = jax.device_put(keys[i], _sharding_of(one))
+                states[i], out = program(one, images, labels, key)
+                outputs.append(_split_output(out))
+            if not placed.pool:
+                return outputs[0]
+            losses, per_example = zip(*outputs, strict=True)
+            return losses, (None if per_example[0] is None else per_example)
+
+        return run_arrays
+
+    programs = _step_programs(step)
+    shared = not source.per_model
+
+    def run_batches(epoch, keys):
+        totals, count = 0.0, 0
+        if shared:
+            streams = [source.epoch_batches(epoch, None)]
+        else:
+            streams = [source.epoch_batches(epoch, k) for k in keys]
+        for batches in zip(*streams, strict=True):
+            size = batches[0][0].shape[0]
+            if placed.vmapped:
+                batch = batches[0] if shared else jax.tree.map(lambda *x: jnp.stack(x), *batches)
+                batch = _DataBeside.put(batch, states[0])
+                program = programs.pool_shared if shared else programs.pool_each
+                states[0], out = program(states[0], *batch)
+                loss = _split_output(out)[0]
+            else:
+                losses = []
+                for i, one in enumerate(states):
+                    states[i], out = programs.one(one, *batches[0 if shared else i])
+                    losses.append(_split_output(out)[0])
+                loss = jnp.stack(losses) if placed.pool else losses[0]
+            totals = totals + loss * size
+            count += size
+        return totals / count, None
+
+    return run_batches
+
+
+class _DataBeside:
+    """Arrays placed beside a state, once per placement (replicated over a pool's mesh)."""
+
+    def __init__(self, arrays):
+        self.arrays, self.cache = arrays, {}
+
+    def beside(self, state: TrainState):
+        where = _sharding_of(state)
+        if where not in self.cache:
+            self.cache[where] = self.put(self.arrays, state)
+        return self.cache[where]
+
+    @staticmethod
+    def put(arrays, state: TrainState):
+        where = _sharding_of(state)
+        if isinstance(where, jax.sharding.NamedSharding):
+            return sharding.replicate(arrays, where.mesh)
+        return jax.device_put(arrays, where)
+
+
+class _StepPrograms(NamedTuple):
+    one: Callable  # one model, donating its state
+    pool_shared: Callable  # a stacked pool, one batch for all models
+    pool_each: Callable  # a stacked pool, one batch per model (leading K axis)
+
+
+# Cached on the step so that repeated runs with one step (a second group of experts, a second
+# KD student run, a resumed teacher) reuse the compiled programs instead of tracing anew.
+@functools.lru_cache(maxsize=16)
+def _step_programs(step) -> _StepPrograms:
+    return _StepPrograms(
+        one=jax.jit(step, donate_argnums=0),
+        pool_shared=jax.jit(jax.vmap(step, in_axes=(0, None, None, None)), donate_argnums=0),
+        pool_each=jax.jit(jax.vmap(step), donate_argnums=0),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _epoch_program(step, batch_size: int, form: str):
+    """A whole-epoch program: ``'pool'`` vmapped, ``'one'`` one model, ``'loop'`` Python loop."""
+    if form == "pool":
+        return make_pool_epoch(step, batch_size)
+    if form == "one":
+        return jax.jit(make_epoch(step, batch_size), donate_argnums=(0,))
+    return make_loop_epoch(step, batch_size)
+
+
+def fit_pool(
+    state: TrainState,
+    step,
+    images,
+    labels,
+    key: Array,
+    epochs: int,
+    batch_size: int,
+    lr_schedule: Callable[[int], float] | None = None,
+    reset_optimizer_at: Sequence[int] = (),
+    tx: optax.GradientTransformation | None = None,
+    progress: str | None = None,
+    pool_mode: str = "auto",
+) -> tuple[TrainState, np.ndarray]:
+    """Trains a pool of models on in-memory arrays: :func:`train_epochs` on an :class:`ArraySource`.
+
+    Args:
+      state: pool-stacked :class:`TrainState` (from :func:`init_pool`).
+      step: from :func:`make_train_step` (per-example outputs of a ``with_correct``
+        step are dropped).
+      images, labels: the training data, shared by all models.
+      key: the models' keys are ``jax.random.split(fold_in(key, epoch), K)``.
+      epochs: number of epochs.
+      batch_size: minibatch size.
+      lr_schedule, reset_optimizer_at, tx, progress, pool_mode: as in :func:`train_epochs`.
+
+    Returns:
+      The trained state and the mean training loss per epoch, shape ``(epochs, K)``.
+    """
+    return train_epochs(
+        state,
+        step,
+        ArraySource(images, labels, batch_size),
+        epochs=epochs,
+        epoch_keys=pool_epoch_keys(key, _num_models(state)),
+        pool_mode=pool_mode,
+        lr_schedule=lr_schedule,
+        reset_optimizer_at=reset_optimizer_at,
+        tx=tx,
+        progress=progress,
+    )
+
+
+def fit(state: TrainState, step, images, labels, key: Array, epochs: int, batch_size: int, **kw):
+    """Trains one model: :func:`fit_pool` with a pool of one.
+
+    Args:
+      state: an unstacked :class:`TrainState` (from :func:`init_state`).
+      step, images, labels, key, epochs, batch_size, **kw: as in :func:`fit_pool`.
+
+    Returns:
+      The trained state and the mean training loss per epoch, shape ``(epochs,)``.
+    """
+    pool = jax.tree.map(lambda x: jnp.asarray(x)[None], state)
+    pool, history = fit_pool(pool, step, images, labels, key, epochs, batch_size, **kw)
+    return jax.tree.map(lambda x: x[0], pool), history[:, 0]
