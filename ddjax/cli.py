@@ -35,7 +35,7 @@ STAGES = {
     "quickstart": "ddjax.quickstart:quickstart",
     "select": "ddjax.select:run_select",
     "evaluate": "ddjax.evaluate_stage:run_evaluate",
-    "experts": "ddjax.experts_cli:run_experts",
+    "experts": "ddjax.experts.stage:run_experts",
     "distill": "ddjax.distill.run:run_distill",
     "squeeze": "ddjax.sre2l.squeeze:run_squeeze",
     "recover": "ddjax.sre2l.recover:run_recover",

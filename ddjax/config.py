@@ -287,6 +287,23 @@ def experts_config(
     config.test_every = 1
     config.test_limit = ml_collections.config_dict.placeholder(int)  # unset: all test images
     config.checkpoint_every = 5  # epochs between resume points
+    # Which examples each epoch trains on: name '' (all, every epoch: MTT) | 'pad' (PAD's
+    # easy-to-hard schedule, buffer_CL.py's published values below), ranked by difficulty
+    # scores: a .npy/.npz file, or 'forgetting' with scores_experts_dir (earlier experts).
+    config.example_schedule = ml_collections.ConfigDict(
+        {
+            "name": "",
+            "scores": "",
+            "scores_higher": "harder",  # harder (forgetting counts, EL2N, GraNd) | easier
+            "scores_experts_dir": "",
+            "init_ratio": 0.75,  # the easiest fraction at epoch 0
+            "add_end_epoch": 20,  # all examples from this epoch
+            "rm_epoch_first": 40,  # after it, the easiest rm_easy_ratio_first are dropped
+            "rm_epoch_second": 60,  # after it, the easiest rm_easy_ratio_second are dropped
+            "rm_easy_ratio_first": 0.1,
+            "rm_easy_ratio_second": 0.2,
+        }
+    )
     for name, value in changes.items():
         check(name in config, f"experts_config: unknown field {name!r}")
         config[name] = value

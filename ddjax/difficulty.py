@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddjax import experts
 from ddjax.errors import DDJaxError, check
 
 __all__ = [
@@ -115,8 +116,6 @@ def forgetting_scores(experts_dir: str | os.PathLike) -> DifficultyScores:
     Returns:
       :class:`DifficultyScores` with ``higher='harder'``.
     """
-    from ddjax import experts  # a sibling stage: imported when used
-
     values = experts.forgetting_scores(experts_dir)
     return DifficultyScores(values, "harder", f"forgetting counts of {experts_dir}")
 

@@ -18,7 +18,7 @@ from ddjax import select as select_lib
 from ddjax.config import load_config
 from ddjax.distill.run import run_distill
 from ddjax.evaluate import EvalSettings
-from ddjax.experts_cli import run_experts
+from ddjax.experts.stage import run_experts
 from ddjax.sre2l.recover import run_recover
 from ddjax.sre2l.relabel import run_relabel
 from ddjax.sre2l.squeeze import run_squeeze

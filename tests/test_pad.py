@@ -4,6 +4,7 @@ Tiny nets and N = 2 inner steps, compiled with XLA's fast options (see tests/tes
 """
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -178,3 +179,81 @@ def test_pad_family_is_datm_plus_depth_ratio():
     bad = load_config("configs/distill/pad.py:cifar10,ipc=10", ["depth_ratio=1.5"])
     with pytest.raises(DDJaxError, match="depth_ratio=1.5 must be in"):
         pad.PAD.check_config(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Experts on PAD's schedule
+# --------------------------------------------------------------------------------------------
+
+DATA = "synthetic:classes=3,size=8,channels=1,train=24,test=12,seed=1"  # 72 train images
+N_TRAIN = 72
+
+
+def _experts(out, **kwargs):
+    from ddjax import data, experts
+
+    dataset = data.load_dataset(DATA)
+    settings = dict(model="ConvNetW8", num_experts=1, epochs=2, batch_size=8, test_every=2)
+    experts.train_experts(dataset, out_dir=out, progress=False, **settings, **kwargs)
+    return experts.load_trajectory(out, 0), np.load(out / "forgetting.npz")
+
+
+def test_experts_train_on_the_scheduled_examples_only(tmp_path):
+    plain, _ = _experts(tmp_path / "plain")
+    # Every example, in train order: the same batches as no schedule, bit for bit.
+    same, _ = _experts(
+        tmp_path / "all", epoch_subset=lambda e: np.arange(N_TRAIN), example_schedule={"n": 72}
+    )
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(same), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The first 36 examples only: the others are never presented, so never learned, and
+    # the trajectory differs.
+    half, forgetting = _experts(
+        tmp_path / "half", epoch_subset=lambda e: np.arange(36), example_schedule={"n": 36}
+    )
+    assert not np.array_equal(jax.tree.leaves(half)[0], jax.tree.leaves(plain)[0])
+    assert not forgetting["learned"][0, 36:].any()
+    np.testing.assert_array_equal(forgetting["counts"][0, 36:], 2)  # never learned: = epochs
+    meta = json.loads((tmp_path / "half" / "experts.json").read_text())
+    assert meta["example_schedule"] == {"n": 36}
+    with pytest.raises(DDJaxError, match="example_schedule=None; this run has"):
+        _experts(tmp_path / "plain", epoch_subset=lambda e: np.arange(36),
+                 example_schedule={"n": 36})  # fmt: skip
+
+
+def test_the_experts_stage_builds_pads_schedule_from_scores(tmp_path):
+    from ddjax import data
+    from ddjax.config import load_config
+    from ddjax.experts import stage
+
+    dataset = data.load_dataset(DATA)
+    scores = np.arange(N_TRAIN, dtype=np.float32)  # higher = harder: index order is easiest first
+    np.save(tmp_path / "scores.npy", scores)
+    section = load_config(
+        "configs/experts/digits.py",
+        ["example_schedule.name=pad", f"example_schedule.scores={tmp_path / 'scores.npy'}"],
+    ).example_schedule
+    subset, description = stage.example_schedule(section, dataset)
+    ranking = [np.flatnonzero(dataset.y_train == c) for c in range(3)]  # easiest first
+    for epoch in (0, 10, 30, 50, 70):
+        np.testing.assert_array_equal(
+            subset(epoch), pad.epoch_indices(epoch, ranking, pad.ExampleSchedule())
+        )
+    assert description["name"] == "pad" and description["init_ratio"] == 0.75
+    off = load_config("configs/experts/digits.py").example_schedule
+    assert stage.example_schedule(off, dataset) == (None, None)
+    with pytest.raises(DDJaxError, match="example_schedule.name='cl'"):
+        stage.example_schedule(load_config("configs/experts/digits.py",
+                                           ["example_schedule.name=cl"]).example_schedule,
+                               dataset)  # fmt: skip
+
+
+def test_cli_refuses_a_schedule_without_scores_before_any_work(tmp_path, capsys):
+    from ddjax import cli
+
+    args = ["experts", "--config", "configs/experts/digits.py", "--workdir", str(tmp_path / "w"),
+            "--config.example_schedule.name=pad"]  # fmt: skip
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddjax: error:") and "scores is empty" in err and "\n" not in err
+    assert not (tmp_path / "w").exists()

@@ -87,21 +87,34 @@ class ArraySource:
     (:func:`make_epoch` / :func:`make_loop_epoch`: the gather inside the step, per-example
     outputs in data order); :meth:`epoch_batches` yields exactly the batches those programs
     train on.
+
+    With ``epoch_subset``, epoch ``e`` trains on the examples ``epoch_subset(e)`` only (e.g.
+    PAD's easy-to-hard schedule, :mod:`ddjax.distill.pad`), shuffled the same way; its
+    per-example outputs are in the order of those indices. Each new subset size compiles the
+    epoch program once.
     """
 
     images: Any
     labels: Any
     batch_size: int
+    epoch_subset: Callable[[int], np.ndarray] | None = None
     per_model: bool = dataclasses.field(default=True, init=False)
 
+    def arrays(self, epoch: int) -> tuple[Any, Any]:
+        """The images and labels epoch ``epoch`` trains on."""
+        if self.epoch_subset is None:
+            return self.images, self.labels
+        index = np.asarray(self.epoch_subset(epoch))
+        return self.images[index], self.labels[index]
+
     def epoch_batches(self, epoch: int, key: Array | None) -> Iterator[Batch]:
-        n = self.images.shape[0]
-        num_full, tail = divmod(n, self.batch_size)
-        perm, step_key = _shuffle(key, self.labels)
+        images, labels = self.arrays(epoch)
+        num_full, tail = divmod(images.shape[0], self.batch_size)
+        perm, step_key = _shuffle(key, labels)
         keys = jax.random.split(step_key, num_full + (tail > 0))
         for b in range(num_full + (tail > 0)):
             index = perm[b * self.batch_size : (b + 1) * self.batch_size]
-            yield self.images[index], self.labels[index], keys[b]
+            yield images[index], labels[index], keys[b]
 
 
 def pool_epoch_keys(key: Array, num_models: int) -> Callable[[int], Array]:
@@ -305,15 +318,20 @@ def _epoch_runner(step, source: BatchSource, placed: _Placed):
         program = _epoch_program(step, source.batch_size, form)
         data = _DataBeside((source.images, source.labels))
 
+        def beside(epoch, state):
+            if source.epoch_subset is None:
+                return data.beside(state)
+            return _DataBeside.put(source.arrays(epoch), state)
+
         def run_arrays(epoch, keys):
             if form != "loop":
-                images, labels = data.beside(states[0])
+                images, labels = beside(epoch, states[0])
                 one_key = keys if placed.vmapped else keys[0]
                 states[0], out = program(states[0], images, labels, one_key)
                 return _split_output(out)
             outputs = []
             for i, one in enumerate(states):
-                images, labels = data.beside(one)
+                images, labels = beside(epoch, one)
                 key = jax.device_put(keys[i], _sharding_of(one))
                 states[i], out = program(one, images, labels, key)
                 outputs.append(_split_output(out))
