@@ -218,6 +218,24 @@ class EvalResult:
     lr_source: str
     final_train_loss: np.ndarray
 
+    @classmethod
+    def of_pool(
+        cls, net, state, dataset: Dataset, *, model: str, lr: float, lr_source: str, history,
+        pool_mode: str = "auto",
+    ) -> EvalResult:  # fmt: skip
+        """The test accuracy of a trained pool of networks (any trainer: hard labels, KD)."""
+        accuracy, per_class = train.pool_accuracy(
+            net, state, dataset.x_test, dataset.y_test, dataset.num_classes, pool_mode=pool_mode
+        )
+        return cls(
+            model=model,
+            accuracies=accuracy,
+            per_class=per_class,
+            learning_rate=float(lr),
+            lr_source=lr_source,
+            final_train_loss=history[-1],
+        )
+
     @property
     def mean(self) -> float:
         return float(np.mean(self.accuracies))
@@ -354,6 +372,24 @@ class EvalSettings:
         )
 
 
+def check_set_fits(synset: SyntheticSet, dataset: Dataset, num_models: int) -> None:
+    """Refuses (one line) a set whose image shape or classes are not the dataset's.
+
+    Shared by every trainer of synthetic sets (hard labels here, KD in ``ddjax.sre2l.kd``).
+    """
+    check(num_models >= 1, f"num_models={num_models} must be at least 1")
+    check(
+        synset.images.shape[1:] == dataset.image_shape,
+        f"synthetic images have shape {synset.images.shape[1:]} but dataset "
+        f"{dataset.name!r} has {dataset.image_shape}",
+    )
+    check(
+        synset.num_classes == dataset.num_classes,
+        f"synthetic set has {synset.num_classes} classes, dataset {dataset.name!r} has "
+        f"{dataset.num_classes}",
+    )
+
+
 def evaluate_synset(
     synset: SyntheticSet,
     dataset: Dataset,
@@ -395,17 +431,7 @@ def evaluate_synset(
     elif protocol_overrides:
         protocol = dataclasses.replace(protocol, **protocol_overrides)
     check_protocol(protocol)
-    check(num_models >= 1, f"num_models={num_models} must be at least 1")
-    check(
-        synset.images.shape[1:] == dataset.image_shape,
-        f"synthetic images have shape {synset.images.shape[1:]} but dataset "
-        f"{dataset.name!r} has {dataset.image_shape}",
-    )
-    check(
-        synset.num_classes == dataset.num_classes,
-        f"synthetic set has {synset.num_classes} classes, dataset {dataset.name!r} has "
-        f"{dataset.num_classes}",
-    )
+    check_set_fits(synset, dataset, num_models)
     if protocol.name == "dc" and dataset.name == "mnist":
         raise DDJaxError(
             "protocol='dc' on mnist needs DC's crop_scale_rotate augmentation, which ddjax "
@@ -449,17 +475,10 @@ def evaluate_synset(
         progress=f"eval {model}" if progress else None,
         pool_mode=pool_mode,
     )
-    accuracy, per_class = train.pool_accuracy(
-        net, state, dataset.x_test, dataset.y_test, dataset.num_classes, pool_mode=pool_mode
-    )
-    return EvalResult(
-        model=model,
-        accuracies=accuracy,
-        per_class=per_class,
-        learning_rate=float(lr),
-        lr_source=lr_source,
-        final_train_loss=history[-1],
-    )
+    return EvalResult.of_pool(
+        net, state, dataset, model=model, lr=lr, lr_source=lr_source, history=history,
+        pool_mode=pool_mode,
+    )  # fmt: skip
 
 
 def num_distilled(synset: SyntheticSet) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ddjax import loop
 from ddjax.errors import DDJaxError, check
 
 
@@ -72,16 +73,14 @@ class SyntheticSet:
         """Writes ``path`` (``.npz``) atomically: a killed run never leaves half a file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(
-            tmp,
+        loop.atomic_savez(
+            path,
             images=np.asarray(self.images, np.float32),
             labels=np.asarray(self.labels),
             num_classes=np.int32(self.num_classes),
             learning_rate=np.float64(np.nan if self.learning_rate is None else self.learning_rate),
             meta=np.array(json.dumps(self.meta)),
         )
-        os.replace(tmp, path)
         return path
 
 
@@ -164,7 +163,6 @@ def save_grid(
         array = array[..., 0]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+    with loop.atomic_file(path) as f:
+        Image.fromarray(array).save(f, format="PNG")
     return path

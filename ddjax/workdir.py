@@ -22,6 +22,7 @@ from typing import Any
 import ml_collections
 
 from ddjax import config as config_lib
+from ddjax import loop
 from ddjax.errors import DDJaxError
 
 
@@ -71,7 +72,5 @@ class Workdir:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Writes JSON atomically (temporary file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    """Writes JSON atomically (temporary file + rename: :func:`ddjax.loop.atomic_write_json`)."""
+    loop.atomic_write_json(path, data)

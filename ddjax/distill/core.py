@@ -309,28 +309,18 @@ def make_distill_step(
         finite &= jnp.all(jnp.isfinite(labels))
         within = method.within_bounds(loss)
         accept = finite & within
-        updated = (images, labels, inner_lr, image_opt_state, lr_opt_state, label_opt_state)
-        kept = (
-            state.images,
-            state.labels,
-            state.inner_lr,
-            state.image_opt_state,
-            state.lr_opt_state,
-            state.label_opt_state,
-        )
-        images, labels, inner_lr, image_opt_state, lr_opt_state, label_opt_state = jax.tree.map(
-            lambda new, old: jnp.where(accept, new, old), updated, kept
-        )
-        new_state = DistillState(
+        updated = state._replace(
             images=images,
             labels=labels,
             inner_lr=inner_lr,
             image_opt_state=image_opt_state,
             lr_opt_state=lr_opt_state,
-            step=state.step + 1,
-            key=key,
             label_opt_state=label_opt_state,
         )
+        # Everything learned moves only if the update is accepted; the counter and key advance.
+        new_state = jax.tree.map(lambda new, old: jnp.where(accept, new, old), updated, state)
+        new_state = new_state._replace(step=state.step + 1, key=key)
+        inner_lr = new_state.inner_lr
         metrics = {
             "loss": loss,
             "skipped": ~accept,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddjax import augment as augment_lib
-from ddjax import checkpoint, sharding, train
+from ddjax import checkpoint, loop, sharding, train
 from ddjax import models as models_lib
 from ddjax.data import Dataset
 from ddjax.errors import check
@@ -377,9 +377,8 @@ def _save_forgetting(
     events = np.stack([rows[i][0] for i in experts]).astype(np.int32)
     learned = np.stack([rows[i][1] for i in experts]).astype(bool)
     counts = forgetting_counts(ForgettingState(None, learned, events), epochs)
-    tmp = out_dir / (FORGETTING_FILE + ".tmp.npz")
-    np.savez(
-        tmp,
+    loop.atomic_savez(
+        out_dir / FORGETTING_FILE,
         experts=experts,
         counts=counts,
         events=events,
@@ -389,4 +388,3 @@ def _save_forgetting(
         labels=np.asarray(train_labels, np.int32),
         epochs=np.int32(epochs),
     )
-    os.replace(tmp, file)

@@ -60,7 +60,7 @@ from ddjax import models as models_lib
 from ddjax import sharding, train
 from ddjax.data import Dataset
 from ddjax.errors import DDJaxError, check
-from ddjax.evaluate import EvalResult
+from ddjax.evaluate import EvalResult, check_set_fits
 from ddjax.sre2l import label_store
 from ddjax.sre2l import views as views_lib
 from ddjax.sre2l.contract import DataContract
@@ -549,17 +549,7 @@ def evaluate_kd(
         store does not hold.
     """
     recipe = get_recipe(recipe, **overrides)
-    check(num_models >= 1, f"num_models={num_models} must be at least 1")
-    check(
-        synset.images.shape[1:] == dataset.image_shape,
-        f"synthetic images have shape {synset.images.shape[1:]} but dataset "
-        f"{dataset.name!r} has {dataset.image_shape}",
-    )
-    check(
-        synset.num_classes == dataset.num_classes,
-        f"synthetic set has {synset.num_classes} classes, dataset {dataset.name!r} has "
-        f"{dataset.num_classes}",
-    )
+    check_set_fits(synset, dataset, num_models)
     spec = recipe.augment_spec(dataset)
     if store is not None:
         if not isinstance(store, label_store.LabelStore):
@@ -591,17 +581,10 @@ def evaluate_kd(
         pool_mode=pool_mode,
         progress=f"kd {model}" if progress else None,
     )
-    accuracy, per_class = train.pool_accuracy(
-        net, state, dataset.x_test, dataset.y_test, dataset.num_classes, pool_mode=pool_mode
-    )
-    return EvalResult(
-        model=model,
-        accuracies=accuracy,
-        per_class=per_class,
-        learning_rate=float(recipe.lr),
-        lr_source="fixed",
-        final_train_loss=history[-1],
-    )
+    return EvalResult.of_pool(
+        net, state, dataset, model=model, lr=recipe.lr, lr_source="fixed", history=history,
+        pool_mode=pool_mode,
+    )  # fmt: skip
 
 
 def _check_recipe_fits_store(
