@@ -28,7 +28,7 @@ from ddjax import data as data_lib
 from ddjax.errors import check
 from ddjax.evaluate import EvalResult, EvalSettings
 from ddjax.sre2l import kd as kd_lib
-from ddjax.sre2l import relabel
+from ddjax.sre2l import label_store
 from ddjax.sre2l import teacher as teacher_lib
 from ddjax.synset import SyntheticSet, load_synset
 from ddjax.workdir import Workdir
@@ -47,7 +47,7 @@ class KDTrainer:
 
     teacher: Any | None
     recipe: kd_lib.Recipe
-    store: relabel.LabelStore | None
+    store: label_store.LabelStore | None
     augment_seed: int
 
     def evaluate(
@@ -156,5 +156,5 @@ def _kd_trainer(kd_config: ml_collections.ConfigDict, dataset: data_lib.Dataset)
     teacher_lib.check_teacher(teacher, dataset)
     overrides = {k: kd_config[k] for k in ("epochs", "batch_size") if kd_config[k] is not None}
     recipe = kd_lib.get_recipe(kd_config.recipe, **overrides)
-    store = relabel.open_store(kd_config.store) if kd_config.store else None
+    store = label_store.open_store(kd_config.store) if kd_config.store else None
     return KDTrainer(teacher, recipe, store, augment_seed=kd_config.seed)

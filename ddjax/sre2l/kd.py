@@ -45,8 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -617,58 +616,3 @@ def _check_recipe_fits_store(
             f"relabel store {store.describe()} lacks {len(missing)} of them (first: epoch "
             f"{missing[0]}); re-run relabel or train fewer epochs"
         )
-
-
-def evaluate_into(
-    work: Any,
-    synset: SyntheticSet,
-    dataset: Dataset,
-    teacher: Any | None,
-    *,
-    recipe: Recipe,
-    store: label_store.LabelStore | None,
-    models: Sequence[str],
-    num_models: int,
-    seed: int,
-    augment_seed: int,
-    model_overrides: dict | None = None,
-    pool_mode: str = "auto",
-    progress: bool = True,
-) -> dict:
-    """:func:`evaluate_kd` for every architecture in ``models``, results kept in a work directory.
-
-    ``work`` is a :class:`ddjax.workdir.Workdir`; each architecture's result goes into
-    ``results.json['eval'][model]`` as soon as it is known, so a killed run continues with the
-    first architecture without one (what ``ddjax relabel`` and ``ddjax evaluate`` with a
-    teacher run).
-
-    Returns:
-      ``results.json['eval']``.
-    """
-    results = work.results()
-    done = results.setdefault("eval", {})
-    labels = "stored labels" if store is not None else "online teacher"
-    for name in models:
-        if name in done:
-            continue
-        start = time.time()
-        result = evaluate_kd(
-            synset,
-            dataset,
-            teacher,
-            recipe=recipe,
-            store=store,
-            model=name,
-            model_overrides=model_overrides,
-            num_models=num_models,
-            seed=seed,
-            augment_seed=augment_seed,
-            pool_mode=pool_mode,
-            progress=progress,
-        )
-        done[name] = {**result.to_json(), "seconds": round(time.time() - start, 1)}
-        work.log(event="eval", model=name, mean=result.mean, std=result.std, kd=True)
-        work.save_results(results)
-        if progress:
-            print(f"{name}: {result.summary()} % (KD, {recipe.name} recipe, {labels})")
-    return done

@@ -23,6 +23,8 @@ import ml_collections
 from ddjax import data as data_lib
 from ddjax import models as models_lib
 from ddjax.errors import check
+from ddjax.evaluate import EvalSettings
+from ddjax.evaluate_stage import KDTrainer, evaluate_into
 from ddjax.sre2l import kd
 from ddjax.sre2l import teacher as teacher_lib
 from ddjax.sre2l.contract import DataContract
@@ -30,10 +32,7 @@ from ddjax.sre2l.label_store import STORE_DIR, open_store, write_store
 from ddjax.synset import load_synset
 from ddjax.workdir import Workdir
 
-__all__ = ["open_store", "relabel_config", "run_relabel"]
-
-# ``open_store`` lives in ddjax.sre2l.label_store; it is also importable from here because
-# ``ddjax.stages`` reads stores as ``relabel.open_store``.
+__all__ = ["relabel_config", "run_relabel"]
 
 
 def relabel_config(
@@ -185,19 +184,9 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
     work.save_results(results)
 
     if config.evaluate:
-        results["eval"] = kd.evaluate_into(
-            work,
-            synset,
-            dataset,
-            teacher,
-            recipe=recipe,
-            store=store,
-            models=config.eval.models,
-            num_models=config.eval.num_models,
-            seed=config.eval.seed,
-            augment_seed=config.seed,
-            model_overrides=model_overrides,
-            pool_mode=config.eval.pool_mode,
-            progress=progress,
+        trainer = KDTrainer(teacher, recipe, store, augment_seed=config.seed)
+        settings = EvalSettings.from_config(config.eval)
+        results["eval"] = evaluate_into(
+            work, synset, dataset, settings, kd=trainer, progress=progress
         )
     return results
