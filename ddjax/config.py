@@ -116,6 +116,17 @@ def family_arg(arg: str, table: dict, file: str) -> tuple[str, int]:
     return row
 
 
+def dataset_arg(arg: str, table: dict, file: str) -> str:
+    """Parses a family argument ``'DATASET'`` against a table keyed by dataset name.
+
+    Raises:
+      DDJaxError: a row the table does not have (listing them).
+    """
+    dataset = arg.strip()
+    check(dataset in table, f"{file}: no published row {arg!r}; rows: {', '.join(table)}")
+    return dataset
+
+
 def parse_value(text: str):
     """Parses an override value as a Python literal; bare words stay strings."""
     try:
