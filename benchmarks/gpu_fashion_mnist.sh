@@ -7,7 +7,7 @@ set -u
 out=${1:-runs/gpu_fashion_mnist}; data=${2:-}; mkdir -p "$out"
 work=${WORK:-/tmp/ddjax_gpu}
 timeout ${EXPERTS_TIMEOUT:-170} python3 -m ddjax.cli experts \
-  --config configs/experts/fashion_mnist.py --workdir "$work/experts" \
+  --config configs/experts/mtt.py:fashion_mnist --workdir "$work/experts" \
   --config.dataset.data_dir="$data" --config.num_experts=5 --config.epochs=12 \
   --config.experts_at_once=5 --config.test_every=12 >"$out/experts.log" 2>&1
 for ipc in 1 10; do

@@ -4,14 +4,14 @@
         --teacher-epochs 5 --recover-iterations 500 --kd-epochs 300
 
 Pipeline (ddjax's stages, as the CLI runs them): ``squeeze`` trains the BatchNorm teacher
-(``configs/squeeze/<dataset>.py`` with the overrides below), ``recover`` synthesises IPC images
-per class from its BN statistics (``configs/recover/<dataset>.py``), and each set is evaluated
-by K students trained with SRe2L's KD loss against the teacher run online (``kd.evaluate_kd``
-with the recipe and students of ``configs/relabel/<dataset>.py``; online labels equal stored
-ones up to fp16 rounding, see tests/test_kd.py). **Random selection under the same
-protocol**: IPC random real training images per class, relabelled by the same teacher and
-trained with the same KD recipe (the only difference is where the images come from); and, for
-reference, the same random images trained on their hard labels with MTT's protocol
+(``configs/squeeze/sre2l.py:<dataset>`` with the overrides below), ``recover`` synthesises IPC
+images per class from its BN statistics (``configs/recover/sre2l.py:<dataset>``), and each set is
+evaluated by K students trained with SRe2L's KD loss against the teacher run online
+(``kd.evaluate_kd`` with the recipe and students of ``configs/relabel/sre2l.py:<dataset>``;
+online labels equal stored ones up to fp16 rounding, see tests/test_kd.py). **Random selection
+under the same protocol**: IPC random real training images per class, relabelled by the same
+teacher and trained with the same KD recipe (the only difference is where the images come from);
+and, for reference, the same random images trained on their hard labels with MTT's protocol
 (``evaluate_synset``, lr 0.01, ``--hard-epochs`` epochs, the same students). Writes
 ``benchmarks/results/sre2l_<dataset>_<device>.{json,md}``.
 """
@@ -62,7 +62,7 @@ def main() -> None:
     data_override = [f"dataset.data_dir={args.data_dir}"] if args.data_dir else []
     started = time.time()
     squeeze = load_config(
-        f"configs/squeeze/{args.dataset}.py",
+        f"configs/squeeze/sre2l.py:{args.dataset}",
         [
             *data_override,
             f"model={args.teacher_model}",
@@ -74,7 +74,7 @@ def main() -> None:
     teacher_accuracy = teacher.meta["extra"]["test_accuracy"]
     print(f"teacher: {100 * teacher_accuracy:.2f} % ({time.time() - started:.0f} s)", flush=True)
     dataset = data_lib.load_dataset(args.dataset, data_dir=args.data_dir or None)
-    relabel = load_config(f"configs/relabel/{args.dataset}.py", data_override)
+    relabel = load_config(f"configs/relabel/sre2l.py:{args.dataset}", data_override)
     recipe = kd.recipe_from_config(relabel.recipe)
     if args.kd_epochs:
         recipe = kd.get_recipe(recipe, epochs=args.kd_epochs)
@@ -104,7 +104,7 @@ def main() -> None:
 
     for ipc in args.ipc:
         recover = load_config(
-            f"configs/recover/{args.dataset}.py",
+            f"configs/recover/sre2l.py:{args.dataset}",
             [
                 *data_override,
                 f"teacher={root / 'squeeze' / 'teacher'}",
@@ -160,10 +160,10 @@ def markdown(report: dict) -> str:
         "",
         f"Teacher {s['teacher_model']} (width {s['teacher_width']}) squeezed "
         f"{s['teacher_epochs']} epochs: {100 * report['teacher_test_accuracy']:.2f} % test "
-        f"accuracy. Recover: configs/recover/{s['dataset']}.py with "
+        f"accuracy. Recover: configs/recover/sre2l.py:{s['dataset']} with "
         f"{s['recover_iterations']} iterations per batch. Students: {s['num_models']} x "
         f"{s['student']['model']} {s['student']['model_overrides']}, KD recipe of "
-        f"configs/relabel/{s['dataset']}.py ({r['optimizer']} lr {r['lr']}, {r['epochs']} "
+        f"configs/relabel/sre2l.py:{s['dataset']} ({r['optimizer']} lr {r['lr']}, {r['epochs']} "
         f"epochs, batch {r['batch_size']}, T = {r['temperature']}, crop {r['crop']}, mix "
         f"{r['mix']}), teacher online. Hard-label row: MTT protocol, {s['hard_epochs']} "
         f"epochs, lr 0.01, same students. Total {report['seconds'] / 60:.1f} min.",

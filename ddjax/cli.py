@@ -4,13 +4,13 @@
   ddjax select   --config configs/select/fashion_mnist.py --config.ipc=10 --workdir runs/a
   ddjax evaluate --config configs/evaluate/fashion_mnist.py --config.synset=runs/a/synset.npz \\
                  --workdir runs/a_eval
-  ddjax experts  --config configs/experts/digits.py --workdir runs/experts_digits
+  ddjax experts  --config configs/experts/mtt.py:digits --workdir runs/experts_digits
   ddjax distill  --config configs/distill/mtt.py:digits,ipc=10 \\
                  --config.experts_dir=runs/experts_digits --workdir runs/mtt_digits
-  ddjax squeeze  --config configs/squeeze/digits.py --workdir runs/squeeze_digits
-  ddjax recover  --config configs/recover/digits.py --config.teacher=runs/squeeze_digits/teacher \\
-                 --workdir runs/recover_digits
-  ddjax relabel  --config configs/relabel/digits.py \\
+  ddjax squeeze  --config configs/squeeze/sre2l.py:digits --workdir runs/squeeze_digits
+  ddjax recover  --config configs/recover/sre2l.py:digits \\
+                 --config.teacher=runs/squeeze_digits/teacher --workdir runs/recover_digits
+  ddjax relabel  --config configs/relabel/sre2l.py:digits \\
                  --config.synset=runs/recover_digits/synset.npz \\
                  --config.teacher=runs/squeeze_digits/teacher --workdir runs/relabel_digits
 
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint (every config.checkpoint_every epochs) with identical results. The "
         "distillation run must use the same dataset, ZCA setting and model.",
     )
-    _add_common(experts, "configs/experts/digits.py")
+    _add_common(experts, "configs/experts/mtt.py:digits")
 
     distill = sub.add_parser(
         "distill",
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         "uses torchvision's pretrained ResNet-18: import it with "
         "ddjax.sre2l.teacher.import_torch_teacher.",
     )
-    _add_common(squeeze, "configs/squeeze/digits.py")
+    _add_common(squeeze, "configs/squeeze/sre2l.py:digits")
 
     recover = sub.add_parser(
         "recover",
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`ddjax squeeze` teacher directory. Each finished batch is saved (a re-run resumes); "
         "writes WORKDIR/synset.npz and synset.png.",
     )
-    _add_common(recover, "configs/recover/digits.py")
+    _add_common(recover, "configs/recover/sre2l.py:digits")
 
     relabel = sub.add_parser(
         "relabel",
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         "KL loss at temperature T (SRe2L's recipes) and tests them. Writes WORKDIR/labels/ "
         "and results.json.",
     )
-    _add_common(relabel, "configs/relabel/digits.py")
+    _add_common(relabel, "configs/relabel/sre2l.py:digits")
 
     for name, text in PLANNED.items():
         sub.add_parser(name, help=f"{text} (not available in this version)", add_help=False)

@@ -1,8 +1,10 @@
 """Config files and command-line overrides.
 
-A config is an ``ml_collections.ConfigDict`` returned by ``get_config()`` in a
-Python file under ``configs/`` (one per method x dataset, holding the published
-hyper-parameters). Any field can be overridden from the command line with
+A config is an ``ml_collections.ConfigDict`` returned by ``get_config(arg)`` in a
+Python file under ``configs/`` (big_vision style: one file per stage and method family,
+``configs/STAGE/FAMILY.py:ARG``, whose commented table holds the published hyper-parameters
+and whose ``ARG`` picks a row, e.g. ``distill/mtt.py:cifar10,ipc=10``,
+``squeeze/sre2l.py:cifar100``). Any field can be overridden from the command line with
 ``--config.field=value`` or ``--config.section.field=value``; values are parsed
 as Python literals and must keep the field's type (ints are accepted for float
 fields). Unknown fields and wrong types are rejected with a message naming the
@@ -271,51 +273,4 @@ def evaluate_config(dataset: str) -> ml_collections.ConfigDict:
             "seed": 42,  # online labels: batch-map and augmentation seed (FKD's)
         }
     )
-    return config
-
-
-def experts_config(
-    dataset: str, *, zca: bool = False, model: str = "ConvNet", **changes
-) -> ml_collections.ConfigDict:
-    """The fields of a ``ddjax experts`` config (``configs/experts/<dataset>.py``).
-
-    MTT's ``buffer.py`` defaults (100 experts, 50 epochs, SGD lr 0.01 without momentum or weight
-    decay, batch 256, DSA); ``changes`` replace any of them (e.g. ``epochs=15``).
-    """
-    config = ml_collections.ConfigDict()
-    config.dataset = dataset_section(dataset, zca=zca)
-    config.model = model  # a ddjax.models name; must be the distillation run's
-    config.num_experts = 100
-    config.epochs = 50
-    config.lr = 0.01
-    config.momentum = 0.0
-    config.weight_decay = 0.0
-    config.batch_size = 256
-    config.augment = "dsa"  # dsa | crop_flip | none
-    config.seed = 0
-    config.experts_at_once = 10  # trained side by side; does not change the results
-    config.pool_mode = "auto"  # auto | vmap | loop
-    config.test_every = 1
-    config.test_limit = ml_collections.config_dict.placeholder(int)  # unset: all test images
-    config.checkpoint_every = 5  # epochs between resume points
-    # Which examples each epoch trains on: name '' (all, every epoch: MTT) | 'pad' (PAD's
-    # easy-to-hard schedule, buffer_CL.py's published values below), ranked by difficulty
-    # scores: a .npy/.npz file, or 'forgetting' with scores_experts_dir (earlier experts).
-    config.example_schedule = ml_collections.ConfigDict(
-        {
-            "name": "",
-            "scores": "",
-            "scores_higher": "harder",  # harder (forgetting counts, EL2N, GraNd) | easier
-            "scores_experts_dir": "",
-            "init_ratio": 0.75,  # the easiest fraction at epoch 0
-            "add_end_epoch": 20,  # all examples from this epoch
-            "rm_epoch_first": 40,  # after it, the easiest rm_easy_ratio_first are dropped
-            "rm_epoch_second": 60,  # after it, the easiest rm_easy_ratio_second are dropped
-            "rm_easy_ratio_first": 0.1,
-            "rm_easy_ratio_second": 0.2,
-        }
-    )
-    for name, value in changes.items():
-        check(name in config, f"experts_config: unknown field {name!r}")
-        config[name] = value
     return config

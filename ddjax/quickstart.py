@@ -36,7 +36,7 @@ def quickstart(
     Uses scikit-learn's digits (no download), MTT's evaluation protocol with
     ``epochs`` epochs (reduced from 1000 to fit a few CPU minutes) and lr 0.01
     (MTT rows: the learned lr), ``num_models`` ConvNet-3 networks of width 64 per
-    set. With ``distill``, also trains 5 experts (``configs/experts/digits.py``)
+    set. With ``distill``, also trains 5 experts (``configs/experts/mtt.py:digits``)
     and distils IPC 1 and IPC 10 sets by MTT (``configs/distill/mtt.py:digits,ipc={1,10}``,
     started from the random rows' images) and an IPC 10 set by DATM
     (``configs/distill/datm.py:digits,ipc=10``: learned soft labels); their rows are the final
@@ -96,7 +96,7 @@ def _quickstart_mtt(work: Workdir, results: dict, epochs: int, num_models: int) 
         return
     experts_dir = work.file("experts")
     print("MTT/DATM: training 5 digits experts, then distilling IPC 1 and IPC 10 ...")
-    run_experts(load_config("configs/experts/digits.py", ["test_every=20"]), str(experts_dir))
+    run_experts(load_config("configs/experts/mtt.py:digits", ["test_every=20"]), str(experts_dir))
     for method, ipc, config_file in QUICKSTART_DISTILL:
         name = f"{method}_ipc{ipc}"
         if name in rows:
@@ -136,13 +136,15 @@ def _quickstart_sre2l(work: Workdir, results: dict, num_models: int) -> None:
     if "sre2l_ipc10" in rows:
         return
     print("SRe2L: squeezing a digits teacher, recovering IPC 10, training students by KD ...")
-    squeezed = run_squeeze(load_config("configs/squeeze/digits.py"), str(work.file("squeeze")))
+    squeezed = run_squeeze(
+        load_config("configs/squeeze/sre2l.py:digits"), str(work.file("squeeze"))
+    )
     teacher = str(work.file("squeeze") / "teacher")
     print(teacher_line(squeezed, work.file("squeeze")))
-    recover = load_config("configs/recover/digits.py", [f"teacher={teacher}", "ipc=10"])
+    recover = load_config("configs/recover/sre2l.py:digits", [f"teacher={teacher}", "ipc=10"])
     run_recover(recover, str(work.file("recover_ipc10")))
     relabel = load_config(
-        "configs/relabel/digits.py",
+        "configs/relabel/sre2l.py:digits",
         [
             f"synset={work.file('recover_ipc10') / 'synset.npz'}",
             f"teacher={teacher}",
@@ -155,7 +157,7 @@ def _quickstart_sre2l(work: Workdir, results: dict, num_models: int) -> None:
     rows["sre2l_ipc10"] = {
         "method": "sre2l",
         "ipc": 10,
-        "labels": "KD from the teacher (configs/relabel/digits.py)",
+        "labels": "KD from the teacher (configs/relabel/sre2l.py:digits)",
         **{k: result[k] for k in ("mean", "std", "accuracies")},
     }
     work.log(event="eval", name="sre2l_ipc10", mean=result["mean"], std=result["std"])
@@ -189,10 +191,10 @@ def format_table(rows: dict, dataset: str, epochs: int, num_models: int) -> str:
     if "sre2l" in methods:
         lines += [
             "",
-            "sre2l: images recovered from a BatchNorm teacher (ConvNet-BN, configs/squeeze/"
-            "digits.py); its students (the same ConvNet) learn the teacher's soft labels by KD "
-            "(configs/relabel/digits.py: AdamW, 200 epochs, T = 20), as SRe2L evaluates, not "
-            "with the hard-label protocol of the other rows.",
+            "sre2l: images recovered from a BatchNorm teacher (ConvNet-BN, "
+            "configs/squeeze/sre2l.py:digits); its students (the same ConvNet) learn the "
+            "teacher's soft labels by KD (configs/relabel/sre2l.py:digits: AdamW, 200 epochs, "
+            "T = 20), as SRe2L evaluates, not with the hard-label protocol of the other rows.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -178,7 +178,13 @@ def test_later_stages_are_refused_clearly(capsys):
 
 
 def test_sre2l_stages_reject_a_missing_teacher(tmp_path, capsys):
-    argv = ["recover", "--config", "configs/recover/digits.py", "--workdir", str(tmp_path / "r")]
+    argv = [
+        "recover",
+        "--config",
+        "configs/recover/sre2l.py:digits",
+        "--workdir",
+        str(tmp_path / "r"),
+    ]
     code, _, err = run([*argv, f"--config.teacher={tmp_path / 'missing'}"], capsys)
     assert code == 2 and "teacher" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()

@@ -309,7 +309,14 @@ CLI_ARGS = [
 
 def test_cli_trains_experts_into_the_workdir_and_resumes(reference, tmp_path, capsys):
     work = tmp_path / "cli"
-    argv = ["experts", "--config", "configs/experts/digits.py", "--workdir", str(work), *CLI_ARGS]
+    argv = [
+        "experts",
+        "--config",
+        "configs/experts/mtt.py:digits",
+        "--workdir",
+        str(work),
+        *CLI_ARGS,
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "experts 0: final test accuracy" in out and "experts: 1/1 complete" in out

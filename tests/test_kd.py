@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from ddjax import data, models, train
+from ddjax.config import import_config
 from ddjax.errors import DDJaxError
 from ddjax.evaluate import EvalResult
-from ddjax.sre2l import kd, label_store, relabel
+from ddjax.sre2l import kd, label_store
 from ddjax.sre2l.teacher import Teacher
 from ddjax.synset import SyntheticSet
 
@@ -113,7 +114,8 @@ def test_published_recipes():
     with pytest.raises(DDJaxError, match="temperature=0"):
         kd.get_recipe("cifar", temperature=0)
 
-    config = relabel.relabel_config("cifar100", "cifar", labels="online", epochs=800)
+    relabel_fields = import_config("relabel/sre2l.py").relabel_fields
+    config = relabel_fields("cifar100", "cifar", labels="online", epochs=800)
     assert kd.recipe_from_config(config.recipe) == kd.get_recipe("cifar", epochs=800)
 
 

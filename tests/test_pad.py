@@ -230,7 +230,7 @@ def test_the_experts_stage_builds_pads_schedule_from_scores(tmp_path):
     scores = np.arange(N_TRAIN, dtype=np.float32)  # higher = harder: index order is easiest first
     np.save(tmp_path / "scores.npy", scores)
     section = load_config(
-        "configs/experts/digits.py",
+        "configs/experts/mtt.py:digits",
         ["example_schedule.name=pad", f"example_schedule.scores={tmp_path / 'scores.npy'}"],
     ).example_schedule
     subset, description = stage.example_schedule(section, dataset)
@@ -240,10 +240,10 @@ def test_the_experts_stage_builds_pads_schedule_from_scores(tmp_path):
             subset(epoch), pad.epoch_indices(epoch, ranking, pad.ExampleSchedule())
         )
     assert description["name"] == "pad" and description["init_ratio"] == 0.75
-    off = load_config("configs/experts/digits.py").example_schedule
+    off = load_config("configs/experts/mtt.py:digits").example_schedule
     assert stage.example_schedule(off, dataset) == (None, None)
     with pytest.raises(DDJaxError, match="example_schedule.name='cl'"):
-        stage.example_schedule(load_config("configs/experts/digits.py",
+        stage.example_schedule(load_config("configs/experts/mtt.py:digits",
                                            ["example_schedule.name=cl"]).example_schedule,
                                dataset)  # fmt: skip
 
@@ -251,8 +251,8 @@ def test_the_experts_stage_builds_pads_schedule_from_scores(tmp_path):
 def test_cli_refuses_a_schedule_without_scores_before_any_work(tmp_path, capsys):
     from ddjax import cli
 
-    args = ["experts", "--config", "configs/experts/digits.py", "--workdir", str(tmp_path / "w"),
-            "--config.example_schedule.name=pad"]  # fmt: skip
+    args = ["experts", "--config", "configs/experts/mtt.py:digits",
+            "--workdir", str(tmp_path / "w"), "--config.example_schedule.name=pad"]  # fmt: skip
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ddjax: error:") and "scores is empty" in err and "\n" not in err

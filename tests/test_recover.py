@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from ddjax import data, models
-from ddjax.config import load_config
+from ddjax.config import import_config, load_config
 from ddjax.errors import DDJaxError
 from ddjax.sre2l import recover, recover_step, teacher
 
@@ -467,7 +467,7 @@ def teacher_dir(tmp_path_factory):
 
 
 def _run_config(teacher_path, **overrides):
-    config = recover.recover_config(
+    config = import_config("recover/sre2l.py").recover_fields(
         DATA,
         ipc=2,
         batch_size=2,
@@ -576,7 +576,7 @@ def test_config_files_hold_the_published_settings():
         "cifar100": (50, 100, 0.25, 1000, 0.01, False, False, (0, 4)),
     }
     for name in ("imagenet", "tiny_imagenet", "cifar100", "cifar10", "fashion_mnist", "digits"):
-        config = load_config(f"configs/recover/{name}.py")
+        config = load_config(f"configs/recover/sre2l.py:{name}")
         assert config.first_bn_multiplier == 10.0 and config.teacher == ""
         assert tuple(config.crop_scale) == (0.08, 1.0)
         if name in published:

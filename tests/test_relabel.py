@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ddjax import data, models
+from ddjax.config import import_config
 from ddjax.errors import DDJaxError
 from ddjax.sre2l import crops, label_store, relabel
 from ddjax.sre2l import views as views_lib
@@ -331,7 +332,7 @@ def test_run_relabel_writes_the_store_and_evaluates_students(setup, tmp_path):
     # 8 images in batches of 4: no smaller last batch, so each program compiles once.
     synset = SyntheticSet(synset.images[:8], synset.labels[:8], 4)
     synset_file = synset.save(tmp_path / "synset.npz")
-    config = relabel.relabel_config(
+    config = import_config("relabel/sre2l.py").relabel_fields(
         DATASET, "imagenet", models=("ConvNet",), model_overrides={"width": 8}, epochs=2,
         batch_size=BATCH,
     )  # fmt: skip

@@ -22,6 +22,7 @@ from ddjax.sre2l import teacher as teacher_lib
 # 48 train images (3 classes x 16): three batches of 16 (one compiled step on CPU).
 SPEC = "synthetic:classes=3,size=8,channels=1,train=16,test=8"
 TINY = dict(model="ConvNetBN", width=8, epochs=3, batch_size=16, augment="crop_flip")
+SQUEEZE = config_lib.import_config("squeeze/sre2l.py")  # the config family (its field list)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def dataset():
 
 
 def _config(**changes):
-    return squeeze.squeeze_config(SPEC, **{**TINY, **changes})
+    return SQUEEZE.squeeze_fields(SPEC, **{**TINY, **changes})
 
 
 def _close(a, b):
@@ -452,7 +453,7 @@ def test_import_torch_teacher_gives_pytorch_eval_logits(tmp_path):
     ],
 )
 def test_config_files_hold_the_recipes(name, expected):
-    config = config_lib.load_config(f"configs/squeeze/{name}.py")
+    config = config_lib.load_config(f"configs/squeeze/sre2l.py:{name}")
     settings = squeeze.settings_from_config(config)
     for field, value in expected.items():
         assert getattr(settings, field) == value, field
@@ -494,7 +495,7 @@ def test_bad_settings_are_refused_in_one_line(dataset, changes, message, tmp_pat
 def test_imagenet_zca_and_unknown_fields_are_refused(dataset, tmp_path):
     for name in ("imagenet2012", "tfds:imagenet2012", "imagenet-1k"):
         with pytest.raises(DDJaxError, match="import_torch_teacher"):
-            squeeze.squeeze_config(name)
+            SQUEEZE.squeeze_fields(name)
     config = _config()
     config.dataset.name = "imagenet2012"
     with pytest.raises(DDJaxError, match="pretrained resnet18"):
@@ -503,4 +504,4 @@ def test_imagenet_zca_and_unknown_fields_are_refused(dataset, tmp_path):
     with pytest.raises(DDJaxError, match="zca must be False"):
         squeeze.check_settings(squeeze.SqueezeSettings(**TINY), data.load_dataset(SPEC, zca=True))
     with pytest.raises(DDJaxError, match="unknown field 'learning_rate'"):
-        squeeze.squeeze_config("cifar10", learning_rate=0.1)
+        SQUEEZE.squeeze_fields("cifar10", learning_rate=0.1)

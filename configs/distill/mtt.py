@@ -1,6 +1,6 @@
 r"""MTT (Cazenavette et al., CVPR 2022): the published hyper-parameters as one config family.
 
-  ddjax experts --config configs/experts/cifar10.py --workdir runs/experts_cifar10_zca
+  ddjax experts --config configs/experts/mtt.py:cifar10 --workdir runs/experts_cifar10_zca
   ddjax distill --config configs/distill/mtt.py:cifar10,ipc=10 \
       --config.experts_dir=runs/experts_cifar10_zca --workdir runs/distill_cifar10_ipc10
 
@@ -16,7 +16,7 @@ Rows (research/trajectory_matching.md §1.8, MTT's Table 6 and README):
 * digits (scikit-learn 8x8, not published): a CPU configuration found by a search on an H100
   (5 networks, 300 epochs; random start 94.88 %): at IPC 10, 95.82 / 96.09 / 96.18 / 96.36 %
   after 50 / 100 / 150 / 250 iterations (lr_img 3 or 30, batch_syn 20, M = 4 or T+ = 10 were
-  worse). ConvNet-3 of width 64 as the digits experts (configs/experts/digits.py); about 10
+  worse). ConvNet-3 of width 64 as the digits experts (configs/experts/mtt.py:digits); about 10
   minutes on 2 CPU cores. The quick start uses both rows.
 * Tiny-ImageNet reads the raw folder layout from data/tiny-imagenet-200 with ImageNet's
   normalisation, as MTT (and the experts).

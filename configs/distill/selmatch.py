@@ -1,6 +1,6 @@
 r"""SelMatch (Lee & Chung, ICML 2024): the published hyper-parameters as one config family.
 
-  ddjax experts --config configs/experts/cifar10.py --config.model=ConvNetBN \
+  ddjax experts --config configs/experts/mtt.py:cifar10 --config.model=ConvNetBN \
       --config.epochs=100 --workdir runs/experts_cifar10_convnetbn
   ddjax distill --config configs/distill/selmatch.py:cifar10,ipc=250 \
       --config.experts_dir=runs/experts_cifar10_convnetbn \

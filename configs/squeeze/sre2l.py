@@ -50,9 +50,13 @@ Rows (research/sre2l.md §2):
   idle 2-core CPU, 11 s on one H100.
 """
 
+from typing import Any
+
 import ml_collections
 
 from ddjax.config import dataset_arg, dataset_section
+from ddjax.errors import check
+from ddjax.sre2l import squeeze
 
 #: dataset -> model, epochs, batch, SGD lr / momentum / weight decay, warm-up, augmentation;
 #: plus where a dataset is read from and its normalisation where they are not the defaults.
@@ -73,45 +77,46 @@ PUBLISHED = {
 
 
 def squeeze_fields(
-    dataset: str,
-    *,
-    model: str,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    augment: str,
-    width: int | None = None,
-    warmup_epochs: int = 0,
-    warmup_start_factor: float = 0.01,
-    name: str | None = None,
-    normalisation: str = "",
+    dataset: str, *, name: str | None = None, normalisation: str = "", **changes: Any
 ) -> ml_collections.ConfigDict:
-    """The fields of a ``ddjax squeeze`` config (ddjax.sre2l.squeeze.SqueezeSettings')."""
+    """The fields of a ``ddjax squeeze`` config (ddjax.sre2l.squeeze.SqueezeSettings').
+
+    The defaults are SRe2L's CIFAR recipe (``squeeze_cifar.py``); ``changes`` replace any of
+    the top-level fields (e.g. ``epochs=50``). ``name`` is ``dataset.name`` when it is not
+    ``dataset``.
+
+    Raises:
+      DDJaxError: an unknown field, or ImageNet-1K (ddjax.sre2l.squeeze.check_squeezable).
+    """
+    squeeze.check_squeezable(name or dataset)
     config = ml_collections.ConfigDict()
     config.dataset = dataset_section(name or dataset)
     # A ddjax.data.NORMALISATION key or 'computed'; empty: the dataset's published constants.
     config.dataset.normalisation = normalisation
-    config.model = model  # a ddjax.models name with BatchNorm
+    config.model = "ResNet18BN"  # a ddjax.models name with BatchNorm
     config.width = ml_collections.config_dict.placeholder(int)  # unset: the model's own
-    config.width = width
     # ResNet-18's conv init; unset: 'torchvision' for ResNet-18 models (SRe2L's torchvision
     # network), PyTorch's default init for the others.
     config.conv_init = ml_collections.config_dict.placeholder(str)
-    config.epochs = epochs
-    config.batch_size = batch_size
-    config.lr = lr
-    config.momentum = momentum  # SGD
-    config.weight_decay = weight_decay  # on every parameter, BatchNorm included
-    config.warmup_epochs = warmup_epochs  # linear warm-up epochs before the cosine
-    config.warmup_start_factor = warmup_start_factor  # torchvision's lr_warmup_decay
-    config.augment = augment  # crop_flip (RandomCrop + flip) | rrc_flip (RandomResizedCrop) | none
+    config.epochs = 200
+    config.batch_size = 128
+    config.lr = 0.1
+    config.momentum = 0.9  # SGD
+    config.weight_decay = 5e-4  # on every parameter, BatchNorm included
+    config.warmup_epochs = 0  # linear warm-up epochs before the cosine
+    config.warmup_start_factor = 0.01  # the warm-up's first factor (torchvision's lr_warmup_decay)
+    config.augment = (
+        "crop_flip"  # crop_flip (RandomCrop + flip) | rrc_flip (RandomResizedCrop) | none
+    )
     config.seed = 0
     config.test_every = 1  # test accuracy every this many epochs and after the last
     config.test_limit = ml_collections.config_dict.placeholder(int)  # unset: all test images
     config.checkpoint_every = 1  # epochs between resume points
     config.epoch_mode = "auto"  # auto (loop on CPU, scan elsewhere) | scan | loop
+    valid = sorted(field for field in config if field != "dataset")
+    for field, value in changes.items():
+        check(field in valid, f"squeeze_fields: unknown field {field!r}; valid: {valid}")
+        config[field] = value
     return config
 
 

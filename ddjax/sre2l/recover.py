@@ -3,8 +3,9 @@ r"""``ddjax recover``: SRe2L's recover stage in a work directory, resumable batc
 Yin, Xing & Shen, "Squeeze, Recover and Relabel: Dataset Condensation at ImageNet Scale From A
 New Perspective" (NeurIPS 2023), recover stage. The objective, the step and the optimisation of
 one batch are in :mod:`ddjax.sre2l.recover_step` (its docstring states the maths and where
-ddjax differs from the official code); this module is the stage around them: the config
-(:func:`recover_config`), the teacher and data checks, and the driver (:func:`run_recover`).
+ddjax differs from the official code); this module is the stage around them: the config checks
+(the fields are ``configs/recover/sre2l.py``'s), the teacher and data checks, and the driver
+(:func:`run_recover`).
 
 The work directory of :func:`run_recover`::
 
@@ -32,9 +33,7 @@ import numpy as np
 
 from ddjax import data as data_lib
 from ddjax import loop
-from ddjax.config import dataset_section
 from ddjax.errors import DDJaxError, check
-from ddjax.sre2l import crops
 from ddjax.sre2l import teacher as teacher_lib
 from ddjax.sre2l.contract import DataContract
 from ddjax.sre2l.recover_step import (
@@ -52,61 +51,13 @@ from ddjax.sre2l.recover_step import (
 from ddjax.synset import SyntheticSet, save_grid
 from ddjax.workdir import Workdir
 
-__all__ = ["recover_config", "run_recover", "settings_from_config"]
-
-
-def recover_config(
-    dataset: str,
-    *,
-    ipc: int,
-    batch_size: int,
-    iterations: int,
-    lr: float,
-    r_bn: float,
-    jitter: tuple[int, int],
-    crop: bool,
-    flip: bool,
-    crop_scale: tuple[float, float] = crops.DEFAULT_SCALE,
-    first_bn_multiplier: float = 10.0,
-    jpeg_quality: int = 75,
-    normalisation: str | None = None,
-) -> ml_collections.ConfigDict:
-    """The fields of a ``ddjax recover`` config (``configs/recover/<dataset>.py``).
-
-    Arguments are SRe2L's recover hyper-parameters (brief §3.5); ``teacher`` is left empty
-    and must be given (``--config.teacher=PATH``). An empty ``dataset`` name means: read no
-    images and take the data contract (shape, classes, mean/std) from the teacher (ImageNet);
-    a name loads the data and checks the teacher against it. ``batching``, ``shard_batch``,
-    ``seed`` and ``log_every`` get defaults that config files or overrides may change.
-    """
-    config = ml_collections.ConfigDict()
-    config.dataset = dataset_section(dataset)
-    # A ddjax.data.NORMALISATION key or 'computed'; empty: the dataset's default. Must be the
-    # teacher's (checked against teacher.json).
-    config.dataset.normalisation = normalisation or ""
-    config.teacher = ""  # a teacher directory (ddjax squeeze, or teacher.import_torch_teacher)
-    config.ipc = ipc
-    config.batching = "distinct_classes"  # distinct_classes (SRe2L) | class_wise (LPLD)
-    config.batch_size = batch_size
-    config.iterations = iterations
-    config.lr = lr
-    config.r_bn = r_bn
-    config.first_bn_multiplier = first_bn_multiplier
-    config.crop = crop  # shared RandomResizedCrop per iteration ("multi-crop")
-    config.crop_scale = tuple(crop_scale)
-    config.flip = flip
-    config.jitter = tuple(jitter)  # inclusive roll-offset range per axis
-    config.jpeg_quality = jpeg_quality  # 75: SRe2L's saved JPEGs; 0: keep float images
-    config.shard_batch = True  # split each batch over all devices (data axis)
-    config.seed = 0
-    config.log_every = 100
-    return config
+__all__ = ["run_recover", "settings_from_config"]
 
 
 def settings_from_config(
     config: ml_collections.ConfigDict, dataset: data_lib.Dataset | DataContract
 ) -> RecoverSettings:
-    """The :class:`RecoverSettings` of a :func:`recover_config` config, validated for the data."""
+    """The :class:`RecoverSettings` of a ``configs/recover/sre2l.py`` config, checked for data."""
     settings = RecoverSettings(
         iterations=config.iterations,
         lr=config.lr,
@@ -213,7 +164,7 @@ def run_recover(
     ``synset.png``.
 
     Args:
-        config: a :func:`recover_config` config.
+        config: a ``configs/recover/sre2l.py`` config.
         workdir: the run directory.
         progress: show a progress bar over all iterations (silent when not a terminal).
         compiler_options: XLA compiler options for the step (tests compile fast).

@@ -8,15 +8,11 @@ official code makes them once, offline, with FKD (``labels='stored'``:
 :func:`ddjax.sre2l.views.make_labeller` called afresh at every step). Either way the views are
 those of :mod:`ddjax.sre2l.views` and the students are trained by :mod:`ddjax.sre2l.kd`.
 
-This module is the stage: its config (:func:`relabel_config`) and its driver
-(:func:`run_relabel`: work directory, resume, results).
+This module is the stage: its driver (:func:`run_relabel`: config checks, work directory,
+resume, results); the config's fields are ``configs/relabel/sre2l.py``'s.
 """
 
 from __future__ import annotations
-
-import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 import ml_collections
 
@@ -32,63 +28,7 @@ from ddjax.sre2l.label_store import STORE_DIR, open_store, write_store
 from ddjax.synset import load_synset
 from ddjax.workdir import Workdir
 
-__all__ = ["relabel_config", "run_relabel"]
-
-
-def relabel_config(
-    dataset: str,
-    recipe: str,
-    *,
-    labels: str = "stored",
-    models: tuple[str, ...] = ("ResNet18BN",),
-    model_overrides: Mapping[str, Any] | None = None,
-    normalisation: str = "",
-    seed: int = 42,
-    **recipe_changes: Any,
-) -> ml_collections.ConfigDict:
-    """The fields of a ``ddjax relabel`` config (``configs/relabel/<dataset>.py``).
-
-    Args:
-      dataset: ``config.dataset.name``; empty: no images are loaded and the data contract
-        (shape, classes, mean/std) is the teacher's (``teacher.json``), which is enough for
-        stored labels but not for evaluating students (``config.evaluate`` must be False).
-      recipe: a ``ddjax.sre2l.kd`` recipe name; all its fields are copied into
-        ``config.recipe`` so the resolved config shows every hyper-parameter.
-      labels: ``'stored'`` (FKD) or ``'online'`` (teacher at every step; nothing stored).
-      models: student architectures evaluated after relabelling.
-      model_overrides: student fields for every architecture in ``models`` (e.g.
-        ``{'conv_init': 'torchvision'}``); keys set here can be overridden on the command line.
-      normalisation: ``config.dataset.normalisation`` (a ``ddjax.data.NORMALISATION`` key or
-        ``'computed'``; empty: the source's own). Must be the teacher's.
-      seed: the batch-map and augmentation seed (FKD ``--fkd-seed 42``).
-      **recipe_changes: recipe fields that replace the preset's (e.g. ``epochs=100``).
-    """
-    config = ml_collections.ConfigDict()
-    config.dataset = ml_collections.ConfigDict(
-        {
-            "name": dataset,  # empty: the teacher's data contract, no images (stored labels only)
-            "data_dir": "",  # empty: the default locations
-            "zca": False,  # SRe2L works in mean/std-normalised space
-            "normalisation": normalisation,
-        }
-    )
-    config.synset = ""  # the recovered synthetic set (.npz from ddjax recover)
-    config.teacher = ""  # the teacher directory (from ddjax squeeze or import_torch_teacher)
-    config.labels = labels  # stored (FKD files) | online (teacher at every student step)
-    config.seed = seed  # image->batch map and augmentation draws
-    recipe_fields = dataclasses.asdict(kd.get_recipe(recipe, **recipe_changes))
-    config.recipe = ml_collections.ConfigDict(recipe_fields)  # ddjax.sre2l.kd.Recipe fields
-    config.evaluate = True  # train students on the labels right away
-    config.eval = ml_collections.ConfigDict(
-        {
-            "models": models,  # student architectures
-            "num_models": 5,  # K students per architecture
-            "seed": 0,  # student initialisation
-            "model_overrides": ml_collections.ConfigDict(dict(model_overrides or {})),
-            "pool_mode": "auto",  # auto | vmap | loop
-        }
-    )
-    return config
+__all__ = ["run_relabel"]
 
 
 def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
@@ -103,7 +43,7 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
     labels and finished architectures are not recomputed.
 
     Args:
-      config: from ``configs/relabel/<dataset>.py`` (:func:`relabel_config`).
+      config: from ``configs/relabel/sre2l.py:DATASET``.
       workdir: the run's directory.
       progress: progress bars and one printed line per result.
 

@@ -76,7 +76,6 @@ import numpy as np
 
 from ddjax import augment as augment_lib
 from ddjax import checkpoint, train
-from ddjax import config as config_lib
 from ddjax import data as data_lib
 from ddjax import models as models_lib
 from ddjax.errors import DDJaxError, check
@@ -96,7 +95,6 @@ __all__ = [
     "make_optimizer",
     "run_squeeze",
     "settings_from_config",
-    "squeeze_config",
     "train_teacher",
 ]
 
@@ -538,43 +536,13 @@ def train_teacher(
 # --------------------------------------------------------------------------------------------
 
 
-def squeeze_config(dataset: str, **changes: Any) -> ml_collections.ConfigDict:
-    """The fields of a ``ddjax squeeze`` config (``configs/squeeze/<dataset>.py``).
-
-    Defaults are SRe2L's CIFAR recipe (``squeeze_cifar.py``: ResNet-18 with the small stem,
-    SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, cosine over 200 epochs,
-    RandomCrop(32, 4) + flip); ``changes`` replace any of the top-level fields, e.g.
-    ``epochs=50``. ``dataset.normalisation`` (empty: the dataset's published constants) takes
-    a :data:`ddjax.data.NORMALISATION` key or ``'computed'``.
-
-    Raises:
-      DDJaxError: an unknown field, or ImageNet-1K (see :func:`check_squeezable`).
-    """
-    check_squeezable(dataset)
-    config = ml_collections.ConfigDict()
-    config.dataset = config_lib.dataset_section(dataset)
-    config.dataset.normalisation = ""
-    defaults = SqueezeSettings()
-    placeholders = {"width": int, "conv_init": str, "test_limit": int}
-    for name in SETTING_FIELDS:
-        value = getattr(defaults, name)
-        if name in placeholders:
-            config[name] = ml_collections.config_dict.placeholder(placeholders[name])
-        else:
-            config[name] = value
-    for name, value in changes.items():
-        check(
-            name in config and name != "dataset",
-            f"squeeze_config: unknown field {name!r}; valid: {sorted(SETTING_FIELDS)}",
-        )
-        config[name] = value
-    return config
-
-
 def settings_from_config(config: ml_collections.ConfigDict) -> SqueezeSettings:
     """The :class:`SqueezeSettings` of a squeeze config (not yet validated against data)."""
     missing = [name for name in SETTING_FIELDS if name not in config]
-    check(not missing, f"squeeze config lacks the field(s) {missing}; build it with squeeze_config")
+    check(
+        not missing,
+        f"squeeze config lacks the field(s) {missing}; build it with configs/squeeze/sre2l.py",
+    )
     return SqueezeSettings(**{name: config[name] for name in SETTING_FIELDS})
 
 
@@ -593,7 +561,7 @@ def run_squeeze(
     returns it without training.
 
     Args:
-      config: from :func:`squeeze_config` / ``configs/squeeze/*.py``.
+      config: from ``configs/squeeze/sre2l.py:DATASET``.
       workdir: the run's directory (see the module docstring for its files).
       progress: a progress bar over epochs.
       _stop_after_epochs: testing hook (see :func:`train_teacher`); returns ``None`` then.
