@@ -235,3 +235,24 @@ def test_select_window_from_a_scores_file_and_refusals(tmp_path, capsys):
     argv = [*base, "--config.method=window", f"--config.scores={tmp_path / 'short.npy'}"]
     code, _, err = run([*argv, "--workdir", str(bad)], capsys)
     assert code == 2 and "short.npy" in err and not bad.exists()
+
+
+@pytest.mark.parametrize(
+    "family, rows",
+    [
+        ("experts/mtt.py", "cifar10, cifar100, fashion_mnist, mnist, tiny_imagenet, digits"),
+        ("squeeze/sre2l.py", "cifar100, cifar10, tiny_imagenet, fashion_mnist, digits"),
+        ("recover/sre2l.py", "imagenet, tiny_imagenet, cifar100, cifar10, fashion_mnist, digits"),
+        ("relabel/sre2l.py", "imagenet, tiny_imagenet, cifar100, digits, fashion_mnist"),
+    ],
+)
+def test_stage_config_families_load_every_row_and_refuse_others(family, rows):
+    from ddjax.config import load_config
+    from ddjax.errors import DDJaxError
+
+    for row in rows.split(", "):
+        assert load_config(f"configs/{family}:{row}", ["seed=3"]).seed == 3
+    with pytest.raises(DDJaxError, match=f"no published row 'svhn'; rows: {rows}$"):
+        load_config(f"configs/{family}:svhn")
+    with pytest.raises(DDJaxError, match="a config family: add :ARG"):
+        load_config(f"configs/{family}")
