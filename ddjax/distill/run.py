@@ -180,16 +180,17 @@ def run_distill(
     )
     checkpoints = checkpoint_lib.Checkpoints(work.file("checkpoints"), keep=config.keep_checkpoints)
     latest = checkpoints.latest_step()
-    run_key = jax.random.split(jax.random.PRNGKey(config.seed))[1]
+    init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
     if latest is None:
-        state = _initial_state(
-            config, dataset, settings, method, model, done, schedule, work, prepared
+        images, labels = _initial_set(
+            config, dataset, method, model, done, schedule, work, prepared, init_key
         )
     else:  # only the structure is needed: the checkpoint replaces every value
         num_images = dataset.num_classes * config.ipc
         images = np.zeros((num_images, *dataset.image_shape), np.float32)
         labels = method.label_template(num_images, dataset.num_classes)
-        state = core.init_state(images, labels, config.lr_teacher, run_key, settings, method)
+    # alpha_0 = lr_teacher; all later randomness derives from run_key.
+    state = core.init_state(images, labels, config.lr_teacher, run_key, settings, method)
     if mesh is not None:
         state = sharding.replicate(state, mesh)
     if latest is not None:
@@ -310,19 +311,19 @@ def _mesh(config):
     return mesh, NamedSharding(mesh, P("data"))
 
 
-def _initial_state(
+def _initial_set(
     config,
     dataset: data_lib.Dataset,
-    settings: core.StepConfig,
     method: Method,
     model,
     done,
     schedule: core.ExpertSchedule,
     work: Workdir,
     prepared,
-) -> core.DistillState:
-    """The run's first state: the method's initial set, α = ``lr_teacher``, the run key."""
-    init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    init_key,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The method's initial images and labels (its ``initial_set`` hook, with the run's
+    data, experts and logging)."""
     finals = {}
 
     def final_params(position: int):
@@ -344,8 +345,7 @@ def _initial_state(
         save_npz=lambda name, **arrays: loop.atomic_savez(work.file(name), **arrays),
         prepared=prepared,
     )
-    images, labels = method.initial_set(context, init_key)
-    return core.init_state(images, labels, config.lr_teacher, run_key, settings, method)
+    return method.initial_set(context, init_key)
 
 
 def _load_subset(experts_dir, done, members, subset_size, num_snapshots):

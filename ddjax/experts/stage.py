@@ -62,13 +62,12 @@ def example_schedule(section: ml_collections.ConfigDict, dataset: data_lib.Datas
     )
     hardest_first = difficulty.rank_per_class(scores, dataset.y_train, dataset.num_classes)
     easiest_first = [order[::-1] for order in hardest_first]
+    fingerprint = hashlib.sha256(np.ascontiguousarray(scores.values).tobytes()).hexdigest()
     description = {
         "name": section.name,
         **{name: section[name] for name in fields},
         "scores": scores.source,
-        "scores_sha256": hashlib.sha256(np.ascontiguousarray(scores.values).tobytes()).hexdigest()[
-            :16
-        ],
+        "scores_sha256": fingerprint[:16],
     }
     return (lambda epoch: pad.epoch_indices(epoch, easiest_first, schedule)), description
 
