@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ddjax import distributed
 from ddjax.errors import DDJaxError, check
 
 __all__ = ["Checkpoints", "abstract_like", "exists", "load_tree", "save_tree"]
@@ -33,7 +34,7 @@ __all__ = ["Checkpoints", "abstract_like", "exists", "load_tree", "save_tree"]
 
 def abstract_like(tree: Any) -> Any:
     """``jax.ShapeDtypeStruct`` leaves (with the leaves' shardings) for restoring into ``tree``."""
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(distributed.local_device())
 
     def leaf(x):
         sharding = getattr(x, "sharding", None)

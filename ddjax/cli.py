@@ -42,6 +42,8 @@ STAGES = {
     "relabel": "ddjax.sre2l.relabel:run_relabel",
 }
 LOAD_CONFIG = "ddjax.config:load_config"
+LAUNCH = "ddjax.distributed:Launch"
+INITIALIZE = "ddjax.distributed:initialize"
 #: The line printed after ``ddjax squeeze``'s own (the quick start prints it too).
 TEACHER_LINE = "ddjax.quickstart:teacher_line"
 AVAILABLE = ", ".join(STAGES)
@@ -76,6 +78,21 @@ def _add_common(parser: argparse.ArgumentParser, default_config: str | None) -> 
     parser.add_argument(
         "--workdir", required=True, help="run directory (created; resumed if it exists)"
     )
+    group = parser.add_argument_group(
+        "multi-process runs",
+        "Run the same command once per process (one per host, or several on one machine); "
+        "all processes' devices form one mesh, each process reads its share of the data and "
+        "process 0 writes the outputs. --coordinator auto uses jax.distributed's cluster "
+        "auto-detection (SLURM, Open MPI, Kubernetes, Cloud TPU, or the JAX_COORDINATOR_ADDRESS "
+        "environment).",
+    )
+    group.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="process 0's address and a free port, the same in every process (or 'auto')",
+    )
+    group.add_argument("--num_processes", type=int, metavar="P", help="number of processes")
+    group.add_argument("--process_id", type=int, metavar="I", help="this process's index, 0 .. P-1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,7 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 distill=not args.no_distill,
             )
         else:
+            launch = resolve(LAUNCH)(args.coordinator, args.num_processes, args.process_id)
             config = resolve(LOAD_CONFIG)(args.config, overrides)
+            resolve(INITIALIZE)(launch)
             outcome = resolve(STAGES[args.stage])(config, args.workdir)
             if args.stage == "squeeze":
                 print(resolve(TEACHER_LINE)(outcome, args.workdir))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -30,6 +31,7 @@ from typing import IO, Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ddjax import distributed
 from ddjax.errors import DDJaxError
 
 __all__ = [
@@ -162,9 +164,19 @@ class KillSwitch:
 def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     """Opens ``<path>.tmp`` for binary writing and renames it to ``path`` when the block ends.
 
-    If the block raises, the temporary file is removed and ``path`` is left as it was.
+    If the block raises, the temporary file is removed and ``path`` is left as it was. In a
+    multi-process run only process 0 writes: the others write into a discarded buffer, and all
+    wait for each other before and after the write (:mod:`ddjax.distributed`).
     """
     path = Path(path)
+    if not distributed.is_primary():
+        # Another process writes the file (every process runs this same code): this one
+        # waits until the file is complete, so what it reads next is what process 0 wrote.
+        distributed.sync(f"write {path}")
+        yield io.BytesIO()
+        distributed.sync(f"written {path}")
+        return
+    distributed.sync(f"write {path}")
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         with open(tmp, "wb") as f:
@@ -173,6 +185,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+    distributed.sync(f"written {path}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -52,11 +52,35 @@ def pool_mesh(num_models: int) -> Mesh:
 
     The pool axis gets the largest device count that divides ``num_models``, so
     every device trains the same number of whole models (5 models on 8 devices
-    use 5 devices; 8 models use all 8).
+    use 5 devices; 8 models use all 8). In a multi-process run every process must
+    hold the same number of models (:func:`even_devices`); when ``num_models`` cannot
+    be split so, the pool is replicated on every device (``pool=1``).
     """
-    n = jax.device_count()
-    size = max(d for d in range(1, min(n, num_models) + 1) if num_models % d == 0)
-    return make_mesh(pool=size, data=1)
+    devices = even_devices(num_models)
+    if devices is None:
+        return make_mesh(pool=1, data=jax.device_count())
+    return make_mesh(pool=len(devices), data=1, devices=devices)
+
+
+def even_devices(items: int) -> list[jax.Device] | None:
+    """The most devices that can share ``items`` equal parts, the same number per process.
+
+    In one process: the first ``d`` devices, ``d`` the largest device count that divides
+    ``items``. With ``P`` processes: the first ``d`` local devices of every process (process
+    by process), ``d * P`` dividing ``items``; ``None`` when no such ``d`` exists (e.g. 5 models
+    on 2 processes) -- the caller then replicates rather than leave a process without work.
+    """
+    processes = jax.process_count()
+    per_process = [
+        d for d in range(1, jax.local_device_count() + 1) if items % (d * processes) == 0
+    ]
+    if not per_process:
+        return None
+    count = max(per_process)
+    by_process: dict[int, list[jax.Device]] = {}
+    for device in jax.devices():
+        by_process.setdefault(device.process_index, []).append(device)
+    return [d for p in sorted(by_process) for d in by_process[p][:count]]
 
 
 def pool_sharding(mesh: Mesh) -> NamedSharding:

@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 
 from ddjax import config as config_lib
-from ddjax import loop
+from ddjax import distributed, loop
 from ddjax.errors import DDJaxError
 
 
@@ -57,7 +57,9 @@ class Workdir:
         return self.path / name
 
     def log(self, **record: Any) -> None:
-        """Appends one event to ``metrics.jsonl`` (with a wall-clock timestamp)."""
+        """Appends one event to ``metrics.jsonl`` (with a wall-clock timestamp; process 0 only)."""
+        if not distributed.is_primary():
+            return
         record = {"time": round(time.time(), 3), **record}
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record, default=float) + "\n")

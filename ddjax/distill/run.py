@@ -47,9 +47,9 @@ from tqdm.auto import tqdm
 
 from ddjax import checkpoint as checkpoint_lib
 from ddjax import data as data_lib
+from ddjax import distributed, loop, sharding
 from ddjax import evaluate as evaluate_lib
 from ddjax import experts as experts_lib
-from ddjax import loop, sharding
 from ddjax import models as models_lib
 from ddjax.distill import core, matching, registry
 from ddjax.distill.method import InitContext, Method
@@ -225,7 +225,7 @@ def run_distill(
         state, metrics = step_fn(state, trajectories, jnp.asarray(within, jnp.int32))
         iteration += 1
         kill.tick()
-        metrics = jax.device_get(metrics)
+        metrics = distributed.to_host(metrics)
         if metrics["skipped"]:
             skipped += 1
             reason = (
@@ -364,7 +364,9 @@ def _synset(
     state: core.DistillState, dataset, config, method: Method, iteration: int
 ) -> tuple[SyntheticSet, dict[str, np.ndarray]]:
     """The state as a synthetic set, and the arrays the method saves beside it."""
-    labels, extra_arrays, label_meta = method.saved_labels(np.asarray(jax.device_get(state.labels)))
+    labels, extra_arrays, label_meta = method.saved_labels(
+        np.asarray(distributed.to_host(state.labels))
+    )
     meta = {
         "method": config.method,
         "dataset": dataset.name,
@@ -377,7 +379,7 @@ def _synset(
         **method.synset_meta(config, dataset),
     }
     synset = SyntheticSet(
-        images=np.asarray(jax.device_get(state.images)),
+        images=np.asarray(distributed.to_host(state.images)),
         labels=labels,
         num_classes=dataset.num_classes,
         learning_rate=float(state.inner_lr),
@@ -457,5 +459,6 @@ def _plot_curves(work: Workdir) -> None:
     )
     ax_acc.set(xlabel="iteration", ylabel="test accuracy (%)", title="evaluation")
     fig.tight_layout()
-    fig.savefig(work.file("curves.png"), dpi=100)
+    with loop.atomic_file(work.file("curves.png")) as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)

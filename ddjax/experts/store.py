@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from ddjax import augment as augment_lib
-from ddjax import checkpoint, train
+from ddjax import checkpoint, distributed, train
 from ddjax import models as models_lib
 from ddjax.data import Dataset
 from ddjax.errors import DDJaxError, check
@@ -275,7 +275,7 @@ def trajectory_shapes(meta: dict) -> Params:
         meta["model"], meta["num_classes"], tuple(meta["image_shape"]), **meta["model_overrides"]
     )
     shapes = models_lib.variable_shapes(net, tuple(meta["image_shape"]))["params"]
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(distributed.local_device())
     return jax.tree.map(
         lambda s: jax.ShapeDtypeStruct((meta["epochs"] + 1, *s.shape), np.float32, sharding=device),
         shapes,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddjax import augment as augment_lib
-from ddjax import checkpoint, loop, sharding, train
+from ddjax import checkpoint, distributed, loop, sharding, train
 from ddjax import models as models_lib
 from ddjax.data import Dataset
 from ddjax.errors import check
@@ -96,7 +96,7 @@ def _init_group(net, tx, image_shape, init_keys: Sequence[jax.Array]) -> train.T
 
 def _params_to_host(state: train.TrainState) -> Params:
     """The pool's ``params``, as float32 NumPy arrays."""
-    return jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(state.params))
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), distributed.to_host(state.params))
 
 
 def _empty_record(params_like: Params, num_models: int, epochs: int, n: int) -> dict:
@@ -248,7 +248,8 @@ def _pending_group(out_dir: Path, meta: dict, experts_at_once: int) -> list[int]
         group = json.loads(group_file.read_text())["experts"]
         if not set(group) <= done:
             return group
-        shutil.rmtree(out_dir / PARTIAL_DIR)  # killed between finishing a group and cleaning up
+        # Killed between finishing a group and cleaning up.
+        distributed.on_primary("remove partial", lambda: shutil.rmtree(out_dir / PARTIAL_DIR))
     todo = [i for i in range(meta["num_experts"]) if i not in done]
     return todo[:experts_at_once] or None
 
@@ -357,7 +358,7 @@ def _finish_group(
         }
     meta["completed"] = sorted(set(meta["completed"]) | set(group))
     _write_meta(out_dir, meta)
-    shutil.rmtree(out_dir / PARTIAL_DIR)
+    distributed.on_primary("remove partial", lambda: shutil.rmtree(out_dir / PARTIAL_DIR))
     return meta
 
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddjax import loop
+from ddjax import distributed, loop
 from ddjax.data import Dataset
 from ddjax.errors import DDJaxError, check
 from ddjax.sre2l.contract import DataContract
@@ -473,8 +473,9 @@ def write_store(
                     f"relabel store {path} was made with {field}={_short(saved[field])}, this "
                     f"run has {field}={_short(index[field])}; use a new directory"
                 )
-    for leftover in path.glob(f"*{loop.TMP_SUFFIX}"):  # a killed write; its epoch is redone below
-        leftover.unlink()
+    # A killed write; its epoch is redone below.
+    leftovers = list(path.glob(f"*{loop.TMP_SUFFIX}"))
+    distributed.on_primary(f"clean {path}", lambda: [leftover.unlink() for leftover in leftovers])
     done = set(_epochs_on_disk(path))
     # An epoch renamed into place just before a kill may be missing from the index.
     index["epoch_bytes"] = {
@@ -524,7 +525,7 @@ def _label_epoch(
     for b, indices in enumerate(batch_map(images.shape[0], batch_size, seed, epoch)):
         augment, _, logits = label(variables, images, indices, batch_key(seed, epoch, b))
         parts.append((augment, logits.astype(jnp.float16)))
-    parts = jax.device_get(parts)
+    parts = distributed.to_host(parts)
     augments = [p[0] for p in parts]
     return {
         "boxes": np.concatenate([a.boxes for a in augments]).astype(np.float32),

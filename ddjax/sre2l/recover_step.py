@@ -59,7 +59,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from ddjax import loop, sharding
+from ddjax import distributed, loop, sharding
 from ddjax.errors import check
 from ddjax.sre2l import crops
 
@@ -461,11 +461,12 @@ def batch_sharding_for(num_images: int) -> NamedSharding | None:
     Returns:
         ``NamedSharding(mesh, P('data'))``, or None when only one device would be used.
     """
-    count = jax.device_count()
-    size = max(d for d in range(1, min(count, num_images) + 1) if num_images % d == 0)
-    if size == 1:
+    devices = sharding.even_devices(num_images)
+    if devices is None:  # processes cannot share the batch evenly: every device holds it all
+        return NamedSharding(sharding.make_mesh(pool=1, data=jax.device_count()), P())
+    if len(devices) == 1:
         return None
-    return NamedSharding(sharding.make_mesh(pool=1, data=size), P("data"))
+    return NamedSharding(sharding.make_mesh(pool=1, data=len(devices), devices=devices), P("data"))
 
 
 def recover_batch(
@@ -515,11 +516,11 @@ def recover_batch(
     for iteration in range(1, settings.iterations + 1):
         state, metrics = step(state, variables, labels)
         if on_log is not None and loop.every(log_every, iteration):
-            on_log(iteration, jax.device_get(metrics))
+            on_log(iteration, distributed.to_host(metrics))
         if on_step is not None:
             on_step()
-    images = np.asarray(jax.device_get(state.images))
-    return images, {name: np.asarray(value) for name, value in jax.device_get(metrics).items()}
+    images = np.asarray(distributed.to_host(state.images))
+    return images, {name: np.asarray(value) for name, value in distributed.to_host(metrics).items()}
 
 
 def _batch_sharding_tree(tree: Any, batch_sharding: NamedSharding) -> Any:

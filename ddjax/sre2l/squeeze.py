@@ -75,7 +75,7 @@ import ml_collections
 import numpy as np
 
 from ddjax import augment as augment_lib
-from ddjax import checkpoint, train
+from ddjax import checkpoint, distributed, train
 from ddjax import data as data_lib
 from ddjax import models as models_lib
 from ddjax.errors import DDJaxError, check
@@ -467,7 +467,7 @@ def train_teacher(
     state = train.TrainState(params, variables["batch_stats"], tx.init(params))
     # Committed to the device, as restored checkpoints are: jit specialises on committed
     # inputs, so a fresh and a resumed run share one compiled epoch.
-    state = jax.device_put(state, jax.devices()[0])
+    state = jax.device_put(state, distributed.local_device())
     limit = settings.test_limit or len(dataset.y_test)
     test_images = jnp.asarray(dataset.x_test[:limit])
     test_labels = jnp.asarray(dataset.y_test[:limit])

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddjax import checkpoint, loop
+from ddjax import checkpoint, distributed, loop
 from ddjax import models as models_lib
 from ddjax.data import Dataset
 from ddjax.errors import DDJaxError, check
@@ -228,19 +228,27 @@ def save_teacher(
 
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.writing-{os.getpid()}"
-    retired = path.parent / f".{path.name}.replaced-{os.getpid()}"
-    for leftover in (staging, retired):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    staging.mkdir()
+    pid = distributed.shared_pid()  # every process of a multi-process run saves together
+    staging = path.parent / f".{path.name}.writing-{pid}"
+    retired = path.parent / f".{path.name}.replaced-{pid}"
+
+    def clear():
+        for leftover in (staging, retired):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        staging.mkdir()
+
+    def swap():
+        if path.exists():
+            os.replace(path, retired)
+        os.replace(staging, path)
+        if retired.exists():
+            shutil.rmtree(retired)
+
+    distributed.on_primary(f"stage {staging}", clear)
     checkpoint.save_tree(staging / VARIABLES_DIR, variables)
     write_json(staging / META_FILE, meta)
-    if path.exists():
-        os.replace(path, retired)
-    os.replace(staging, path)
-    if retired.exists():
-        shutil.rmtree(retired)
+    distributed.on_primary(f"replace {path}", swap)
 
 
 def _read_meta(path: Path) -> dict:
@@ -277,7 +285,7 @@ def load_teacher(path: str | os.PathLike) -> Teacher:
     meta = _read_meta(path)
     model = _build_model(meta["model"], meta["model_overrides"], meta)
     image_shape = tuple(int(s) for s in meta["image_shape"])
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(distributed.local_device())
     abstract = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
         models_lib.variable_shapes(model, image_shape),

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from ddjax import checkpoint, sharding
+from ddjax import checkpoint, distributed, sharding
 from ddjax.errors import check
 from ddjax.train.step import (
     TrainState,
@@ -248,26 +248,26 @@ def train_epochs(
         history.append(loss)
         postfix = None
         if on_epoch is not None:
-            loss_host, per_example = jax.device_get((loss, per_example))  # one sync for all
+            loss_host, per_example = distributed.to_host((loss, per_example))  # one sync for all
             if isinstance(per_example, tuple | list):  # a looped pool: one array per model
                 per_example = np.stack(per_example)
             outputs = EpochOutputs(np.asarray(loss_host), per_example)
             postfix = on_epoch(epoch, placed.gathered(), outputs)
         if postfix is None and (epoch % 10 == 0 or epoch + 1 == epochs):
-            postfix = {"loss": f"{float(np.mean(jax.device_get(loss))):.4f}"}
+            postfix = {"loss": f"{float(np.mean(distributed.to_host(loss))):.4f}"}
         if postfix is not None:
             bar.set_postfix(**postfix)
         last = epoch + 1 == epochs
         if checkpoints is not None and (
             ((epoch + 1) % checkpoint_every == 0 and not last) or (last and checkpoint_final)
         ):
-            state_host = jax.tree.map(np.asarray, jax.device_get(placed.gathered()))
+            state_host = jax.tree.map(np.asarray, distributed.to_host(placed.gathered()))
             checkpoints.save(epoch + 1, {"state": state_host, "record": record})
         if stop_after_epochs is not None and count >= stop_after_epochs:
             bar.close()
             return None
     bar.close()
-    losses = np.asarray(jax.device_get(history), np.float32)
+    losses = np.asarray(distributed.to_host(history), np.float32)
     shape = (len(history), placed.num_models) if pool else (len(history),)
     return placed.gathered(), losses.reshape(shape)
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ddjax import sharding
+from ddjax import distributed, sharding
 from ddjax.errors import check
 
 Array = jax.Array
@@ -232,10 +232,20 @@ def resolve_pool_mode(mode: str) -> str:
     loop over jitted minibatch steps (dispatch costs microseconds against
     milliseconds of compute). On accelerators the pool is one vmapped program
     whose epoch is a ``lax.scan``. Both give the same numbers (tested).
+
+    A multi-process run always uses ``'vmap'``: the pool is one program over the global
+    mesh, of which every process runs its part; ``'loop'``'s one-model-per-device steps
+    would need every device to be this process's.
     """
     check(mode in POOL_MODES, f"pool_mode={mode!r} is not known; valid: {list(POOL_MODES)}")
+    multi_process = jax.process_count() > 1
+    check(
+        not (multi_process and mode == "loop"),
+        "pool_mode='loop' runs models on this process's devices only; a multi-process run "
+        "needs pool_mode='vmap' or 'auto'",
+    )
     if mode == "auto":
-        return "loop" if jax.default_backend() == "cpu" else "vmap"
+        return "loop" if jax.default_backend() == "cpu" and not multi_process else "vmap"
     return mode
 
 
@@ -399,7 +409,7 @@ def pool_accuracy(
             chunk = (test[0][start : start + batch_size], test[1][start : start + batch_size])
             total = total + count(one.params, one.batch_stats, *chunk)
         totals.append(total)
-    per_class = np.asarray(jax.device_get(totals), np.float64).reshape(-1, num_classes)
+    per_class = np.asarray(distributed.to_host(totals), np.float64).reshape(-1, num_classes)
     class_sizes = np.maximum(np.bincount(np.asarray(labels), minlength=num_classes), 1)
     accuracy = (per_class.sum(1) / n).astype(np.float32)
     return accuracy, (per_class / class_sizes).astype(np.float32)
