@@ -45,6 +45,19 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(leaf, tree)
 
 
+def _savable(tree: Any) -> Any:
+    """``tree`` as Orbax saves it in a multi-process run: host-local arrays as NumPy.
+
+    Orbax saves global arrays shard by shard from the processes that hold them; an array on
+    one process's own device (a model every process trains alike, the squeeze teacher) is not
+    global, so it is saved as NumPy, which Orbax writes once, from process 0.
+    """
+    if jax.process_count() == 1:
+        return tree
+    local = lambda x: isinstance(x, jax.Array) and x.is_fully_addressable  # noqa: E731
+    return jax.tree.map(lambda x: np.asarray(x) if local(x) else x, tree)
+
+
 def exists(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds a complete (committed) checkpoint written by :func:`save_tree`."""
     path = Path(path)
@@ -60,7 +73,7 @@ def save_tree(path: str | os.PathLike, tree: Any) -> Path:
     checkpointer = ocp.StandardCheckpointer()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        checkpointer.save(path, tree, force=True)
+        checkpointer.save(path, _savable(tree), force=True)
         checkpointer.wait_until_finished()
     checkpointer.close()
     return path
@@ -117,7 +130,7 @@ class Checkpoints:
         """Saves ``state`` as checkpoint ``step`` (synchronously; atomic)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+            self._manager.save(step, args=ocp.args.StandardSave(_savable(state)), force=True)
             self._manager.wait_until_finished()
 
     def restore(self, step: int, like: Any) -> Any:

@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -95,12 +96,38 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def shard_pool(tree, mesh: Mesh):
     """Places a pytree whose leaves have a leading model axis on the ``pool`` axis."""
-    return jax.device_put(tree, pool_sharding(mesh))
+    return put(tree, pool_sharding(mesh))
 
 
 def replicate(tree, mesh: Mesh):
     """Places a pytree on every device of ``mesh``."""
-    return jax.device_put(tree, replicated(mesh))
+    return put(tree, replicated(mesh))
+
+
+def put(tree, where):
+    """``jax.device_put(tree, where)`` that also places host values on other processes' devices.
+
+    ``where`` is one sharding or a tree of them. ``jax.device_put`` only places host values
+    on this process's devices; for a sharding that spans processes every process holds the
+    whole value (the same in all), and each builds its own shards from it
+    (``jax.make_array_from_callback``). Arrays already spread over processes are resharded
+    by ``jax.device_put``.
+    """
+    if isinstance(where, jax.sharding.Sharding):
+        if where.is_fully_addressable:
+            return jax.device_put(tree, where)
+        return jax.tree.map(lambda x: _put_global(x, where), tree)
+    return jax.tree.map(put, tree, where)
+
+
+def _put_global(x, where: jax.sharding.Sharding):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(x, where)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _put_global(jax.random.key_data(x), where)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
 
 
 def describe(mesh: Mesh) -> str:

@@ -505,12 +505,12 @@ def recover_batch(
     if batch_sharding is not None:
         mesh = batch_sharding.mesh
         state = RecoverState(
-            jax.device_put(state.images, batch_sharding),
-            jax.device_put(state.opt_state, _batch_sharding_tree(state.opt_state, batch_sharding)),
+            sharding.put(state.images, batch_sharding),
+            sharding.put(state.opt_state, _batch_sharding_tree(state.opt_state, batch_sharding)),
             sharding.replicate(state.step, mesh),
             sharding.replicate(state.key, mesh),
         )
-        labels = jax.device_put(labels, batch_sharding)
+        labels = sharding.put(labels, batch_sharding)
         variables = sharding.replicate(variables, mesh)
     metrics: dict[str, Any] = {}
     for iteration in range(1, settings.iterations + 1):

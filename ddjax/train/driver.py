@@ -219,7 +219,7 @@ def train_epochs(
         epoch_keys is not None or not source.per_model,
         "train_epochs: a per-model source needs epoch_keys",
     )
-    mode = resolve_pool_mode(pool_mode)
+    mode = resolve_pool_mode(pool_mode, pool)
     start = 0
     if checkpoints is not None and checkpoints.latest_step() is not None:
         start = checkpoints.latest_step()
@@ -281,6 +281,11 @@ class _Placed:
         if not pool:
             self.states = [state]
         elif mode == "loop":
+            check(
+                all(x.is_fully_addressable for x in jax.tree.leaves(state)),
+                "pool_mode='loop' trains each model on this process's device that holds it; "
+                "a pool spread over several processes needs pool_mode='vmap' or 'auto'",
+            )
             # One state per model, each on the device that holds its slice of the pool.
             self.states = [_take(state, i) for i in range(self.num_models)]
         else:
@@ -389,7 +394,7 @@ class _DataBeside:
         where = _sharding_of(state)
         if isinstance(where, jax.sharding.NamedSharding):
             return sharding.replicate(arrays, where.mesh)
-        return jax.device_put(arrays, where)
+        return sharding.put(arrays, where)
 
 
 class _StepPrograms(NamedTuple):

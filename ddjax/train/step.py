@@ -215,7 +215,7 @@ def _in_data_order(perm: Array, per_example: Sequence[Array]) -> Array:
 POOL_MODES = ("auto", "vmap", "loop")
 
 
-def resolve_pool_mode(mode: str) -> str:
+def resolve_pool_mode(mode: str, pool: bool = True) -> str:
     """``'auto'`` is ``'vmap'`` on GPU/TPU and ``'loop'`` on CPU.
 
     Two facts about XLA:CPU (jax 0.10.2, measured in
@@ -233,19 +233,14 @@ def resolve_pool_mode(mode: str) -> str:
     milliseconds of compute). On accelerators the pool is one vmapped program
     whose epoch is a ``lax.scan``. Both give the same numbers (tested).
 
-    A multi-process run always uses ``'vmap'``: the pool is one program over the global
-    mesh, of which every process runs its part; ``'loop'``'s one-model-per-device steps
-    would need every device to be this process's.
+    In a multi-process run a pool (``pool=True``) is always ``'vmap'``: one program over
+    the global mesh, of which every process runs its part; ``'loop'``'s one model per
+    device would need every device to be this process's.
     """
     check(mode in POOL_MODES, f"pool_mode={mode!r} is not known; valid: {list(POOL_MODES)}")
-    multi_process = jax.process_count() > 1
-    check(
-        not (multi_process and mode == "loop"),
-        "pool_mode='loop' runs models on this process's devices only; a multi-process run "
-        "needs pool_mode='vmap' or 'auto'",
-    )
     if mode == "auto":
-        return "loop" if jax.default_backend() == "cpu" and not multi_process else "vmap"
+        spread = pool and jax.process_count() > 1
+        return "loop" if jax.default_backend() == "cpu" and not spread else "vmap"
     return mode
 
 
@@ -332,7 +327,7 @@ def _device_of(x, i: int):
 def _stack(states: list[TrainState], like: TrainState) -> TrainState:
     """Stacks per-model states back into a pool with ``like``'s shardings."""
     stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states)
-    return jax.tree.map(lambda s, o: jax.device_put(s, o.sharding), stacked, like)
+    return jax.tree.map(lambda s, o: sharding.put(s, o.sharding), stacked, like)
 
 
 def _like(new_tree, old_tree):
