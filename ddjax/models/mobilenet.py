@@ -179,7 +179,7 @@ class MobileNetV2(nn.Module):
                     f"MobileNetV2 applies dropout {self.dropout} in train mode: pass "
                     "rngs={'dropout': key} to apply, or build it with dropout=0.0"
                 )
-            features = nn.Dropout(self.dropout, deterministic=False)(features)
+            features = nn.Dropout(self.dropout, deterministic=False, name="dropout")(features)
         normal_std = 0.01 if self.conv_init == "torchvision" else None
         return layers.dense(features, self.num_classes, name="classifier", normal_std=normal_std)
 
