@@ -324,7 +324,11 @@ def test_resnet_key_styles():
 )
 def test_state_dict_and_flat_vector_round_trips(name, overrides, shape):
     model = models.get_model(name, 7, shape, **overrides)
-    variables = _random_variables(model, shape)
+    _assert_round_trips(model, _random_variables(model, shape), shape)
+
+
+def _assert_round_trips(model, variables: dict, shape: tuple[int, int, int]) -> None:
+    """state_dict and flat-vector round trips; the vector is the state_dict's parameters."""
     state_dict = models.to_torch_state_dict(variables, model)
     _assert_trees_equal(models.from_torch_state_dict(state_dict, model, shape), variables)
 
