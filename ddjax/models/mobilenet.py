@@ -122,8 +122,8 @@ class MobileNetV2(nn.Module):
         width_mult: channel multiplier, rounded to multiples of 8 as torchvision does (1.0 is
             the published network; smaller values are for tests). The last conv keeps 1280
             channels for ``width_mult ≤ 1``.
-        small_stem: first conv with stride 1 instead of 2 (the change SRe2L's successors make
-            for CIFAR-size inputs); the state_dict keys are the same either way.
+        small_stem: first conv with stride 1 instead of 2, for CIFAR-size inputs (MobileNet's
+            counterpart of the ResNets' small-image stem); the state_dict keys are the same.
         dropout: drop probability before the classifier in train mode (torchvision: 0.2).
         conv_init: ``'torchvision'`` (default; kaiming-normal fan-out convs, classifier
             N(0, 0.01²) with zero bias, BatchNorm γ = 1, β = 0) or ``'pytorch'`` (PyTorch's
@@ -158,7 +158,7 @@ class MobileNetV2(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, features_only: bool = False) -> jax.Array:
-        """Maps images (N, H, W, C) to logits (N, num_classes) or features (N, 1280)."""
+        """Maps images (N, H, W, C) to logits (N, num_classes) or features (N, 1280 or more)."""
         options = dict(train=train, conv_init=self.conv_init, conv_grad=self.conv_grad)
         stem_channels = round_channels(STEM_CHANNELS * self.width_mult)
         stem_stride = 1 if self.small_stem else 2
