@@ -101,8 +101,10 @@ def _small(name: str) -> tuple[dict, tuple[int, int, int]]:
     if name.startswith("ConvNet"):
         depth = models.get_model(name, 2, (512, 512, 3)).depth
         return {"width": 8}, (max(16, 2**depth),) * 2 + (3,)
-    if name.startswith("ResNet18"):
+    if name.startswith("ResNet"):  # ResNet-18, -50, -101
         return {"width": 8}, (16, 16, 3) if "ImageNet" not in name else (32, 32, 3)
+    if name.startswith("MobileNetV2"):  # no dropout: this test's train call passes no RNG
+        return {"width_mult": 0.25, "dropout": 0.0}, (32, 32, 3)
     return {}, (28, 28, 1)  # VGG11, AlexNet: the grey 28-px path (first conv pads more)
 
 
@@ -130,7 +132,7 @@ def test_every_model_runs_forward(name):
     # The same training call works for every model; only BatchNorm models return statistics.
     train_logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
     assert train_logits.shape == (2, 5)
-    has_bn = "BN" in name
+    has_bn = "BN" in name or name.startswith("MobileNetV2")
     assert ("batch_stats" in variables) == has_bn
     assert ("batch_stats" in updates) == has_bn
     if not has_bn:
@@ -322,7 +324,11 @@ def test_resnet_key_styles():
 )
 def test_state_dict_and_flat_vector_round_trips(name, overrides, shape):
     model = models.get_model(name, 7, shape, **overrides)
-    variables = _random_variables(model, shape)
+    _assert_round_trips(model, _random_variables(model, shape), shape)
+
+
+def _assert_round_trips(model, variables: dict, shape: tuple[int, int, int]) -> None:
+    """state_dict and flat-vector round trips; the vector is the state_dict's parameters."""
     state_dict = models.to_torch_state_dict(variables, model)
     _assert_trees_equal(models.from_torch_state_dict(state_dict, model, shape), variables)
 

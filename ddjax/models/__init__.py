@@ -3,7 +3,9 @@
 The architectures are those of MTT's ``networks.py`` (Cazenavette et al., CVPR 2022; inherited from
 DC/DSA), which TESLA, DATM and SelMatch reuse unchanged, plus the torchvision-style ResNet-18 with
 the small-image stem that SRe2L squeezes on CIFAR and Tiny-ImageNet (see
-``research/trajectory_matching.md`` §1.5 and ``research/sre2l.md`` §2).
+``research/trajectory_matching.md`` §1.5 and ``research/sre2l.md`` §2), and torchvision's
+ImageNet-scale teachers and students: ResNet-50/101 (:class:`BottleneckResNet`) and MobileNet-V2
+(:class:`MobileNetV2`), each with the ImageNet stem or the small-image stem.
 
 Conventions every caller relies on:
 
@@ -26,13 +28,17 @@ Conventions every caller relies on:
   (MTT's student in the inner loop works this way: its running statistics are never read).
   Models without BatchNorm accept the same call and return an empty ``updates`` dict, so one
   training step serves every model. ``train=False`` normalises with the running statistics.
+  The exception is MobileNet-V2's dropout (torchvision's 0.2 before the classifier): in train
+  mode it needs ``rngs={'dropout': key}`` (a clear error says so), or ``dropout=0.0``.
 * **BN input statistics** (SRe2L's recover loss): with ``mutable=['bn_inputs']`` every
   BatchNorm layer also stores the batch mean and biased variance of its *input* (over N, H, W)
   in ``'bn_inputs'``, laid out exactly like ``'batch_stats'``; under ``jit`` with a sharded batch
   these are statistics of the whole batch.
 * **Initialisation** is PyTorch's default, so accuracies are comparable with the published
   numbers: conv and linear weights and biases ~ U(±1/√fan_in) (``kaiming_uniform(a=√5)``),
-  normalisation γ = 1, β = 0, running mean 0 and variance 1.
+  normalisation γ = 1, β = 0, running mean 0 and variance 1. ``conv_init='torchvision'``
+  (ResNet-18's option; the default of ResNet-50/101 and MobileNet-V2) is torchvision's:
+  kaiming-normal fan-out convs, and N(0, 0.01²) with zero bias for MobileNet-V2's classifier.
 * **Counting**: ``count_params(variable_shapes(model, image_shape))`` counts trainable
   parameters without allocating or compiling anything.
 * **Convolution gradients on CPU.** Stride-1 convolutions differentiate through
@@ -43,12 +49,15 @@ Conventions every caller relies on:
   gradient everywhere (:data:`CONV_GRADS`).
 * **PyTorch interchange** (numpy only; torch is never imported): :func:`to_torch_state_dict` /
   :func:`from_torch_state_dict` use the exact ``state_dict`` key names of MTT's ``networks.py``
-  (or torchvision's for ResNet-18 with ``key_style='torchvision'``), and
+  (or torchvision's for ResNet-18 with ``key_style='torchvision'``, and always for ResNet-50/101
+  and MobileNet-V2), and
   :func:`to_flat_vector` / :func:`from_flat_vector` use the flat parameter vector of MTT's
   ``ReparamModule`` (``torch.cat([p.reshape(-1) for p in net.parameters()])``), the format of
   MTT's expert buffers.
 
-Model names (:data:`MODEL_NAMES`, :func:`get_model`) are MTT's ``utils.get_network`` names.
+Model names (:data:`MODEL_NAMES`, :func:`get_model`) are MTT's ``utils.get_network`` names, and
+for torchvision's networks ``ResNet50BN``/``ResNet101BN``/``MobileNetV2`` (small-image stem) and
+``ResNet50BNImageNet``/``ResNet101BNImageNet``/``MobileNetV2ImageNet`` (torchvision's own).
 
 Layout (each module's docstring says what it promises):
 
@@ -56,8 +65,8 @@ Layout (each module's docstring says what it promises):
   gradient, and the ``conv_grad`` switch (:data:`CONV_GRADS`).
 * :mod:`~ddjax.models.layers` — conv/linear layers with PyTorch's init, :class:`BatchNorm`, the
   other normalisations, pooling and flattening.
-* :mod:`~ddjax.models.convnet`, :mod:`~ddjax.models.resnet`, :mod:`~ddjax.models.vgg_alexnet` —
-  the architectures.
+* :mod:`~ddjax.models.convnet`, :mod:`~ddjax.models.resnet`, :mod:`~ddjax.models.vgg_alexnet`,
+  :mod:`~ddjax.models.mobilenet` — the architectures.
 * :mod:`~ddjax.models.registry` — :func:`get_model`, :data:`MODEL_NAMES`, :func:`init_variables`,
   :func:`variable_shapes`, :func:`count_params`.
 * :mod:`~ddjax.models.torch_io` — PyTorch ``state_dict`` and flat-vector conversion.
@@ -69,6 +78,7 @@ Adding an architecture: one module with the Flax class, one registry line, and i
 from ddjax.models.conv import CONV_GRADS, conv_nhwc
 from ddjax.models.convnet import ConvNet
 from ddjax.models.layers import BatchNorm
+from ddjax.models.mobilenet import MobileNetV2
 from ddjax.models.registry import (
     MODEL_NAMES,
     Variables,
@@ -77,7 +87,7 @@ from ddjax.models.registry import (
     init_variables,
     variable_shapes,
 )
-from ddjax.models.resnet import ResNet18
+from ddjax.models.resnet import BottleneckResNet, ResNet18
 from ddjax.models.torch_io import (
     from_flat_vector,
     from_torch_state_dict,
@@ -95,7 +105,9 @@ __all__ = [
     "VGG11_CFG",
     "AlexNet",
     "BatchNorm",
+    "BottleneckResNet",
     "ConvNet",
+    "MobileNetV2",
     "ResNet18",
     "VGG11",
     "Variables",

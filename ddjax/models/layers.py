@@ -1,7 +1,9 @@
 """The layers MTT's networks are built from, with PyTorch's initialisation and semantics.
 
 Promises: :func:`conv2d` and :func:`dense` initialise as PyTorch's ``nn.Conv2d`` / ``nn.Linear``
-(U(±1/√fan_in) for weights and biases, or torchvision's kaiming-normal for ResNet convs);
+(U(±1/√fan_in) for weights and biases, or torchvision's kaiming-normal for ResNet and
+MobileNet convs and N(0, 0.01²) for MobileNet's classifier); :func:`conv2d` also does grouped
+(depthwise) convolutions with PyTorch's ``groups`` semantics;
 :class:`BatchNorm` is ``nn.BatchNorm2d`` (biased variance to normalise, unbiased for the running
 variance) and can record its input statistics (``'bn_inputs'``); :func:`norm_layer` gives the
 other normalisations of MTT's networks with eps 1e-5; :func:`flatten_chw` flattens in PyTorch's
@@ -51,19 +53,24 @@ def conv2d(
     stride: int = 1,
     padding: int = 0,
     use_bias: bool = True,
+    groups: int = 1,
     init: str = "pytorch",
     conv_grad: str = "fast",
 ) -> jax.Array:
     """A square conv with PyTorch's default init; must be called inside a compact method.
 
     The initialisers are built here because PyTorch's bias bound depends on the conv's fan-in
-    (in_channels·k·k), which a Flax bias initialiser (given only the bias shape) cannot know.
-    ``conv_grad`` is one of :data:`CONV_GRADS`.
+    ((in_channels/groups)·k·k), which a Flax bias initialiser (given only the bias shape) cannot
+    know. ``groups`` is ``nn.Conv2d``'s (``groups = in_channels`` is a depthwise conv); the
+    kernel is (k, k, in_channels/groups, features), the HWIO form of PyTorch's
+    (features, in_channels/groups, k, k). ``conv_grad`` is one of :data:`CONV_GRADS`.
     """
-    fan_in = x.shape[-1] * kernel_size * kernel_size
+    fan_in = x.shape[-1] // groups * kernel_size * kernel_size
     bound = 1.0 / math.sqrt(fan_in)
     if init == "torchvision":
-        # torchvision's ResNet: kaiming_normal_(mode='fan_out', nonlinearity='relu').
+        # torchvision's ResNet and MobileNetV2: kaiming_normal_(mode='fan_out'), gain √2. The
+        # fan-out of PyTorch's (out, in/groups, k, k) weight is out·k·k, as Flax computes it
+        # from the HWIO kernel, grouped or not.
         kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
     else:
         kernel_init = _uniform(bound)
@@ -73,6 +80,7 @@ def conv2d(
         strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),
         use_bias=use_bias,
+        feature_group_count=groups,
         kernel_init=kernel_init,
         bias_init=_uniform(bound),
         conv_general_dilated=conv_general_dilated(conv_grad),
@@ -80,10 +88,18 @@ def conv2d(
     )(x)
 
 
-def dense(x: jax.Array, features: int, *, name: str) -> jax.Array:
-    """nn.Linear with PyTorch's default init (weights and bias U(±1/√in_features))."""
-    bound = 1.0 / math.sqrt(x.shape[-1])
-    return nn.Dense(features, kernel_init=_uniform(bound), bias_init=_uniform(bound), name=name)(x)
+def dense(x: jax.Array, features: int, *, name: str, normal_std: float | None = None) -> jax.Array:
+    """nn.Linear with PyTorch's default init (weights and bias U(±1/√in_features)).
+
+    With ``normal_std`` the weights are N(0, normal_std²) and the bias zero instead
+    (torchvision's MobileNetV2 classifier: ``normal_(0, 0.01)``, ``zeros_``).
+    """
+    if normal_std is None:
+        bound = 1.0 / math.sqrt(x.shape[-1])
+        kernel_init, bias_init = _uniform(bound), _uniform(bound)
+    else:
+        kernel_init, bias_init = nn.initializers.normal(normal_std), nn.initializers.zeros
+    return nn.Dense(features, kernel_init=kernel_init, bias_init=bias_init, name=name)(x)
 
 
 def flatten_chw(x: jax.Array) -> jax.Array:

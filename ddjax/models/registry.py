@@ -1,8 +1,9 @@
 """Model names, construction, initialisation and parameter counting.
 
 Promises: :func:`get_model` builds any of :data:`MODEL_NAMES` (MTT's ``utils.get_network`` names,
-plus ``ConvNetD<k>``/``ConvNetW<k>``) and rejects an unknown name, an unknown or invalid setting or
-images too small for the network with a one-line :class:`~ddjax.errors.DDJaxError`; the CPU
+plus ``ConvNetD<k>``/``ConvNetW<k>`` and torchvision's ResNet-50/101 and MobileNet-V2) and
+rejects an unknown name, an unknown or invalid setting or images too small for the network
+with a one-line :class:`~ddjax.errors.DDJaxError`; the CPU
 convolution-gradient choice (``conv_grad``) is an explicit argument, decided where a stage
 starts. :func:`init_variables` initialises as PyTorch would and returns plain dicts;
 :func:`variable_shapes` does the same with ``jax.ShapeDtypeStruct`` leaves and allocates nothing.
@@ -24,7 +25,8 @@ import numpy as np
 
 from ddjax.errors import DDJaxError, check
 from ddjax.models.convnet import ConvNet
-from ddjax.models.resnet import ResNet18
+from ddjax.models.mobilenet import MobileNetV2, inverted_residual_blocks
+from ddjax.models.resnet import BottleneckResNet, ResNet18
 from ddjax.models.vgg_alexnet import VGG11, VGG11_CFG, AlexNet
 
 Variables = dict[str, Any]
@@ -50,12 +52,23 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "ResNet18_AP": (ResNet18, {"norm": "instance", "avgpool_downsample": True}),
     "ResNet18BN_AP": (ResNet18, {"norm": "batch", "avgpool_downsample": True}),
     "ResNet18ImageNet": (ResNet18, {"norm": "instance", "small_stem": False}),
+    # torchvision's ImageNet networks (SRe2L's teachers and students). Named like ResNet18BN /
+    # ResNet18ImageNet: "BN" for BatchNorm, "ImageNet" for the 7×7/2 stem with max-pool (no
+    # suffix: the 3×3/1 small-image stem). Only BatchNorm exists for these, so "ResNet50ImageNet"
+    # (instance norm, by analogy with ResNet18ImageNet) is deliberately not a name.
+    "ResNet50BN": (BottleneckResNet, {"depth": 50, "small_stem": True}),
+    "ResNet50BNImageNet": (BottleneckResNet, {"depth": 50, "small_stem": False}),
+    "ResNet101BN": (BottleneckResNet, {"depth": 101, "small_stem": True}),
+    "ResNet101BNImageNet": (BottleneckResNet, {"depth": 101, "small_stem": False}),
+    "MobileNetV2": (MobileNetV2, {"small_stem": True}),
+    "MobileNetV2ImageNet": (MobileNetV2, {"small_stem": False}),
     "VGG11": (VGG11, {"norm": "instance"}),
     "VGG11BN": (VGG11, {"norm": "batch"}),
     "AlexNet": (AlexNet, {}),
 }
 
-#: Names accepted by :func:`get_model` (MTT's names). ``ConvNetD<k>`` and ``ConvNetW<k>`` are
+#: Names accepted by :func:`get_model` (MTT's names, and torchvision's ResNet-50/101 and
+#: MobileNet-V2 in the same naming scheme). ``ConvNetD<k>`` and ``ConvNetW<k>`` are
 #: also accepted for any positive k beyond the ones listed.
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -139,12 +152,19 @@ def _feature_map_size(model: nn.Module, size: int, channels: int) -> int:
         for _ in range(3):
             size //= 2
         return size
-    if isinstance(model, ResNet18):
+    if isinstance(model, ResNet18 | BottleneckResNet):
         if not model.small_stem:
             size = (size - 1) // 2 + 1  # 7×7 stride-2 conv, padding 3
             size = (size - 1) // 2 + 1  # 3×3 stride-2 max-pool, padding 1
+        average = isinstance(model, ResNet18) and model.avgpool_downsample
         for _ in range(3):  # stages 2-4 downsample once each
-            size = size // 2 if model.avgpool_downsample else (size - 1) // 2 + 1
+            size = size // 2 if average else (size - 1) // 2 + 1
+        return size
+    if isinstance(model, MobileNetV2):
+        # Every stride-2 layer is a 3×3 conv with padding 1; none can reach 0 from size ≥ 1.
+        size = size if model.small_stem else (size - 1) // 2 + 1
+        for block in inverted_residual_blocks(model.width_mult):
+            size = (size - 1) // block.stride + 1
         return size
     raise DDJaxError(f"not a ddjax model: {type(model).__name__}")
 

@@ -2,8 +2,9 @@
 
 numpy only; torch is never imported. Promises: :func:`to_torch_state_dict` /
 :func:`from_torch_state_dict` use the exact ``state_dict`` keys of MTT's ``networks.py`` (or
-torchvision's for ResNet-18 with ``key_style='torchvision'``) in ``named_parameters`` order, and
-are inverse to each other; :func:`to_flat_vector` / :func:`from_flat_vector` use the flat vector
+torchvision's for ResNet-18 with ``key_style='torchvision'``; always torchvision's for ResNet-50/101
+and MobileNet-V2, which MTT never had) in ``named_parameters`` order, and are inverse to each
+other; :func:`to_flat_vector` / :func:`from_flat_vector` use the flat vector
 of MTT's ``ReparamModule``, the format of MTT's expert buffers. A missing, unexpected or
 mis-shaped tensor is a one-line :class:`~ddjax.errors.DDJaxError` naming the key.
 """
@@ -21,9 +22,13 @@ import numpy as np
 
 from ddjax.errors import DDJaxError, check
 from ddjax.models.convnet import ConvNet
+from ddjax.models.mobilenet import MobileNetV2, inverted_residual_blocks
 from ddjax.models.registry import Variables, count_params, variable_shapes
-from ddjax.models.resnet import ResNet18
+from ddjax.models.resnet import BOTTLENECK_DEPTHS, BottleneckResNet, ResNet18
 from ddjax.models.vgg_alexnet import VGG11, VGG11_CFG, AlexNet
+
+# Networks that exist only in torchvision: their keys are torchvision's under either key style.
+_TORCHVISION_ONLY = (BottleneckResNet, MobileNetV2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +84,11 @@ def _torch_layers(model: nn.Module, key_style: str = "mtt") -> list[_TorchLayer]
         f"key_style must be 'mtt' or 'torchvision', got {key_style!r}",
     )
     if key_style == "torchvision":
+        resnet18 = isinstance(model, ResNet18) and not model.avgpool_downsample
         check(
-            isinstance(model, ResNet18) and not model.avgpool_downsample,
+            resnet18 or isinstance(model, _TORCHVISION_ONLY),
             f"key_style='torchvision' exists only for ResNet18 without avgpool_downsample, "
-            f"not {type(model).__name__}",
+            f"BottleneckResNet and MobileNetV2, not {type(model).__name__}",
         )
     layers: list[_TorchLayer] = []
     if isinstance(model, ConvNet):
@@ -113,34 +119,87 @@ def _torch_layers(model: nn.Module, key_style: str = "mtt") -> list[_TorchLayer]
         for position, index in enumerate((0, 3, 6, 8, 10)):
             layers.append(_TorchLayer(f"features.{index}", (f"conv_{position}",), "conv"))
         layers.append(_TorchLayer("fc", ("fc",), "linear"))
-    elif isinstance(model, ResNet18):
-        kind = _norm_kind(model.norm)
-        shortcut = "downsample" if key_style == "torchvision" else "shortcut"
-        # BasicBlock_AP's shortcut is Sequential(conv, AvgPool2d, norm): the norm is index 2.
-        shortcut_norm = 2 if model.avgpool_downsample else 1
-        layers.append(_TorchLayer("conv1", ("conv1",), "conv", bias=False))
-        layers.append(_TorchLayer("bn1", ("bn1",), kind))
-        for stage in range(1, 5):
-            for block in range(2):
-                torch_prefix, flax_block = f"layer{stage}.{block}.", f"layer{stage}_{block}"
-                parts = [("conv1", "conv1"), ("bn1", "bn1"), ("conv2", "conv2"), ("bn2", "bn2")]
-                if stage > 1 and block == 0:  # the first block of stages 2-4 downsamples
-                    parts.append((f"{shortcut}.0", "shortcut_conv"))
-                    parts.append((f"{shortcut}.{shortcut_norm}", "shortcut_norm"))
-                for torch_name, flax_name in parts:
-                    is_conv = "conv" in flax_name
-                    layers.append(
-                        _TorchLayer(
-                            torch_prefix + torch_name,
-                            (flax_block, flax_name),
-                            "conv" if is_conv else kind,
-                            bias=not is_conv,
-                        )
-                    )
-        head = "fc" if key_style == "torchvision" else "classifier"
-        layers.append(_TorchLayer(head, ("classifier",), "linear"))
+    elif isinstance(model, ResNet18 | BottleneckResNet):
+        layers = _resnet_layers(model, key_style)
+    elif isinstance(model, MobileNetV2):
+        layers = _mobilenet_v2_layers(model)
     else:
         raise DDJaxError(f"no PyTorch layout for {type(model).__name__}")
+    return layers
+
+
+def _conv_bn_layers(
+    torch_prefix: str, flax_prefix: tuple[str, ...], parts: Sequence[tuple[str, str]], norm: str
+) -> list[_TorchLayer]:
+    """(torch suffix, Flax name) pairs of bias-free convs (Flax names with 'conv') and norms."""
+    return [
+        _TorchLayer(
+            torch_prefix + torch_name,
+            (*flax_prefix, flax_name),
+            "conv" if "conv" in flax_name else norm,
+            bias="conv" not in flax_name,
+        )
+        for torch_name, flax_name in parts
+    ]
+
+
+def _resnet_layers(model: ResNet18 | BottleneckResNet, key_style: str) -> list[_TorchLayer]:
+    """ResNet-18 in MTT's or torchvision's keys; ResNet-50/101 in torchvision's (their only ones).
+
+    torchvision: ``conv1``, ``bn1``, ``layer{s}.{b}.conv{i}``/``bn{i}``, ``layer{s}.0.downsample.0``
+    (conv) and ``.1`` (BatchNorm), ``fc``. MTT's ResNet-18 says ``shortcut`` and ``classifier``.
+    """
+    bottleneck = isinstance(model, BottleneckResNet)
+    torchvision = bottleneck or key_style == "torchvision"
+    kind = "batch_norm" if bottleneck else _norm_kind(model.norm)
+    shortcut = "downsample" if torchvision else "shortcut"
+    # BasicBlock_AP's shortcut is Sequential(conv, AvgPool2d, norm): the norm is index 2.
+    shortcut_norm = 2 if not bottleneck and model.avgpool_downsample else 1
+    blocks_per_stage = BOTTLENECK_DEPTHS[model.depth] if bottleneck else (2, 2, 2, 2)
+    convs_per_block = 3 if bottleneck else 2
+
+    layers = _conv_bn_layers("", (), [("conv1", "conv1"), ("bn1", "bn1")], kind)
+    for stage, num_blocks in enumerate(blocks_per_stage, start=1):
+        for block in range(num_blocks):
+            parts = []
+            for index in range(1, convs_per_block + 1):
+                parts += [(f"conv{index}", f"conv{index}"), (f"bn{index}", f"bn{index}")]
+            # A stage's first block changes the shape (ResNet-18: stages 2-4; bottleneck: all).
+            if block == 0 and (bottleneck or stage > 1):
+                parts.append((f"{shortcut}.0", "shortcut_conv"))
+                parts.append((f"{shortcut}.{shortcut_norm}", "shortcut_norm"))
+            layers += _conv_bn_layers(
+                f"layer{stage}.{block}.", (f"layer{stage}_{block}",), parts, kind
+            )
+    layers.append(_TorchLayer("fc" if torchvision else "classifier", ("classifier",), "linear"))
+    return layers
+
+
+def _mobilenet_v2_layers(model: MobileNetV2) -> list[_TorchLayer]:
+    """torchvision's ``mobilenet_v2`` keys.
+
+    ``features.0`` is the stem (``.0`` conv, ``.1`` BatchNorm, ``.2`` ReLU6); ``features.{i}``
+    for i = 1..17 an ``InvertedResidual`` whose ``conv`` Sequential holds [the 1×1 expansion
+    ``Conv2dNormActivation``,] the depthwise ``Conv2dNormActivation``, the projection conv and its
+    BatchNorm; ``features.18`` the last 1×1 ``Conv2dNormActivation``; ``classifier.1`` the linear
+    layer after ``classifier.0``, the Dropout.
+    """
+    norm = "batch_norm"
+    layers = _conv_bn_layers("features.0.", (), [("0", "stem_conv"), ("1", "stem_bn")], norm)
+    blocks = list(inverted_residual_blocks(model.width_mult))
+    for block in blocks:
+        stages = (["expand"] if block.expansion != 1 else []) + ["depthwise"]
+        parts = []
+        for index, stage in enumerate(stages):
+            parts += [(f"{index}.0", f"{stage}_conv"), (f"{index}.1", f"{stage}_bn")]
+        parts += [(f"{len(stages)}", "project_conv"), (f"{len(stages) + 1}", "project_bn")]
+        layers += _conv_bn_layers(
+            f"features.{block.index}.conv.", (f"block_{block.index}",), parts, norm
+        )
+    layers += _conv_bn_layers(
+        f"features.{len(blocks) + 1}.", (), [("0", "last_conv"), ("1", "last_bn")], norm
+    )
+    layers.append(_TorchLayer("classifier.1", ("classifier",), "linear"))
     return layers
 
 
@@ -186,16 +245,20 @@ def to_torch_state_dict(
 
     Keys are those of MTT's ``networks.py`` (``features.0.weight``, ``layer1.0.bn1.running_var``,
     ``classifier.weight`` …); ``key_style='torchvision'`` renames ResNet-18's ``shortcut`` →
-    ``downsample`` and ``classifier`` → ``fc`` for torchvision's ``resnet18``. Conv kernels go
-    HWIO → OIHW, linear kernels (in, out) → (out, in), LayerNorm affines (H, W, C) → (C, H, W).
-    BatchNorm layers also get ``num_batches_tracked`` = 0 (ddjax does not count batches; PyTorch
-    reads it only when ``momentum=None``). Load with
+    ``downsample`` and ``classifier`` → ``fc`` for torchvision's ``resnet18``. ResNet-50/101
+    (``BottleneckResNet``) and MobileNet-V2 have torchvision's keys under either style
+    (``layer1.0.conv3.weight``, ``layer1.0.downsample.0.weight``, ``fc.weight``;
+    ``features.0.0.weight``, ``features.1.conv.0.0.weight``, ``classifier.1.weight``).
+    Conv kernels go HWIO → OIHW (depthwise: (k, k, 1, C) → (C, 1, k, k)), linear kernels
+    (in, out) → (out, in), LayerNorm affines (H, W, C) → (C, H, W). BatchNorm layers also get
+    ``num_batches_tracked`` = 0 (ddjax does not count batches; PyTorch reads it only when
+    ``momentum=None``). Load with
     ``net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``.
 
     Args:
         variables: ``{'params': ..., 'batch_stats': ...}`` of ``model``.
         model: the ddjax model the variables belong to.
-        key_style: ``'mtt'`` or ``'torchvision'`` (ResNet18 only).
+        key_style: ``'mtt'`` or ``'torchvision'`` (ResNet18, BottleneckResNet, MobileNetV2).
 
     Returns:
         An ordered dict of float32 numpy arrays (int64 for ``num_batches_tracked``).
@@ -247,7 +310,7 @@ def from_torch_state_dict(
         state_dict: mapping from PyTorch keys to tensors.
         model: the ddjax model to load into.
         image_shape: (H, W, C) of the inputs (fixes the head's input size).
-        key_style: ``'mtt'`` or ``'torchvision'`` (ResNet18 only).
+        key_style: ``'mtt'`` or ``'torchvision'`` (ResNet18, BottleneckResNet, MobileNetV2).
 
     Returns:
         ``{'params': ..., 'batch_stats': ...}`` (``batch_stats`` only for BatchNorm models).
