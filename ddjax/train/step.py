@@ -101,6 +101,10 @@ def init_pool(model, tx, key: Array, image_shape, num_models: int, mesh=None) ->
     return jax.jit(init, out_shardings=sharding.pool_sharding(mesh))(keys)
 
 
+#: ``fold_in`` constant of the dropout key, apart from the batch's augmentation key.
+DROPOUT_STREAM = 0x64726F70
+
+
 def make_train_step(
     model,
     tx: optax.GradientTransformation,
@@ -127,16 +131,18 @@ def make_train_step(
     def step(state: TrainState, images: Array, labels: Array, key: Array):
         if augment is not None:
             images = augment(key, images)
+        # Models with dropout (MobileNet-V2) draw it from this stream; others ignore it.
+        rngs = {} if key is None else {"dropout": jax.random.fold_in(key, DROPOUT_STREAM)}
 
         def objective(params):
             variables = {"params": params}
             if state.batch_stats:
                 variables["batch_stats"] = state.batch_stats
                 logits, updates = model.apply(
-                    variables, images, train=True, mutable=["batch_stats"]
+                    variables, images, train=True, mutable=["batch_stats"], rngs=rngs
                 )
                 return loss_fn(logits, labels), (updates["batch_stats"], logits)
-            logits = model.apply(variables, images, train=True)
+            logits = model.apply(variables, images, train=True, rngs=rngs)
             return loss_fn(logits, labels), (state.batch_stats, logits)
 
         (loss, (batch_stats, logits)), grads = jax.value_and_grad(objective, has_aux=True)(
