@@ -14,6 +14,9 @@ The package follows one dataset through its steps:
 * :mod:`ddjax.data.normalisation` -- the published constants (:data:`NORMALISATION`).
 * :mod:`ddjax.data.zca` -- MTT's ZCA whitening (:class:`ZCA`, :func:`fit_zca`).
 * :mod:`ddjax.data.dataset` -- the :class:`Dataset` record and :func:`check_ipc`.
+* :mod:`ddjax.data.streaming` -- datasets too large for memory (ImageNet), named
+  ``stream:SOURCE``: :func:`open_stream`, a grain pipeline and the training driver's
+  :class:`StreamSource`; :func:`require_in_memory` is the refusal of stages that cannot stream.
 
 Normalisation: the datasets in :data:`NORMALISATION` use the published constants (those of the
 DC/MTT code, so that accuracies are comparable); every other source uses the per-channel mean and
@@ -27,6 +30,13 @@ from ddjax.data.normalisation import NORMALISATION
 from ddjax.data.sources import SOURCES, Source, Splits
 from ddjax.data.sources.idx import read_idx
 from ddjax.data.sources.mnist import FASHION_MNIST_CLASS_NAMES, MNIST_CLASS_NAMES
+from ddjax.data.streaming import (
+    StreamingDataset,
+    StreamSource,
+    is_stream,
+    open_stream,
+    require_in_memory,
+)
 from ddjax.data.zca import ZCA, fit_zca
 
 __all__ = [
@@ -38,9 +48,14 @@ __all__ = [
     "Dataset",
     "Source",
     "Splits",
+    "StreamSource",
+    "StreamingDataset",
     "check_ipc",
     "fit_zca",
+    "is_stream",
     "load_dataset",
     "load_from_config",
+    "open_stream",
     "read_idx",
+    "require_in_memory",
 ]
