@@ -3,7 +3,8 @@
 Every source ends up in the same :class:`Dataset`: NHWC float32 images, normalised with the
 published per-channel constants (or ZCA-whitened), int32 labels, class names, and what is needed
 to turn images back into pictures. Everything here is host-side NumPy; distillation datasets
-(MNIST/CIFAR scale) fit in memory, and the jitted stages take the arrays as they are.
+(MNIST/CIFAR scale) fit in memory, and the jitted stages take the arrays as they are. Datasets
+that do not fit (ImageNet) are streamed instead (``stream:NAME``, :mod:`ddjax.data.streaming`).
 
 The package follows one dataset through its steps:
 

@@ -91,8 +91,10 @@ class BatchIterator:
         num_epochs: stop after the epoch ``num_epochs - 1``; ``None``: never (train) -- the
             eval split defaults to one epoch.
         worker_count: grain worker processes decoding and transforming (0: in this process).
-        read_threads: threads per process reading and transforming records (grain
-            ``ReadOptions.num_threads``; PIL releases the GIL while decoding).
+        read_threads: extra threads per process reading and transforming records (grain
+            ``ReadOptions.num_threads``; PIL releases the GIL while decoding). 0: the thread
+            that iterates does it -- in this process the prefetch thread, so decoding still
+            overlaps training.
         prefetch: batches put on the devices ahead by the background thread.
         mesh: place batches as global arrays sharded over ``mesh``'s ``data`` axis (its
             devices in process order, as ``jax.make_mesh`` lists them); ``None``: the default
@@ -112,7 +114,7 @@ class BatchIterator:
         batch: int = 0,
         num_epochs: int | None = None,
         worker_count: int = 0,
-        read_threads: int = 1,
+        read_threads: int = 0,
         prefetch: int = 2,
         mesh: jax.sharding.Mesh | None = None,
         process_index: int | None = None,
@@ -128,6 +130,10 @@ class BatchIterator:
                 isinstance(value, int) and value >= low,
                 f"{field} must be an integer >= {low}, got {value!r}",
             )
+        check(
+            num_epochs is None or (isinstance(num_epochs, int) and num_epochs >= 1),
+            f"num_epochs must be a positive integer or None, got {num_epochs!r}",
+        )
         train = split == "train"
         records = dataset.train if train else dataset.test
         self.order = EpochOrder(
