@@ -365,3 +365,25 @@ def test_other_stream_errors(imagenet_folder):
     pytest.importorskip("tensorflow_datasets")
     with pytest.raises(DDJaxError, match="unknown dataset 'no_such_dataset_xyz'"):
         data.open_stream("stream:tfds:no_such_dataset_xyz", data_dir=str(imagenet_folder))
+
+
+def test_open_stream_decodes_nothing_and_a_bad_file_is_named_when_read(tmp_path):
+    for split in ("train", "val"):
+        _write(tmp_path / split / "n01" / "a.JPEG", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "train" / "n01" / "b.JPEG").write_bytes(b"not a jpeg")
+
+    stream = data.open_stream(f"stream:folder:{tmp_path}", image_size=4, normalisation="imagenet")
+
+    assert len(stream.train) == 2
+    with pytest.raises(DDJaxError, match=r"b\.JPEG: cannot decode"):
+        list(BatchIterator(stream, 2, num_epochs=1))
+
+
+def test_a_mesh_gets_global_arrays_sharded_over_data(imagenet_folder):
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    stream = data.open_stream(
+        f"stream:folder:{imagenet_folder}", image_size=8, normalisation="imagenet"
+    )
+    batch = next(iter(BatchIterator(stream, 4, mesh=mesh)))
+    assert isinstance(batch.images, jax.Array) and batch.images.shape == (4, 8, 8, 3)
+    assert batch.images.sharding.spec == jax.sharding.PartitionSpec("data")
