@@ -14,6 +14,7 @@ import numpy as np
 from ddjax.data.dataset import Dataset
 from ddjax.data.normalisation import NORMALISATION, channel_statistics, to_unit_interval
 from ddjax.data.sources import Splits, canonical_name, load_splits
+from ddjax.data.streaming.records import require_in_memory
 from ddjax.data.zca import fit_zca
 from ddjax.errors import DDJaxError, check
 
@@ -51,10 +52,12 @@ def load_dataset(
         The :class:`Dataset`.
 
     Raises:
-        DDJaxError: for an unknown name, data that cannot be found (naming where it looked) or bad
-            data (naming the file and the problem).
+        DDJaxError: for an unknown name, data that cannot be found (naming where it looked), bad
+            data (naming the file and the problem), or a ``stream:`` name (use
+            :func:`ddjax.data.open_stream`).
     """
     check(isinstance(name, str) and name, f"dataset name must be a non-empty string, got {name!r}")
+    require_in_memory(name, stage="load_dataset")
     splits = load_splits(name, data_dir)
     if normalisation is None:
         key = canonical_name(name)

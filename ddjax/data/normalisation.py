@@ -27,6 +27,10 @@ NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     # MTT uses the ImageNet statistics for Tiny-ImageNet (SelMatch uses Tiny's own). Not a source
     # name: pass ``normalisation='tiny_imagenet'`` with ``folder:PATH``.
     "tiny_imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # torchvision's ImageNet statistics (the ImageNet reference scripts, SRe2L). Streams of
+    # TFDS ImageNet datasets (``stream:imagenet2012``) use them; pass
+    # ``normalisation='imagenet'`` with ``stream:folder:PATH``.
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     # Not published: computed once from ddjax's fixed digits train split (pixel values / 16) and
     # rounded like the others; tests/test_data.py checks that they still match.
     "digits": ((0.3057,), (0.3762,)),

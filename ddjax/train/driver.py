@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -160,6 +161,7 @@ def train_epochs(
     checkpoints: checkpoint.Checkpoints | None = None,
     checkpoint_every: int = 1,
     checkpoint_final: bool = True,
+    checkpoint_every_batches: int | None = None,
     progress: str | None = None,
     stop_after_epochs: int | None = None,
 ) -> tuple[TrainState, np.ndarray] | None:
@@ -179,6 +181,16 @@ def train_epochs(
     and a call that finds a checkpoint continues after it: the restored state, ``record``
     restored in place, then epoch ``e + 1`` with the keys and learning rate that epoch
     always gets -- so a killed run ends bit-identical to an uninterrupted one.
+
+    **Resume inside an epoch.** An ImageNet epoch is hours long. With
+    ``checkpoint_every_batches=K`` (a source whose ``epoch_batches`` takes ``start_batch``, such
+    as :class:`ddjax.data.StreamSource`), a checkpoint is also saved before every ``K``-th batch
+    of an epoch: the state, ``record``, the epoch's running loss sum and example count, and the
+    position (epoch, next batch). A resumed call continues at that batch -- without the epoch's
+    optimiser reset, which already happened -- and the epoch's mean loss and the final state
+    equal an uninterrupted run's bit for bit. Checkpoint steps then count the batches trained so
+    far (the position is stored inside), so a directory is written either with or without
+    ``checkpoint_every_batches``, not both.
 
     Args:
       state: a pool-stacked :class:`TrainState` (``pool=True``; from :func:`init_pool`) or one
@@ -204,6 +216,9 @@ def train_epochs(
       checkpoints: where resume points go (``None``: none).
       checkpoint_every: save every this many epochs.
       checkpoint_final: also save after the last epoch.
+      checkpoint_every_batches: also save before every this many batches inside an epoch
+        (``None``: only at epoch ends); needs ``checkpoints`` and a source whose
+        ``epoch_batches`` takes ``start_batch``.
       progress: description of a progress bar over epochs (``None``: none; silent when
         stderr is not a terminal).
       stop_after_epochs: testing hook, the kill of a test: return ``None`` after this many
@@ -220,17 +235,37 @@ def train_epochs(
         "train_epochs: a per-model source needs epoch_keys",
     )
     mode = resolve_pool_mode(pool_mode, pool)
+    within = None
+    if checkpoint_every_batches is not None:
+        check(
+            checkpoints is not None
+            and isinstance(checkpoint_every_batches, int)
+            and checkpoint_every_batches >= 1,
+            "train_epochs: checkpoint_every_batches must be a positive integer and needs "
+            f"`checkpoints`, got {checkpoint_every_batches!r}",
+        )
+        check(
+            not isinstance(source, ArraySource)
+            and "start_batch" in inspect.signature(source.epoch_batches).parameters,
+            f"train_epochs: checkpoint_every_batches needs a source that can start an epoch at "
+            f"a batch (epoch_batches(epoch, key, start_batch)); {type(source).__name__} cannot",
+        )
+        within = _Within(checkpoint_every_batches, checkpoints, state, pool, record)
     start = 0
     if checkpoints is not None and checkpoints.latest_step() is not None:
-        start = checkpoints.latest_step()
-        check(start <= epochs, f"checkpoint {checkpoints.directory} is at epoch {start} > {epochs}")
+        latest = checkpoints.latest_step()
+        like = {"state": state, "record": record}
         # Restored where the given state lives (one device, or sharded over a pool's mesh).
-        restored = checkpoints.restore(start, {"state": state, "record": record})
+        restored = checkpoints.restore(latest, like if within is None else within.like(like))
+        start = latest if within is None else within.restore(restored["position"])
+        check(start <= epochs, f"checkpoint {checkpoints.directory} is at epoch {start} > {epochs}")
         state = TrainState(*restored["state"])
         if record is not None:
             record.update(jax.tree.map(np.array, restored["record"]))  # writable host copies
     placed = _Placed(state, pool, mode)
-    run_epoch = _epoch_runner(step, source, placed)
+    if within is not None:
+        within.placed = placed
+    run_epoch = _epoch_runner(step, source, placed, within)
     history = []
     bar = tqdm(
         range(start, epochs),
@@ -243,7 +278,10 @@ def train_epochs(
     )
     for count, epoch in enumerate(bar, start=1):
         keys = epoch_keys(epoch) if epoch_keys is not None else None
-        placed.prepare(epoch, lr_schedule, reset_optimizer_at, tx)
+        resumed_inside = within is not None and within.start_batch > 0
+        # A resumed partial epoch had its optimiser reset before the checkpoint was taken.
+        resets = () if resumed_inside else reset_optimizer_at
+        placed.prepare(epoch, lr_schedule, resets, tx)
         loss, per_example = run_epoch(epoch, keys)
         history.append(loss)
         postfix = None
@@ -261,8 +299,11 @@ def train_epochs(
         if checkpoints is not None and (
             ((epoch + 1) % checkpoint_every == 0 and not last) or (last and checkpoint_final)
         ):
-            state_host = jax.tree.map(np.asarray, distributed.to_host(placed.gathered()))
-            checkpoints.save(epoch + 1, {"state": state_host, "record": record})
+            if within is None:
+                state_host = jax.tree.map(np.asarray, distributed.to_host(placed.gathered()))
+                checkpoints.save(epoch + 1, {"state": state_host, "record": record})
+            else:
+                within.save(epoch + 1)
         if stop_after_epochs is not None and count >= stop_after_epochs:
             bar.close()
             return None
@@ -310,12 +351,68 @@ class _Placed:
         return self.states[0]
 
 
-def _epoch_runner(step, source: BatchSource, placed: _Placed):
+class _Within:
+    """Checkpoints inside an epoch: the position and the partial epoch's running loss.
+
+    Saved beside the state and ``record`` as ``position``: the epoch and the next batch, the
+    number of batches trained so far in the run (the checkpoint's step), and the epoch's
+    running loss sum (``()`` or ``(K,)`` float32, exactly the driver's accumulator) and
+    example count.
+    """
+
+    def __init__(self, every: int, checkpoints, state: TrainState, pool: bool, record):
+        self.every, self.checkpoints, self.record = every, checkpoints, record
+        self.loss_shape = (_num_models(state),) if pool else ()
+        self.start_batch, self.loss_sum, self.count = 0, 0.0, 0
+        self.done = 0  # batches trained in the whole run, resumed runs included
+        self.placed: _Placed | None = None
+
+    def like(self, tree: dict) -> dict:
+        """The restore template: ``tree`` plus the position."""
+        scalar = np.zeros((), np.int32)
+        loss_sum = np.zeros(self.loss_shape, np.float32)
+        position = {"epoch": scalar, "batch": scalar, "done": scalar, "loss_sum": loss_sum}
+        return {**tree, "position": {**position, "count": scalar}}
+
+    def restore(self, position: dict) -> int:
+        """Takes a restored position; returns the epoch to continue."""
+        position = distributed.to_host(position)
+        self.start_batch, self.done = int(position["batch"]), int(position["done"])
+        self.loss_sum, self.count = jnp.asarray(position["loss_sum"]), int(position["count"])
+        return int(position["epoch"])
+
+    def resume_point(self) -> tuple[int, Any, int]:
+        """``(start_batch, loss_sum, count)`` for the epoch about to run; later ones start at 0."""
+        point = (self.start_batch, self.loss_sum, self.count)
+        self.start_batch, self.loss_sum, self.count = 0, 0.0, 0
+        return point
+
+    def save(self, epoch: int, batch: int = 0, loss_sum: Any = 0.0, count: int = 0) -> None:
+        """Saves the state and ``record`` as step ``done``, to continue at ``(epoch, batch)``."""
+        state_host = jax.tree.map(np.asarray, distributed.to_host(self.placed.gathered()))
+        loss_sum = np.broadcast_to(
+            np.asarray(distributed.to_host(loss_sum), np.float32), self.loss_shape
+        )
+        position = {
+            "epoch": np.int32(epoch),
+            "batch": np.int32(batch),
+            "done": np.int32(self.done),
+            "loss_sum": np.array(loss_sum),
+            "count": np.int32(count),
+        }
+        saved = {"state": state_host, "record": self.record, "position": position}
+        self.checkpoints.save(self.done, saved)
+
+
+def _epoch_runner(step, source: BatchSource, placed: _Placed, within: _Within | None = None):
     """``run(epoch, keys) -> (loss, per_example)``: one epoch of ``placed``'s models.
 
     An :class:`ArraySource` runs as compiled whole-epoch programs; other sources feed their
     batches to the jitted step (vmapped over the pool with shared or per-model batches).
-    Outputs stay on the devices (no sync), so looped devices run side by side.
+    Outputs stay on the devices (no sync), so looped devices run side by side. With
+    ``within``, an epoch may start at a batch (with the restored running loss), and a
+    checkpoint is saved before every ``within.every``-th batch (never before the batch it
+    started at, nor after the last: the epoch end saves that).
     """
     states = placed.states
     if isinstance(source, ArraySource):
@@ -351,12 +448,18 @@ def _epoch_runner(step, source: BatchSource, placed: _Placed):
     shared = not source.per_model
 
     def run_batches(epoch, keys):
-        totals, count = 0.0, 0
+        totals, count, start_batch = 0.0, 0, 0
+        resume = {}
+        if within is not None:
+            start_batch, totals, count = within.resume_point()
+            resume = {"start_batch": start_batch} if start_batch else {}
         if shared:
-            streams = [source.epoch_batches(epoch, None)]
+            streams = [source.epoch_batches(epoch, None, **resume)]
         else:
-            streams = [source.epoch_batches(epoch, k) for k in keys]
-        for batches in zip(*streams, strict=True):
+            streams = [source.epoch_batches(epoch, k, **resume) for k in keys]
+        for b, batches in enumerate(zip(*streams, strict=True), start=start_batch):
+            if within is not None and b > start_batch and b % within.every == 0:
+                within.save(epoch, b, totals, count)
             size = batches[0][0].shape[0]
             if placed.vmapped:
                 batch = batches[0] if shared else jax.tree.map(lambda *x: jnp.stack(x), *batches)
@@ -372,6 +475,8 @@ def _epoch_runner(step, source: BatchSource, placed: _Placed):
                 loss = jnp.stack(losses) if placed.pool else losses[0]
             totals = totals + loss * size
             count += size
+            if within is not None:
+                within.done += 1
         return totals / count, None
 
     return run_batches

@@ -9,6 +9,9 @@ is a :class:`DDJaxError` that says how to install it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
 import numpy as np
 
 from ddjax.data.sources.base import Splits
@@ -42,6 +45,41 @@ def load_prefixed(name: str, argument: str, data_dir: str | None) -> Splits:
 
 def load_tfds(name: str, data_dir: str | None) -> Splits:
     """Reads a prepared TFDS image-classification dataset through ``tfds.data_source``."""
+    opened = open_tfds(name, data_dir)
+    train = _read_tfds_source(opened.train, f"{opened.source} split 'train'")
+    test = _read_tfds_source(opened.test, f"{opened.source} split '{opened.test_split}'")
+    return Splits(*train, *test, class_names=opened.class_names, source=opened.source)
+
+
+class OpenedTfds(NamedTuple):
+    """A TFDS dataset's train and test random-access sources, opened but not read."""
+
+    train: Any  # tfds data source: len(), [i] -> {'image': uint8 HWC, 'label': int}
+    test: Any
+    test_split: str
+    class_names: tuple[str, ...]
+    image_shape: tuple[int | None, ...]  # the 'image' feature's shape; None where it varies
+    source: str  # names the dataset and the place, for error messages
+
+
+def open_tfds(
+    name: str, data_dir: str | None, test_splits: Sequence[str] = ("test", "validation")
+) -> OpenedTfds:
+    """Opens a prepared TFDS image-classification dataset without reading any record.
+
+    Args:
+        name: the TFDS name.
+        data_dir: the TFDS data directory (``None``: TFDS's default).
+        test_splits: the splits to evaluate on, in order of preference; the first the dataset
+            has is used (datasets without a 'test' split, e.g. imagenette, evaluate on
+            'validation'; ImageNet's 'test' split has no labels, so its streams prefer
+            'validation'). Under ``tfds.testing.mock_data`` the split list is empty and the
+            first is assumed.
+
+    Raises:
+        DDJaxError: for an unknown name, a dataset not prepared in ``data_dir``, one that is
+            not image classification, or one without any of ``test_splits``.
+    """
     tfds = _import_tfds()
     place = data_dir or "TFDS's default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
 
@@ -75,15 +113,22 @@ def load_tfds(name: str, data_dir: str | None) -> Splits:
         class_names is not None,
         f"TFDS dataset {name!r}: its 'label' feature is not a ClassLabel with class names",
     )
-    # Datasets without a 'test' split (e.g. imagenette) evaluate on 'validation'. Under
-    # tfds.testing.mock_data the split list is empty; 'test' is then assumed.
     available = set(info.splits.keys())
-    test_split = next((s for s in ("test", "validation") if s in available), "test")
-    test_source = open_split(test_split)
-    source = f"TFDS '{name}' in {place}"
-    train = _read_tfds_source(train_source, f"{source} split 'train'")
-    test = _read_tfds_source(test_source, f"{source} split '{test_split}'")
-    return Splits(*train, *test, class_names=tuple(class_names), source=source)
+    test_split = next((s for s in test_splits if s in available), None)
+    check(
+        test_split is not None or not available,
+        f"TFDS dataset {name!r} has no split among {list(test_splits)} to evaluate on "
+        f"(it has {sorted(available)})",
+    )
+    test_split = test_split or test_splits[0]
+    return OpenedTfds(
+        train=train_source,
+        test=open_split(test_split),
+        test_split=test_split,
+        class_names=tuple(class_names),
+        image_shape=tuple(features["image"].shape),
+        source=f"TFDS '{name}' in {place}",
+    )
 
 
 def _read_tfds_source(source, where: str) -> tuple[np.ndarray, np.ndarray]:
