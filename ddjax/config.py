@@ -213,6 +213,10 @@ def dataset_section(name: str, zca: bool = False) -> ml_collections.ConfigDict:
             "zca": zca,  # ZCA whitening as MTT (eps 0.1, fitted on the train set)
             # Keep only this many train images, balanced over the classes (reduced runs).
             "train_limit": ml_collections.config_dict.placeholder(int),
+            # Streams only (stream:NAME): the side of the square crops (unset: 224), and the
+            # grain worker processes that decode and crop in each process.
+            "image_size": ml_collections.config_dict.placeholder(int),
+            "workers": 0,
         }
     )
 

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddjax import augment as augment_lib
+from ddjax import data as data_lib
 from ddjax import models as models_lib
 from ddjax import sharding, train
 from ddjax.data import Dataset
@@ -198,6 +199,20 @@ def check_protocol(protocol: Protocol) -> None:
     augment_lib.parse_strategy(protocol.dsa_strategy)
 
 
+def pool_test_accuracy(net, state, dataset, *, pool_mode: str = "auto", batch_size: int = 500):
+    """``(accuracy (K,), per_class (K, C))`` of a pool on ``dataset``'s test split.
+
+    ``dataset`` is in memory (:class:`ddjax.data.Dataset`) or a stream
+    (:class:`ddjax.data.StreamingDataset`, read in batches of ``batch_size``).
+    """
+    if isinstance(dataset, data_lib.StreamingDataset):
+        chunks = data_lib.streaming.test_chunks(dataset, batch_size)
+        return train.accuracy_over(net, state, chunks, dataset.num_classes, pool_mode)
+    return train.pool_accuracy(
+        net, state, dataset.x_test, dataset.y_test, dataset.num_classes, batch_size, pool_mode
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
     """Accuracies of K networks trained on one synthetic set.
@@ -223,10 +238,11 @@ class EvalResult:
         cls, net, state, dataset: Dataset, *, model: str, lr: float, lr_source: str, history,
         pool_mode: str = "auto",
     ) -> EvalResult:  # fmt: skip
-        """The test accuracy of a trained pool of networks (any trainer: hard labels, KD)."""
-        accuracy, per_class = train.pool_accuracy(
-            net, state, dataset.x_test, dataset.y_test, dataset.num_classes, pool_mode=pool_mode
-        )
+        """The test accuracy of a trained pool of networks (any trainer: hard labels, KD).
+
+        A streamed dataset's test split is read batch by batch (eval transform), never whole.
+        """
+        accuracy, per_class = pool_test_accuracy(net, state, dataset, pool_mode=pool_mode)
         return cls(
             model=model,
             accuracies=accuracy,

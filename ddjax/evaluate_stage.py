@@ -134,7 +134,7 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     the teacher online) instead of training on the set's labels with ``config.eval.protocol``.
     """
     check(bool(config.synset), "config.synset is empty; pass --config.synset=PATH/TO/synset.npz")
-    dataset = data_lib.load_from_config(config.dataset)
+    dataset = data_lib.open_from_config(config.dataset, stage="evaluate")
     synset = load_synset(config.synset)
     settings = EvalSettings.from_config(config.eval)
     kd_config = config.get("kd")

@@ -464,7 +464,7 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> SyntheticSet:
     difficulty scores are checked before the work directory is written.
     """
     check_method(config.method)
-    dataset = data_lib.load_from_config(config.dataset)
+    dataset = data_lib.load_from_config(config.dataset, stage="select")
     check_ipc(dataset, config.ipc)
     settings = EvalSettings.from_config(config.eval)
     if config.evaluate or tuple(config.get("betas", ())):

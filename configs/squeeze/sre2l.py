@@ -113,6 +113,8 @@ def squeeze_fields(
     config.test_limit = ml_collections.config_dict.placeholder(int)  # unset: all test images
     config.checkpoint_every = 1  # epochs between resume points
     config.epoch_mode = "auto"  # auto (loop on CPU, scan elsewhere) | scan | loop
+    # Streams (dataset.name = stream:...): also a resume point every this many batches.
+    config.checkpoint_every_batches = ml_collections.config_dict.placeholder(int)
     valid = sorted(field for field in config if field != "dataset")
     for field, value in changes.items():
         check(field in valid, f"squeeze_fields: unknown field {field!r}; valid: {valid}")

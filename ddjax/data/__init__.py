@@ -26,7 +26,7 @@ are only scaled to [0, 1] and then ZCA-whitened as MTT does (see :class:`ZCA`).
 """
 
 from ddjax.data.dataset import Dataset, check_ipc
-from ddjax.data.loading import load_dataset, load_from_config
+from ddjax.data.loading import load_dataset, load_from_config, open_from_config
 from ddjax.data.normalisation import NORMALISATION
 from ddjax.data.sources import SOURCES, Source, Splits
 from ddjax.data.sources.idx import read_idx
@@ -56,6 +56,7 @@ __all__ = [
     "is_stream",
     "load_dataset",
     "load_from_config",
+    "open_from_config",
     "open_stream",
     "read_idx",
     "require_in_memory",

@@ -14,7 +14,12 @@ import numpy as np
 from ddjax.data.dataset import Dataset
 from ddjax.data.normalisation import NORMALISATION, channel_statistics, to_unit_interval
 from ddjax.data.sources import Splits, canonical_name, load_splits
-from ddjax.data.streaming.records import require_in_memory
+from ddjax.data.streaming.records import (
+    StreamingDataset,
+    is_stream,
+    open_stream,
+    require_in_memory,
+)
 from ddjax.data.zca import fit_zca
 from ddjax.errors import DDJaxError, check
 
@@ -169,13 +174,52 @@ def _balanced_subset(labels: np.ndarray, limit: int) -> np.ndarray:
     return np.sort(chosen)
 
 
-def load_from_config(section) -> Dataset:
+def load_from_config(section, *, stage: str = "load_dataset") -> Dataset:
     """The dataset a config's ``dataset`` section names (:func:`ddjax.config.dataset_section`):
-    ``name``, ``data_dir``, ``zca`` and the optional ``normalisation`` and ``train_limit``."""
+    ``name``, ``data_dir``, ``zca`` and the optional ``normalisation`` and ``train_limit``.
+    ``stage`` names the stage in the refusal of a stream (:func:`require_in_memory`)."""
+    require_in_memory(section.name, stage=stage)
     return load_dataset(
         section.name,
         data_dir=section.data_dir or None,
         zca=section.zca,
         normalisation=section.get("normalisation") or None,
         train_limit=section.get("train_limit"),
+    )
+
+
+def open_from_config(section, *, stage: str) -> Dataset | StreamingDataset:
+    """The dataset of a config's ``dataset`` section for a stage that can stream.
+
+    A ``stream:`` name opens a :class:`StreamingDataset` (``image_size``, ``normalisation``,
+    ``data_dir``; ZCA and ``train_limit`` are refused, being whole-dataset operations); any
+    other name is loaded into memory by :func:`load_from_config`.
+
+    Args:
+        section: ``config.dataset``.
+        stage: the stage asking, for error messages.
+    """
+    if not is_stream(section.name):
+        return load_from_config(section)
+    check(
+        not section.zca,
+        f"config.dataset.zca: {stage} cannot whiten a stream (ZCA is fitted on the whole train "
+        "set); set --config.dataset.zca=false",
+    )
+    check(
+        section.get("train_limit") is None,
+        f"config.dataset.train_limit: {stage} reads a stream whole; unset it (or use the "
+        "name without 'stream:' to load a limited subset into memory)",
+    )
+    workers = section.get("workers", 0)
+    check(
+        isinstance(workers, int) and workers >= 0,
+        f"config.dataset.workers={workers!r} must be an integer >= 0",
+    )
+    image_size = section.get("image_size")
+    return open_stream(
+        section.name,
+        data_dir=section.data_dir or None,
+        image_size=224 if image_size is None else image_size,
+        normalisation=section.get("normalisation") or None,
     )

@@ -141,7 +141,7 @@ def run_distill(
     """
     method_class = _check_config(config)
     settings = step_config(config)
-    dataset = data_lib.load_from_config(config.dataset)
+    dataset = data_lib.load_from_config(config.dataset, stage="distill")
     data_lib.check_ipc(dataset, config.ipc)
     meta = experts_lib.read_meta(config.experts_dir)
     done = experts_lib.completed(config.experts_dir)

@@ -182,7 +182,7 @@ def run_recover(
     _check_config(config)
     teacher = teacher_lib.load_teacher(config.teacher)
     if config.dataset.name:
-        loaded = data_lib.load_from_config(config.dataset)
+        loaded = data_lib.open_from_config(config.dataset, stage="recover")
         teacher_lib.check_teacher(teacher, loaded)
         dataset = DataContract.of_dataset(loaded)
     else:  # ImageNet-scale data: the teacher's recorded contract, no images read

@@ -68,7 +68,7 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
     )
     teacher = teacher_lib.load_teacher(config.teacher)
     if config.dataset.name:
-        dataset = data_lib.load_from_config(config.dataset)
+        dataset = data_lib.open_from_config(config.dataset, stage="relabel")
         teacher_lib.check_teacher(teacher, dataset)
     else:
         check(

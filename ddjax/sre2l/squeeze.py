@@ -75,8 +75,9 @@ import ml_collections
 import numpy as np
 
 from ddjax import augment as augment_lib
-from ddjax import checkpoint, distributed, train
+from ddjax import checkpoint, distributed, sharding, train
 from ddjax import data as data_lib
+from ddjax import evaluate as evaluate_lib
 from ddjax import models as models_lib
 from ddjax.errors import DDJaxError, check
 from ddjax.sre2l import crops
@@ -141,6 +142,8 @@ class SqueezeSettings:
       test_limit: test on the first this many test images (``None``: all).
       checkpoint_every: save a resume point every this many epochs and after the last.
       epoch_mode: ``'scan'``, ``'loop'`` or ``'auto'`` (loop on CPU, scan elsewhere).
+      checkpoint_every_batches: a streamed dataset only: also save a resume point every this
+        many batches inside an epoch (an ImageNet epoch is hours); ``None``: per epoch only.
     """
 
     model: str = "ResNet18BN"
@@ -159,6 +162,7 @@ class SqueezeSettings:
     test_limit: int | None = None
     checkpoint_every: int = 1
     epoch_mode: str = "auto"
+    checkpoint_every_batches: int | None = None
 
     def model_overrides(self) -> dict[str, Any]:
         """The model fields these settings change (what the teacher records)."""
@@ -210,7 +214,30 @@ def check_settings(settings: SqueezeSettings, dataset: data_lib.Dataset) -> nn.M
         f"settings must be SqueezeSettings, got {type(settings).__name__}",
     )
     check_squeezable(dataset.name)
-    check(dataset.zca is None, _NO_ZCA)
+    check(getattr(dataset, "zca", None) is None, _NO_ZCA)
+    streamed = isinstance(dataset, data_lib.StreamingDataset)
+    if streamed:
+        check(
+            settings.augment == "none",
+            f"augment={settings.augment!r}: a stream is cropped and flipped by its pipeline "
+            "(RandomResizedCrop + flip); set --config.augment=none",
+        )
+        check(
+            settings.test_limit is None,
+            "test_limit: a stream's test split is read whole; unset config.test_limit",
+        )
+        devices = jax.device_count()
+        check(
+            settings.batch_size % devices == 0,
+            f"batch_size={settings.batch_size} must be divisible by the {devices} devices "
+            "(a streamed batch is split over all of them)",
+        )
+    every = settings.checkpoint_every_batches
+    check(
+        every is None or (streamed and _is_int(every) and every >= 1),
+        f"checkpoint_every_batches={every!r} must be a positive integer, and only for a "
+        "streamed dataset (stream:NAME); unset it",
+    )
     for field, minimum in (
         ("epochs", 1),
         ("batch_size", 1),
@@ -422,15 +449,23 @@ def _empty_history(epochs: int) -> dict[str, np.ndarray]:
 
 
 def train_teacher(
-    dataset: data_lib.Dataset,
+    dataset: data_lib.Dataset | data_lib.StreamingDataset,
     settings: SqueezeSettings,
     *,
     checkpoint_dir: str | Path | None = None,
     progress: bool = False,
     log: Log | None = None,
+    workers: int = 0,
     _stop_after_epochs: int | None = None,
 ) -> SqueezeResult | None:
-    """Trains a BatchNorm teacher on ``dataset``'s train split (the squeeze stage on arrays).
+    """Trains a BatchNorm teacher on ``dataset``'s train split (the squeeze stage).
+
+    In memory, the train split is reshuffled every epoch (:class:`ddjax.train.ArraySource`)
+    on this process's device. A stream (``stream:NAME``) is read by its grain pipeline
+    (RandomResizedCrop + flip, ``workers`` worker processes): data parallel over every device
+    of every process, each process reading its share of each batch, with resume points inside
+    epochs every ``settings.checkpoint_every_batches`` batches; its train accuracy is not
+    recorded (NaN) and its whole test split is scored.
 
     One model, :func:`ddjax.train.train_epochs` over the shuffled train split; ``epoch_mode``
     ``'scan'`` is the driver's ``'vmap'`` placement (for one model: the epoch as one compiled
@@ -467,10 +502,24 @@ def train_teacher(
     state = train.TrainState(params, variables["batch_stats"], tx.init(params))
     # Committed to the device, as restored checkpoints are: jit specialises on committed
     # inputs, so a fresh and a resumed run share one compiled epoch.
-    state = jax.device_put(state, distributed.local_device())
-    limit = settings.test_limit or len(dataset.y_test)
-    test_images = jnp.asarray(dataset.x_test[:limit])
-    test_labels = jnp.asarray(dataset.y_test[:limit])
+    streamed = isinstance(dataset, data_lib.StreamingDataset)
+    if streamed:
+        # Data parallel: the model on every device of every process, each batch split over
+        # them (BatchNorm statistics of the whole batch, as one device would compute them).
+        mesh = sharding.make_mesh(pool=1, data=jax.device_count())
+        state = sharding.replicate(state, mesh)
+        source = data_lib.StreamSource(
+            dataset, settings.batch_size, seed=settings.seed, worker_count=workers, mesh=mesh
+        )
+    else:
+        state = jax.device_put(state, distributed.local_device())
+        source = train.ArraySource(
+            jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train), settings.batch_size
+        )
+        limit = settings.test_limit or len(dataset.y_test)
+        test_set = dataclasses.replace(
+            dataset, x_test=dataset.x_test[:limit], y_test=dataset.y_test[:limit]
+        )
 
     def lr_at(epoch: int) -> float:
         return learning_rate(
@@ -483,14 +532,19 @@ def train_teacher(
 
     def on_epoch(epoch: int, state: train.TrainState, outputs: train.EpochOutputs) -> dict:
         history = record["history"]
-        loss, accuracy = float(outputs.loss), float(np.mean(outputs.per_example))
+        loss = float(outputs.loss)
+        # A stream reports no per-example outputs: its train accuracy stays NaN.
+        accuracy = np.nan if outputs.per_example is None else float(np.mean(outputs.per_example))
         history["train_loss"][epoch], history["train_accuracy"][epoch] = loss, accuracy
         fields = {"lr": lr_at(epoch), "train_loss": loss, "train_accuracy": accuracy}
         postfix = {"loss": f"{loss:.4f}"}
         if (epoch + 1) % settings.test_every == 0 or epoch + 1 == epochs:
             pool = jax.tree.map(lambda x: x[None], state)  # a pool of one, scored as it is
-            tested, _ = train.pool_accuracy(
-                model, pool, test_images, test_labels, dataset.num_classes, pool_mode="loop"
+            tested, _ = evaluate_lib.pool_test_accuracy(
+                model,
+                pool,
+                dataset if streamed else test_set,
+                pool_mode="vmap" if streamed else "loop",
             )
             history["test_accuracy"][epoch] = fields["test_accuracy"] = float(tested[0])
             postfix["acc"] = f"{tested[0]:.4f}"
@@ -503,9 +557,7 @@ def train_teacher(
         result = train.train_epochs(
             state,
             step,
-            train.ArraySource(
-                jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train), settings.batch_size
-            ),
+            source,
             epochs=epochs,
             epoch_keys=lambda epoch: jax.random.fold_in(
                 jax.random.wrap_key_data(jnp.asarray(record["key"])), epoch
@@ -517,12 +569,15 @@ def train_teacher(
             record=record,
             checkpoints=saves,
             checkpoint_every=settings.checkpoint_every,
+            checkpoint_every_batches=settings.checkpoint_every_batches if saves else None,
             progress=f"squeeze {settings.model}" if progress else None,
             stop_after_epochs=_stop_after_epochs,
         )
     finally:
         if saves is not None:
             saves.close()
+        if streamed:
+            source.close()
     if result is None:
         return None
     state, _ = result
@@ -576,7 +631,7 @@ def run_squeeze(
     check_squeezable(config.dataset.name)
     check(not config.dataset.zca, _NO_ZCA)  # before loading: a ZCA fit is not free
     settings = settings_from_config(config)
-    dataset = data_lib.load_from_config(config.dataset)
+    dataset = data_lib.open_from_config(config.dataset, stage="squeeze")
     check_settings(settings, dataset)
     work = Workdir(workdir, config, "squeeze")
     teacher_dir = work.file(TEACHER_DIR)
@@ -590,6 +645,7 @@ def run_squeeze(
         checkpoint_dir=work.file(CHECKPOINT_DIR),
         progress=progress,
         log=work.log,
+        workers=config.dataset.workers,
         _stop_after_epochs=_stop_after_epochs,
     )
     if result is None:
@@ -598,7 +654,7 @@ def run_squeeze(
     summary = {
         "test_accuracy": final,
         "train_loss": float(result.train_loss[-1]),
-        "train_accuracy": float(result.train_accuracy[-1]),
+        "train_accuracy": _number_or_none(result.train_accuracy[-1]),
         "epochs": settings.epochs,
         "model": settings.model,
         "model_overrides": settings.model_overrides(),
@@ -628,3 +684,8 @@ def run_squeeze(
             f"accuracy {100 * final:.2f} % -> {teacher_dir}"
         )
     return teacher_lib.load_teacher(teacher_dir)
+
+
+def _number_or_none(value) -> float | None:
+    """A float for JSON, ``None`` for NaN (not measured: a stream's train accuracy)."""
+    return None if np.isnan(value) else float(value)

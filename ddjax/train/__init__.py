@@ -27,6 +27,7 @@ from ddjax.train.driver import (
 from ddjax.train.step import (
     POOL_MODES,
     TrainState,
+    accuracy_over,
     cross_entropy,
     init_pool,
     init_state,
@@ -58,6 +59,7 @@ __all__ = [
     "make_pool_epoch",
     "make_predict",
     "make_train_step",
+    "accuracy_over",
     "pool_accuracy",
     "pool_epoch_keys",
     "resolve_pool_mode",

@@ -394,26 +394,46 @@ def pool_accuracy(
     Returns:
       ``(accuracy (K,), per_class_accuracy (K, num_classes))`` as float32 NumPy arrays.
     """
+    n = len(labels)
+
+    def chunks():
+        for start in range(0, n, batch_size):
+            yield images[start : start + batch_size], labels[start : start + batch_size]
+
+    return accuracy_over(model, state, chunks, num_classes, pool_mode)
+
+
+def accuracy_over(model, state: TrainState, chunks, num_classes: int, pool_mode="auto"):
+    """Test accuracy of every model of a pool on the batches ``chunks()`` yields.
+
+    The core of :func:`pool_accuracy`, for any source of test batches (a stream's test split,
+    :func:`ddjax.data.stream_test_chunks`): ``chunks()`` yields host ``(images, labels)``
+    batches, the same in every process; a label of ``-1`` marks padding, which is not
+    counted. ``chunks`` is called once per model of a looped pool.
+
+    Returns:
+      ``(accuracy (K,), per_class_accuracy (K, num_classes))`` as float32 NumPy arrays.
+    """
     vmapped = resolve_pool_mode(pool_mode) == "vmap"
     count = _count_correct(model, num_classes, vmapped)
-    n = len(labels)
     states = [state] if vmapped else [_take(state, i) for i in range(_num_models(state))]
-    totals = []
-    for one in states:
-        device = _sharding_of(one)
-        if isinstance(device, jax.sharding.NamedSharding):
-            test = sharding.replicate((images, labels), device.mesh)
-        else:
-            test = jax.device_put((images, labels), device)
+    totals, class_sizes = [], np.zeros(num_classes, np.int64)
+    for i, one in enumerate(states):
+        where = _sharding_of(one)
         total = 0
-        for start in range(0, n, batch_size):
-            chunk = (test[0][start : start + batch_size], test[1][start : start + batch_size])
+        for images, labels in chunks():
+            if i == 0:
+                real = np.asarray(labels)
+                class_sizes += np.bincount(real[real >= 0], minlength=num_classes)
+            if isinstance(where, jax.sharding.NamedSharding):
+                chunk = sharding.replicate((images, labels), where.mesh)
+            else:
+                chunk = jax.device_put((images, labels), where)
             total = total + count(one.params, one.batch_stats, *chunk)
         totals.append(total)
     per_class = np.asarray(distributed.to_host(totals), np.float64).reshape(-1, num_classes)
-    class_sizes = np.maximum(np.bincount(np.asarray(labels), minlength=num_classes), 1)
-    accuracy = (per_class.sum(1) / n).astype(np.float32)
-    return accuracy, (per_class / class_sizes).astype(np.float32)
+    accuracy = (per_class.sum(1) / max(class_sizes.sum(), 1)).astype(np.float32)
+    return accuracy, (per_class / np.maximum(class_sizes, 1)).astype(np.float32)
 
 
 def _num_models(pool: TrainState) -> int:

@@ -22,7 +22,7 @@ first runs.
 """
 
 from ddjax.data.streaming.order import EpochOrder
-from ddjax.data.streaming.pipeline import BatchIterator, StreamBatch, StreamSource
+from ddjax.data.streaming.pipeline import BatchIterator, StreamBatch, StreamSource, test_chunks
 from ddjax.data.streaming.records import (
     IMAGENET_EVAL_RESIZE,
     STREAM_PREFIX,
@@ -52,4 +52,5 @@ __all__ = [
     "is_stream",
     "open_stream",
     "require_in_memory",
+    "test_chunks",
 ]

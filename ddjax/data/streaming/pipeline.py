@@ -22,7 +22,7 @@ Promises:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -299,3 +299,30 @@ class StreamSource:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def test_chunks(
+    dataset: StreamingDataset, batch_size: int, *, worker_count: int = 0
+) -> Callable[[], Iterator[tuple[Any, np.ndarray]]]:
+    """The test split as ``chunks()`` for :func:`ddjax.train.accuracy_over`.
+
+    Every call reads the whole test split in file order (eval transform) and yields
+    ``(images, labels)`` batches with ``-1`` as the label of the last batch's padding. Every
+    process reads all of it (``process_count=1``): the models that score it are replicated or
+    spread over a pool, and each needs every test image.
+    """
+
+    def chunks():
+        with BatchIterator(
+            dataset,
+            batch_size,
+            split="test",
+            worker_count=worker_count,
+            process_index=0,
+            process_count=1,
+        ) as batches:
+            for batch in batches:
+                labels = np.where(np.asarray(batch.mask), np.asarray(batch.labels), -1)
+                yield batch.images, labels.astype(np.int32)
+
+    return chunks

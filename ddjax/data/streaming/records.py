@@ -136,6 +136,12 @@ class StreamingDataset:
     image_shape: tuple[int, int, int]
 
     @property
+    def zca(self) -> None:
+        """Always ``None``: a stream is mean/std-normalised, never whitened (as a ``Dataset``
+        without ZCA, for code that reads either)."""
+        return None
+
+    @property
     def num_classes(self) -> int:
         """Number of classes (``len(class_names)``)."""
         return len(self.class_names)
