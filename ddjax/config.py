@@ -211,6 +211,8 @@ def dataset_section(name: str, zca: bool = False) -> ml_collections.ConfigDict:
             "name": name,  # fashion_mnist, mnist, digits, cifar10, ..., folder:PATH, npz:PATH
             "data_dir": "",  # empty: the default locations (Debian package, TFDS)
             "zca": zca,  # ZCA whitening as MTT (eps 0.1, fitted on the train set)
+            # A ddjax.data.NORMALISATION key or 'computed'; empty: the dataset's published one.
+            "normalisation": "",
             # Keep only this many train images, balanced over the classes (reduced runs).
             "train_limit": ml_collections.config_dict.placeholder(int),
             # Streams only (stream:NAME): the side of the square crops (unset: 224), and the

@@ -26,6 +26,7 @@ import pytest
 from ddjax import cli, distributed, loop
 from ddjax.errors import DDJaxError
 from ddjax.experts import store as experts_store
+from ddjax.sre2l import teacher as teacher_lib
 from ddjax.workdir import Workdir
 
 pytestmark = pytest.mark.slow
@@ -269,6 +270,34 @@ def test_two_processes_train_kd_students_like_one(teacher, tmp_path):
         assert (tmp_path / "two" / "labels" / epoch_file.name).read_bytes() == (
             epoch_file.read_bytes()
         )
+    _shared_outputs_written_once(tmp_path / "one", tmp_path / "two")
+
+
+def test_two_processes_squeeze_a_stream_like_one(tmp_path):
+    """Data parallel from a stream: each process reads half of every batch (grain), the batch's
+    BatchNorm statistics are the whole batch's, and the teacher is one process's."""
+    pytest.importorskip("grain")
+    from test_stream_stages import squeeze_args, write_imagenet_folder
+
+    folder = write_imagenet_folder(tmp_path / "imagenet", train=12, val=3)
+    args = squeeze_args(folder)
+    one = subprocess.run(
+        [sys.executable, "-m", "ddjax.cli", "squeeze", *args, f"--workdir={tmp_path / 'one'}"],
+        cwd=ROOT,
+        env={**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    _run_two("squeeze", args, tmp_path / "two")
+    teachers = [
+        teacher_lib.load_teacher(tmp_path / d / "teacher").variables for d in ("one", "two")
+    ]
+    for a, b in zip(*(jax.tree.leaves(t) for t in teachers), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+    results = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two")]
+    assert results[1]["test_accuracy_by_epoch"] == results[0]["test_accuracy_by_epoch"]
+    np.testing.assert_allclose(results[1]["train_loss"], results[0]["train_loss"], rtol=1e-5)
     _shared_outputs_written_once(tmp_path / "one", tmp_path / "two")
 
 

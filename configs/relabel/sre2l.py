@@ -87,7 +87,7 @@ from typing import Any
 
 import ml_collections
 
-from ddjax.config import dataset_arg
+from ddjax.config import dataset_arg, dataset_section
 from ddjax.sre2l import kd
 
 #: dataset -> the kd recipe and the row's changes to it, stored | online labels, the students
@@ -143,14 +143,10 @@ def relabel_fields(
       **recipe_changes: recipe fields that replace the preset's (e.g. ``epochs=100``).
     """
     config = ml_collections.ConfigDict()
-    config.dataset = ml_collections.ConfigDict(
-        {
-            "name": dataset,  # empty: the teacher's data contract, no images (stored labels only)
-            "data_dir": "",  # empty: the default locations
-            "zca": False,  # SRe2L works in mean/std-normalised space
-            "normalisation": normalisation,
-        }
-    )
+    # name empty: the teacher's data contract, no images (stored labels only). SRe2L works in
+    # mean/std-normalised space (no ZCA).
+    config.dataset = dataset_section(dataset)
+    config.dataset.normalisation = normalisation
     config.synset = ""  # the recovered synthetic set (.npz from ddjax recover)
     config.teacher = ""  # the teacher directory (from ddjax squeeze or import_torch_teacher)
     config.labels = labels  # stored (FKD files) | online (teacher at every student step)
