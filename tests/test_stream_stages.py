@@ -114,6 +114,7 @@ def test_a_streamed_test_split_scores_like_the_same_images_in_memory(tmp_path):
     ("stage", "args"),
     [
         ("select", ["--config=configs/select/digits.py"]),
+        ("experts", ["--config=configs/experts/mtt.py:digits"]),
         ("distill", ["--config=configs/distill/mtt.py:digits,ipc=1", "--config.experts_dir=x"]),
     ],
 )

@@ -80,7 +80,9 @@ def run_experts(config: ml_collections.ConfigDict, workdir: str) -> dict:
     per epoch and per finished group of experts) and ``results.json`` (the summary). Returns
     the experts' metadata.
     """
-    dataset = data_lib.load_from_config(config.dataset)
+    # Experts feed trajectory matching and forgetting scores, which index the whole train
+    # set in memory: a stream is refused here rather than after hours of training.
+    dataset = data_lib.load_from_config(config.dataset, stage="experts")
     settings = {name: config[name] for name in EXPERT_SETTINGS}
     store.check_settings(dataset, model_overrides=None, **settings)
     epoch_subset, description = example_schedule(config.example_schedule, dataset)

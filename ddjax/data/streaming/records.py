@@ -51,8 +51,7 @@ def require_in_memory(name: str, *, stage: str) -> None:
         raise DDJaxError(
             f"dataset {name!r}: {stage} needs the whole dataset in memory and cannot read a "
             f"stream; name it without 'stream:' ({name[len(STREAM_PREFIX) :]!r}) to load it "
-            "whole (streams feed the stages that train on batches: experts, squeeze, KD, "
-            "evaluation)"
+            "whole (streams feed squeeze, recover, relabel and evaluate)"
         )
 
 
