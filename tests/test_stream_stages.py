@@ -14,6 +14,8 @@ from PIL import Image
 
 from ddjax import cli, data, evaluate, models, train
 from ddjax.data.streaming import StreamSource
+from ddjax.experts import training
+from ddjax.experts.store import load_trajectories, read_meta
 from ddjax.sre2l import teacher as teacher_lib
 
 pytest.importorskip("grain")
@@ -110,11 +112,33 @@ def test_a_streamed_test_split_scores_like_the_same_images_in_memory(tmp_path):
         np.testing.assert_array_equal(b, a)
 
 
+def test_experts_train_from_a_stream_and_resume(folder, tmp_path):
+    dataset = data.open_stream(f"stream:folder:{folder}", image_size=32, normalisation="imagenet")
+    settings = dict(
+        model="ConvNet", model_overrides={"width": 8}, num_experts=2, epochs=3, batch_size=8,
+        experts_at_once=2, checkpoint_every=1, progress=False,
+    )  # fmt: skip
+    whole = training.train_experts(dataset, out_dir=tmp_path / "whole", **settings)
+    assert whole["completed"] == [0, 1] and whole["num_train"] == 4 * 12
+    assert not (tmp_path / "whole" / "forgetting.npz").exists()  # no per-example record
+    assert whole["experts"]["0"]["train_accuracy"] == [None] * 3
+    assert set(whole["experts"]["0"]["test_accuracy"]) == {"1", "2", "3"}
+
+    killed = tmp_path / "killed"
+    assert training.train_experts(dataset, out_dir=killed, _stop_after_epochs=1, **settings)
+    assert read_meta(killed)["completed"] == []
+    resumed = training.train_experts(dataset, out_dir=killed, **settings)
+    assert resumed["experts"] == whole["experts"]
+    a, b = (load_trajectories(d, [0, 1]) for d in (tmp_path / "whole", killed))
+    assert jax.tree.leaves(a)[0].shape[:2] == (2, 4)  # init + 3 epochs
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(y, x)
+
+
 @pytest.mark.parametrize(
     ("stage", "args"),
     [
         ("select", ["--config=configs/select/digits.py"]),
-        ("experts", ["--config=configs/experts/mtt.py:digits"]),
         ("distill", ["--config=configs/distill/mtt.py:digits,ipc=1", "--config.experts_dir=x"]),
     ],
 )

@@ -47,6 +47,11 @@ def example_schedule(section: ml_collections.ConfigDict, dataset: data_lib.Datas
     if not section.name:
         return None, None
     check(
+        isinstance(dataset, data_lib.Dataset),
+        f"config.example_schedule.name={section.name!r} orders the examples of an in-memory "
+        "train set; a stream cannot follow it: unset it or name the dataset without 'stream:'",
+    )
+    check(
         section.name in SCHEDULES,
         f"config.example_schedule.name={section.name!r}: expected '' (all examples every "
         f"epoch) or one of {list(SCHEDULES)}",
@@ -80,9 +85,7 @@ def run_experts(config: ml_collections.ConfigDict, workdir: str) -> dict:
     per epoch and per finished group of experts) and ``results.json`` (the summary). Returns
     the experts' metadata.
     """
-    # Experts feed trajectory matching and forgetting scores, which index the whole train
-    # set in memory: a stream is refused here rather than after hours of training.
-    dataset = data_lib.load_from_config(config.dataset, stage="experts")
+    dataset = data_lib.open_from_config(config.dataset, stage="experts")
     settings = {name: config[name] for name in EXPERT_SETTINGS}
     store.check_settings(dataset, model_overrides=None, **settings)
     epoch_subset, description = example_schedule(config.example_schedule, dataset)
@@ -105,6 +108,7 @@ def run_experts(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log=log,
         epoch_subset=epoch_subset,
         example_schedule=description,
+        workers=config.dataset.workers,
         **settings,
     )
     summary = store.summary(meta)

@@ -21,7 +21,7 @@ import numpy as np
 from ddjax import augment as augment_lib
 from ddjax import checkpoint, distributed, train
 from ddjax import models as models_lib
-from ddjax.data import Dataset
+from ddjax.data import Dataset, StreamingDataset
 from ddjax.errors import DDJaxError, check
 from ddjax.workdir import write_json
 
@@ -129,7 +129,13 @@ def _check_int(field: str, value: Any, minimum: int) -> None:
 
 def _new_meta(dataset: Dataset, net, settings: dict) -> dict:
     """``experts.json`` for a new run (before any expert is complete)."""
-    labels_hash = hashlib.sha256(np.ascontiguousarray(dataset.y_train).tobytes()).hexdigest()
+    if isinstance(dataset, StreamingDataset):
+        # A stream's labels are not read up front (a TFDS record is decoded to get its label):
+        # the run is identified by its name and size.
+        labels_hash, num_train = "stream", len(dataset.train)
+    else:
+        labels = np.ascontiguousarray(dataset.y_train)
+        labels_hash, num_train = hashlib.sha256(labels.tobytes()).hexdigest(), len(labels)
     num_params = models_lib.count_params(models_lib.variable_shapes(net, dataset.image_shape))
     return {
         "format": FORMAT,
@@ -139,7 +145,7 @@ def _new_meta(dataset: Dataset, net, settings: dict) -> dict:
         "std": list(dataset.std),
         "image_shape": list(dataset.image_shape),
         "num_classes": dataset.num_classes,
-        "num_train": len(dataset.y_train),
+        "num_train": num_train,
         "train_labels_sha256": labels_hash[:16],
         "model": settings["model"],
         "model_overrides": dict(settings["model_overrides"] or {}),

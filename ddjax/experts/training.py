@@ -8,6 +8,7 @@ all checkpointed with the state so a killed group resumes bit-identically
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,8 +25,10 @@ import numpy as np
 
 from ddjax import augment as augment_lib
 from ddjax import checkpoint, distributed, loop, sharding, train
+from ddjax import data as data_lib
+from ddjax import evaluate as evaluate_lib
 from ddjax import models as models_lib
-from ddjax.data import Dataset
+from ddjax.data import Dataset, StreamingDataset
 from ddjax.errors import check
 from ddjax.experts.forgetting import (
     ForgettingState,
@@ -102,19 +105,21 @@ def _params_to_host(state: train.TrainState) -> Params:
 def _empty_record(params_like: Params, num_models: int, epochs: int, n: int) -> dict:
     """Host buffers for a group: trajectories, forgetting state, per-epoch numbers."""
     nan = np.full((num_models, epochs), np.nan, np.float32)
-    return {
+    record = {
         "trajectory": jax.tree.map(
             lambda x: np.zeros((num_models, epochs + 1, *x.shape[1:]), np.float32), params_like
         ),
-        "forgetting": forgetting_init((num_models, n)),
         "train_loss": nan.copy(),
         "train_accuracy": nan.copy(),
         "test_accuracy": nan.copy(),
     }
+    if n:  # a stream (n = 0) has no per-example record to count forgetting events in
+        record["forgetting"] = forgetting_init((num_models, n))
+    return record
 
 
 def train_experts(
-    dataset: Dataset,
+    dataset: Dataset | StreamingDataset,
     *,
     out_dir: str | os.PathLike,
     model: str = "ConvNet",
@@ -136,6 +141,7 @@ def train_experts(
     log: Log | None = None,
     epoch_subset: Callable[[int], np.ndarray] | None = None,
     example_schedule: dict | None = None,
+    workers: int = 0,
     _stop_after_epochs: int | None = None,
 ) -> dict:
     """Trains expert trajectories with MTT's recipe into ``out_dir`` (resuming what is there).
@@ -165,6 +171,7 @@ def train_experts(
         them every epoch (MTT). Forgetting events count only presented examples.
       example_schedule: what ``epoch_subset`` is, recorded in ``experts.json`` and checked on
         resume like the other training settings (required with ``epoch_subset``).
+      workers: a stream's grain worker processes.
       _stop_after_epochs: testing hook: return (as if killed) after this many epochs.
 
     Returns:
@@ -192,6 +199,17 @@ def train_experts(
     )
     net = check_settings(dataset, **settings)
     out_dir = Path(out_dir)
+    streamed = isinstance(dataset, StreamingDataset)
+    if streamed:
+        check(
+            epoch_subset is None,
+            "an example schedule (PAD) picks examples of an in-memory train set; a stream "
+            "cannot follow one: unset config.example_schedule.name",
+        )
+        check(
+            test_limit is None,
+            "test_limit: a stream's test split is read whole; unset config.test_limit",
+        )
     check(
         (epoch_subset is None) == (example_schedule is None),
         "train_experts: epoch_subset and example_schedule (its description) go together",
@@ -211,14 +229,26 @@ def train_experts(
         return read_meta(out_dir)
     tx = train.sgd(lr, momentum=momentum, weight_decay=weight_decay)
     step = train.make_train_step(net, tx, augment_lib.make_augment(augment), with_correct=True)
+    if streamed:
+        # Every expert trains on every batch (the pool shares them): each process reads whole
+        # batches, placed beside the pool by the driver.
+        source = data_lib.StreamSource(
+            dataset, batch_size, seed=seed, worker_count=workers, process_index=0, process_count=1
+        )
+        test_set = dataset
+    else:
+        source = train.ArraySource(dataset.x_train, dataset.y_train, batch_size, epoch_subset)
+        test_set = dataclasses.replace(
+            dataset, x_test=dataset.x_test[:test_limit], y_test=dataset.y_test[:test_limit]
+        )
     run = _Run(
         net=net,
         tx=tx,
         step=step,
-        source=train.ArraySource(dataset.x_train, dataset.y_train, batch_size, epoch_subset),
+        source=source,
         pool_mode=train.resolve_pool_mode(pool_mode),
-        test_images=jnp.asarray(dataset.x_test[:test_limit]),
-        test_labels=jnp.asarray(dataset.y_test[:test_limit]),
+        test_set=test_set,
+        num_examples=0 if streamed else len(dataset.y_train),  # forgetting counts
         num_classes=dataset.num_classes,
         image_shape=dataset.image_shape,
         settings=settings,
@@ -231,7 +261,8 @@ def train_experts(
         record = _train_group(run, group, out_dir, budget)
         if record is None:  # stopped by _stop_after_epochs
             break
-        meta = _finish_group(out_dir, meta, group, record, dataset.y_train, epochs)
+        train_labels = None if streamed else dataset.y_train
+        meta = _finish_group(out_dir, meta, group, record, train_labels, epochs)
         if log is not None:
             final = record["test_accuracy"][:, -1].tolist()
             seconds = round(time.time() - start, 1)
@@ -260,10 +291,10 @@ class _Run(NamedTuple):
     net: nn.Module
     tx: Any
     step: Callable
-    source: train.ArraySource
+    source: train.BatchSource
     pool_mode: str
-    test_images: jax.Array
-    test_labels: jax.Array
+    test_set: Dataset | StreamingDataset
+    num_examples: int
     num_classes: int
     image_shape: tuple
     settings: dict  # as checked by check_settings
@@ -284,26 +315,24 @@ def _train_group(run: _Run, group: list[int], out_dir: Path, budget: list) -> di
 
     state = _init_group(run.net, run.tx, run.image_shape, [k[0] for k in keys])
     params = _params_to_host(state)
-    record = _empty_record(params, len(group), epochs, len(run.source.labels))
+    record = _empty_record(params, len(group), epochs, run.num_examples)
     _put(record["trajectory"], (slice(None), 0), params)
 
     def on_epoch(epoch: int, state: train.TrainState, outputs: train.EpochOutputs) -> dict:
         losses, correct = outputs
         _put(record["trajectory"], (slice(None), epoch + 1), _params_to_host(state))
-        presented = None if run.source.epoch_subset is None else run.source.epoch_subset(epoch)
-        record["forgetting"] = forgetting_update(record["forgetting"], correct, presented)
         record["train_loss"][:, epoch] = losses
-        record["train_accuracy"][:, epoch] = correct.mean(1)
-        fields = {"train_loss": losses.tolist(), "train_accuracy": correct.mean(1).tolist()}
+        fields = {"train_loss": losses.tolist()}
+        if correct is not None:  # a stream has no per-example record: no forgetting counts
+            subset = getattr(run.source, "epoch_subset", None)
+            presented = None if subset is None else subset(epoch)
+            record["forgetting"] = forgetting_update(record["forgetting"], correct, presented)
+            record["train_accuracy"][:, epoch] = correct.mean(1)
+            fields["train_accuracy"] = correct.mean(1).tolist()
         postfix = {"loss": f"{losses.mean():.4f}"}
         if (epoch + 1) % test_every == 0 or epoch + 1 == epochs:
-            accuracy, _ = train.pool_accuracy(
-                run.net,
-                state,
-                run.test_images,
-                run.test_labels,
-                run.num_classes,
-                pool_mode=run.pool_mode,
+            accuracy, _ = evaluate_lib.pool_test_accuracy(
+                run.net, state, run.test_set, pool_mode=run.pool_mode
             )
             record["test_accuracy"][:, epoch] = accuracy
             fields["test_accuracy"] = accuracy.tolist()
@@ -347,14 +376,17 @@ def _finish_group(
     for row, index in enumerate(group):
         trajectory = jax.tree.map(lambda x, row=row: x[row], record["trajectory"])
         checkpoint.save_tree(expert_dir(out_dir, index), {"params": trajectory})
-    _save_forgetting(out_dir, group, record["forgetting"], train_labels, epochs)
+    if train_labels is not None:  # a stream records no per-example correctness
+        _save_forgetting(out_dir, group, record["forgetting"], train_labels, epochs)
     for row, index in enumerate(group):
         tested = np.flatnonzero(~np.isnan(record["test_accuracy"][row]))
         meta["experts"][str(index)] = {
             "test_accuracy": {str(e + 1): float(record["test_accuracy"][row, e]) for e in tested},
             "final_test_accuracy": float(record["test_accuracy"][row, -1]),
             "train_loss": [round(float(x), 6) for x in record["train_loss"][row]],
-            "train_accuracy": [round(float(x), 6) for x in record["train_accuracy"][row]],
+            "train_accuracy": [
+                None if np.isnan(x) else round(float(x), 6) for x in record["train_accuracy"][row]
+            ],
         }
     meta["completed"] = sorted(set(meta["completed"]) | set(group))
     _write_meta(out_dir, meta)

@@ -470,7 +470,8 @@ def _epoch_runner(step, source: BatchSource, placed: _Placed, within: _Within | 
             else:
                 losses = []
                 for i, one in enumerate(states):
-                    states[i], out = programs.one(one, *batches[0 if shared else i])
+                    batch = _DataBeside.near(batches[0 if shared else i], one)
+                    states[i], out = programs.one(one, *batch)
                     losses.append(_split_output(out)[0])
                 loss = jnp.stack(losses) if placed.pool else losses[0]
             totals = totals + loss * size
@@ -493,6 +494,17 @@ class _DataBeside:
         if where not in self.cache:
             self.cache[where] = self.put(self.arrays, state)
         return self.cache[where]
+
+    @classmethod
+    def near(cls, batch, state: TrainState):
+        """``batch`` on ``state``'s devices: as it is when it already lives there (a stream's
+        batch sharded over the model's mesh), else :meth:`put` (a looped pool's models live
+        on different devices)."""
+        images = batch[0]
+        if isinstance(images, jax.Array):
+            if images.sharding.device_set == _sharding_of(state).device_set:
+                return batch
+        return cls.put(batch, state)
 
     @staticmethod
     def put(arrays, state: TrainState):

@@ -51,7 +51,7 @@ def require_in_memory(name: str, *, stage: str) -> None:
         raise DDJaxError(
             f"dataset {name!r}: {stage} needs the whole dataset in memory and cannot read a "
             f"stream; name it without 'stream:' ({name[len(STREAM_PREFIX) :]!r}) to load it "
-            "whole (streams feed squeeze, recover, relabel and evaluate)"
+            "whole (streams feed experts, squeeze, recover, relabel and evaluate)"
         )
 
 
