@@ -154,6 +154,16 @@ def test_stages_that_need_the_whole_dataset_refuse_a_stream(stage, args, folder,
     assert not workdir.exists()
 
 
+def test_stream_options_are_refused_for_in_memory_data(tmp_path, capsys):
+    for override in ("--config.dataset.image_size=32", "--config.dataset.workers=2"):
+        workdir = tmp_path / "run"
+        args = ["squeeze", "--config=configs/squeeze/sre2l.py:digits", override]
+        assert cli.main([*args, f"--workdir={workdir}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "applies to streams (stream:NAME) only" in err
+        assert not workdir.exists()
+
+
 def test_squeeze_refuses_stream_settings_it_cannot_honour(folder, tmp_path, capsys):
     args = squeeze_args(folder)
     for override, message in (

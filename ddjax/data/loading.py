@@ -9,6 +9,8 @@ naming the file or place and the problem.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ddjax.data.dataset import Dataset
@@ -179,6 +181,12 @@ def load_from_config(section, *, stage: str = "load_dataset") -> Dataset:
     ``name``, ``data_dir``, ``zca`` and the optional ``normalisation`` and ``train_limit``.
     ``stage`` names the stage in the refusal of a stream (:func:`require_in_memory`)."""
     require_in_memory(section.name, stage=stage)
+    for field, unset in (("image_size", None), ("workers", 0)):
+        check(
+            section.get(field, unset) == unset,
+            f"config.dataset.{field} applies to streams (stream:NAME) only; {section.name!r} "
+            f"is loaded whole at its own size: unset it",
+        )
     return load_dataset(
         section.name,
         data_dir=section.data_dir or None,
@@ -217,9 +225,10 @@ def open_from_config(section, *, stage: str) -> Dataset | StreamingDataset:
         f"config.dataset.workers={workers!r} must be an integer >= 0",
     )
     image_size = section.get("image_size")
-    return open_stream(
+    stream = open_stream(
         section.name,
         data_dir=section.data_dir or None,
         image_size=224 if image_size is None else image_size,
         normalisation=section.get("normalisation") or None,
     )
+    return dataclasses.replace(stream, workers=workers)

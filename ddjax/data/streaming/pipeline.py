@@ -302,15 +302,18 @@ class StreamSource:
 
 
 def test_chunks(
-    dataset: StreamingDataset, batch_size: int, *, worker_count: int = 0
+    dataset: StreamingDataset, batch_size: int, *, worker_count: int | None = None
 ) -> Callable[[], Iterator[tuple[Any, np.ndarray]]]:
     """The test split as ``chunks()`` for :func:`ddjax.train.accuracy_over`.
 
     Every call reads the whole test split in file order (eval transform) and yields
     ``(images, labels)`` batches with ``-1`` as the label of the last batch's padding. Every
     process reads all of it (``process_count=1``): the models that score it are replicated or
-    spread over a pool, and each needs every test image.
+    spread over a pool, and each needs every test image. ``worker_count=None``: the dataset's
+    ``workers``.
     """
+    if worker_count is None:
+        worker_count = dataset.workers
 
     def chunks():
         with BatchIterator(

@@ -122,6 +122,8 @@ class StreamingDataset:
             ``round(image_size * eval_resize)`` before the centre crop (ImageNet's 256/224);
             ``None``: no resize, only the centre crop.
         image_shape: ``(H, W, C)`` of one image after the transforms.
+        workers: the grain worker processes a stage's pipelines use by default (the config's
+            ``dataset.workers``; 0: decode in the reading process).
     """
 
     name: str
@@ -133,6 +135,7 @@ class StreamingDataset:
     image_size: int | None
     eval_resize: float | None
     image_shape: tuple[int, int, int]
+    workers: int = 0
 
     @property
     def zca(self) -> None:
