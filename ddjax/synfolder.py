@@ -258,9 +258,13 @@ class SynFolder:
             :class:`ddjax.synset.SyntheticSet` orders a recovered set).
         labels: ``(N,)`` int32 classes, in the same order.
         meta: provenance from ``synset.json``.
-        fingerprint: SHA-256 over every file's SHA-256 (recorded when written): what a
-            relabel store made from this folder is tied to.
+        digests: every file's SHA-256 as recorded when it was written; :meth:`take` checks
+            each file it reads against it, so a file changed since is an error, not a silent
+            mismatch with the labels made from it.
+        fingerprint: SHA-256 over ``digests``: what a relabel store made from this folder is
+            tied to.
         bytes: total size of the image files.
+        workers: threads decoding the files of one :meth:`take`.
     """
 
     root: Path
@@ -273,6 +277,7 @@ class SynFolder:
     files: tuple[str, ...]
     labels: np.ndarray
     meta: dict
+    digests: tuple[str, ...]
     fingerprint: str
     bytes: int
     workers: int = 8
@@ -302,6 +307,11 @@ class SynFolder:
                 data = path.read_bytes()
             except OSError as e:
                 raise DDJaxError(f"{path}: cannot read ({e.strerror}); re-run recover") from None
+            check(
+                hashlib.sha256(data).hexdigest() == self.digests[i],
+                f"{path} changed since ddjax recover wrote it (SHA-256 differs from "
+                f"{self.root / DONE_DIR}); restore it or re-run recover into a new folder",
+            )
             array = _decode(data, channels, str(path))
             check(
                 array.shape == self.image_shape,
@@ -339,6 +349,41 @@ class SynFolder:
     def all_images(self) -> np.ndarray:
         """Every image in memory (small sets only: ``ddjax evaluate``, tests)."""
         return self.take(np.arange(len(self.files)))
+
+    @property
+    def images(self) -> FolderImages:
+        """The images as a lazy ``(N, H, W, C)`` float32 array-like (see :class:`FolderImages`)."""
+        return FolderImages(self)
+
+
+class FolderImages:
+    """A :class:`SynFolder`'s images as an array-like that decodes only what is indexed.
+
+    It has ``shape``, ``ndim``, ``dtype`` and ``len`` like the ``(N, H, W, C)`` float32 array of
+    an in-memory set, and ``images[indices]`` decodes those images. Converting it whole
+    (``np.asarray``) is refused: code that reads a folder set must gather batches
+    (:func:`ddjax.sre2l.views.gather`), so a 50,000-image set never becomes one array by
+    accident.
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 4
+
+    def __init__(self, folder: SynFolder):
+        self.folder = folder
+        self.shape = (len(folder.files), *folder.image_shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, indices: Any) -> np.ndarray:
+        return self.folder.take(np.arange(self.shape[0])[indices])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        raise DDJaxError(
+            f"the synthetic folder {self.folder.root} is read batch by batch; this code path "
+            "needs the whole set in memory (use a synset.npz, or a stage that streams folders)"
+        )
 
 
 def _read_records(root: Path, what: str) -> list[dict]:
@@ -397,6 +442,7 @@ def open_synfolder(path: str | os.PathLike, *, workers: int = 8) -> SynFolder:
         files=tuple(files),
         labels=np.asarray(labels, np.int32),
         meta=dict(index.get("meta", {})),
+        digests=tuple(digests[f] for f in files),
         fingerprint=fingerprint,
         bytes=total,
         workers=workers,

@@ -85,8 +85,23 @@ class SyntheticSet:
 
 
 def load_synset(path: str | os.PathLike) -> SyntheticSet:
-    """Reads a synthetic set written by :meth:`SyntheticSet.save`."""
+    """Reads a synthetic set written by :meth:`SyntheticSet.save`, or a synthetic folder.
+
+    A folder written by ``ddjax recover`` (``output='folder'``, :mod:`ddjax.synfolder`) is
+    decoded whole into memory with hard labels: for small folders (``ddjax evaluate``); the
+    SRe2L stages read large ones batch by batch.
+    """
     path = Path(path)
+    if path.is_dir():
+        from ddjax import synfolder  # noqa: PLC0415 -- only folder sets need it
+
+        folder = synfolder.open_synfolder(path)
+        return SyntheticSet(
+            images=folder.all_images(),
+            labels=folder.labels,
+            num_classes=folder.num_classes,
+            meta={**folder.meta, "folder": str(path)},
+        )
     check(path.is_file(), f"synthetic set file {path} does not exist")
     try:
         with np.load(path, allow_pickle=False) as f:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddjax import data, models
+from ddjax import data, models, synfolder
 from ddjax.config import import_config
 from ddjax.errors import DDJaxError
 from ddjax.sre2l import crops, label_store, relabel
@@ -396,3 +396,70 @@ def test_run_relabel_writes_the_store_and_evaluates_students(setup, tmp_path):
     config.teacher = ""
     with pytest.raises(DDJaxError, match="config.teacher is empty"):
         relabel.run_relabel(config, str(tmp_path / "bad"), progress=False)
+
+
+def test_a_synthetic_folder_is_relabelled_batch_by_batch(setup, tmp_path, monkeypatch):
+    """A recovered folder streams: only batches are decoded, the store equals the in-memory one.
+
+    The folder's decoded images (its JPEG round trip) as an in-memory set give the same epoch
+    files; replaying from the folder gives the stored views; the predicted size is exact.
+    """
+    dataset, teacher, _ = setup
+    writer = synfolder.SynFolderWriter(
+        tmp_path / "set", num_classes=4, ipc=2, image_shape=dataset.image_shape,
+        mean=dataset.mean, std=dataset.std,
+    )  # fmt: skip
+    for ipc_id in range(2):
+        picked = [np.flatnonzero(dataset.y_train == c)[ipc_id] for c in range(4)]
+        writer.write_batch(ipc_id, np.arange(4), np.full(4, ipc_id), dataset.x_train[picked])
+    folder = synfolder.open_synfolder(tmp_path / "set")
+    in_memory = SyntheticSet(folder.all_images(), folder.labels, 4)
+    taken = []
+    take = synfolder.SynFolder.take
+    monkeypatch.setattr(
+        synfolder.SynFolder, "take", lambda self, i: taken.append(len(i)) or take(self, i)
+    )
+    spec = views_lib.AugmentSpec()
+    kwargs = dict(spec=spec, epochs=EPOCHS, batch_size=3, seed=SEED)  # batches of 3, 3, 2
+    streamed = label_store.write_store(tmp_path / "a", folder, teacher, dataset, **kwargs)
+    assert taken and max(taken) <= 3  # never the whole set
+    label_store.write_store(tmp_path / "b", in_memory, teacher, dataset, **kwargs)
+    for epoch in range(EPOCHS):
+        with (
+            np.load(tmp_path / "a" / f"epoch_{epoch:04d}.npz") as a,
+            np.load(tmp_path / "b" / f"epoch_{epoch:04d}.npz") as b,
+        ):
+            for name in a.files:
+                np.testing.assert_array_equal(a[name], b[name])
+    store = label_store.open_store(tmp_path / "a")
+    assert streamed["storage_bytes"] == label_store.predict_storage(8, 4, 3, EPOCHS)
+    label_store.check_store(store, synset=folder, teacher=teacher, dataset=dataset)
+    with pytest.raises(DDJaxError, match="another synthetic set"):
+        label_store.check_store(store, synset=in_memory)
+    taken.clear()
+    for batch in label_store.replay(store, 1):
+        from_folder = label_store.augmented_batch(folder.images, batch, spec)
+        np.testing.assert_array_equal(
+            from_folder, label_store.augmented_batch(in_memory.images, batch, spec)
+        )
+    assert taken == [3, 3, 2]
+
+
+def test_relabel_refuses_a_store_larger_than_the_free_disk_space(setup, tmp_path, monkeypatch):
+    dataset, teacher, synset = setup
+    save_teacher(
+        tmp_path / "teacher", model_name="ConvNetBN", model_overrides={"width": 8, "depth": 2},
+        variables=teacher.variables, dataset=dataset,
+    )  # fmt: skip
+    config = import_config("relabel/sre2l.py").relabel_fields(
+        DATASET, "imagenet", models=("ConvNet",), epochs=300, batch_size=BATCH
+    )
+    config.synset = str(synset.save(tmp_path / "synset.npz"))
+    config.teacher = str(tmp_path / "teacher")
+    config.evaluate = False
+    free = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(relabel.shutil, "disk_usage", lambda path: free)
+    needed = label_store.predict_storage(10, 4, BATCH, 300)
+    with pytest.raises(DDJaxError, match=f"needs {needed / 2**20:.2f} MiB .* 0.00 MiB free"):
+        relabel.run_relabel(config, str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()

@@ -63,6 +63,7 @@ from ddjax.evaluate import EvalResult, check_set_fits
 from ddjax.sre2l import label_store
 from ddjax.sre2l import views as views_lib
 from ddjax.sre2l.contract import DataContract
+from ddjax.synfolder import FolderImages
 from ddjax.synset import SyntheticSet
 
 __all__ = [
@@ -357,18 +358,19 @@ def stored_batches(store: label_store.LabelStore, images: Any) -> Batches:
 
     Args:
       store: an opened store.
-      images: the synthetic set's images (the ones the store was made from).
+      images: the synthetic set's images (the ones the store was made from): an array, or a
+        synthetic folder's lazy images (each batch's files are read when it is replayed).
 
     Returns:
       ``batches(epoch)`` yielding ``(views, logits)``: the stored augmentation re-applied
       (:func:`ddjax.sre2l.label_store.augmented_batch`) and the stored fp16 logits as float32.
     """
     augment = views_lib.augmenter(store.spec)
-    images = jnp.asarray(images, jnp.float32)
+    images = _on_device(images)
 
     def batches(epoch: int) -> Iterator[tuple[Array, Array]]:
         for batch in label_store.replay(store, epoch):
-            views = augment(images, jnp.asarray(batch.indices), batch.augment)
+            views = augment(views_lib.gather(images, batch.indices), batch.augment)
             yield views, jnp.asarray(batch.logits, jnp.float32)
 
     return batches
@@ -402,12 +404,17 @@ def online_batches(
     """
     label = views_lib.make_labeller(teacher.model, spec, teacher_mode)
     variables = jax.tree.map(jnp.asarray, dict(teacher.variables))
-    images = jnp.asarray(images, jnp.float32)
+    images = _on_device(images)
 
     def batches(epoch: int) -> Iterator[tuple[Array, Array]]:
         yield from views_lib.iterate_online(label, variables, images, batch_size, seed, epoch)
 
     return batches
+
+
+def _on_device(images: Any) -> Any:
+    """An in-memory set's images on the device, once; a folder's stay lazy (read per batch)."""
+    return images if isinstance(images, FolderImages) else jnp.asarray(images, jnp.float32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ resume, results); the config's fields are ``configs/relabel/sre2l.py``'s.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import ml_collections
 
 from ddjax import data as data_lib
@@ -24,8 +27,9 @@ from ddjax.evaluate_stage import KDTrainer, evaluate_into
 from ddjax.sre2l import kd
 from ddjax.sre2l import teacher as teacher_lib
 from ddjax.sre2l.contract import DataContract
-from ddjax.sre2l.label_store import STORE_DIR, open_store, write_store
-from ddjax.synset import load_synset
+from ddjax.sre2l.label_store import STORE_DIR, open_store, predict_storage, write_store
+from ddjax.synfolder import SynFolder, is_synfolder, open_synfolder
+from ddjax.synset import SyntheticSet, load_synset
 from ddjax.workdir import Workdir
 
 __all__ = ["run_relabel"]
@@ -34,13 +38,17 @@ __all__ = ["run_relabel"]
 def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
     """``ddjax relabel``: soft labels for a recovered set, then KD students trained on them.
 
-    Reads the synthetic set (``config.synset``, :func:`ddjax.synset.load_synset`) and the teacher
+    Reads the synthetic set (``config.synset``: a ``synset.npz``, :func:`ddjax.synset.load_synset`,
+    or a synthetic folder of ``ddjax recover``'s ``output='folder'``, read one batch at a time:
+    :func:`ddjax.synfolder.open_synfolder`) and the teacher
     (``config.teacher``, :func:`ddjax.sre2l.teacher.load_teacher`), checks both against the
     dataset, and writes into ``workdir``: ``config.json``, ``metrics.jsonl``, the store
     ``labels/`` (when ``config.labels == 'stored'``) and ``results.json`` with the storage size
     and, with ``config.evaluate``, one :class:`ddjax.evaluate.EvalResult` per student
-    architecture (``ddjax.sre2l.kd.evaluate_kd``). Re-running resumes: finished epochs of
-    labels and finished architectures are not recomputed.
+    architecture (``ddjax.sre2l.kd.evaluate_kd``). The store's size is predicted
+    (:func:`ddjax.sre2l.label_store.predict_storage`), printed and checked against the free disk
+    space before anything is written. Re-running resumes: finished epochs of labels and
+    finished architectures are not recomputed.
 
     Args:
       config: from ``configs/relabel/sre2l.py:DATASET``.
@@ -77,9 +85,9 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
             "--config.evaluate=False to only write the labels)",
         )
         dataset = DataContract.of_teacher(teacher.meta)
-    synset = load_synset(config.synset)
+    synset = _open_synset(config.synset)
     check(
-        synset.images.shape[1:] == dataset.image_shape
+        tuple(synset.images.shape[1:]) == tuple(dataset.image_shape)
         and synset.num_classes == dataset.num_classes,
         f"synthetic set {config.synset} has images {synset.images.shape[1:]} and "
         f"{synset.num_classes} classes; dataset {dataset.name!r} has {dataset.image_shape} and "
@@ -94,6 +102,17 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
         )
         for name in config.eval.models:
             models_lib.get_model(name, dataset.num_classes, dataset.image_shape, **model_overrides)
+    predicted = None
+    if config.labels == "stored":
+        predicted = predict_storage(
+            len(synset.labels), dataset.num_classes, recipe.batch_size, recipe.epochs
+        )
+        _check_free_space(workdir, predicted)
+        if progress:
+            print(
+                f"relabel: {len(synset.labels)} images x {recipe.epochs} epochs of "
+                f"{dataset.num_classes} fp16 logits: {_size(predicted)} of labels"
+            )
     work = Workdir(workdir, config, "relabel")
     results = work.results()
 
@@ -116,11 +135,11 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
         if progress:
             print(
                 f"relabel: {summary['completed_epochs']} epochs of soft labels in {store.path} "
-                f"({summary['storage_bytes'] / 2**20:.2f} MiB)"
+                f"({_size(summary['storage_bytes'])})"
             )
     else:
         summary = {"path": None, "epochs": recipe.epochs, "storage_bytes": 0, "index_bytes": 0}
-    results["labels"] = {"mode": config.labels, **summary}
+    results["labels"] = {"mode": config.labels, **summary, "predicted_bytes": predicted}
     work.save_results(results)
 
     if config.evaluate:
@@ -130,3 +149,31 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
             work, synset, dataset, settings, kd=trainer, progress=progress
         )
     return results
+
+
+def _open_synset(path: str) -> SyntheticSet | SynFolder:
+    """A ``synset.npz`` in memory, or a synthetic folder read batch by batch."""
+    return open_synfolder(path) if is_synfolder(path) else load_synset(path)
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.2f} MiB"
+
+
+def _check_free_space(workdir: str, needed: int) -> None:
+    """Refuses (before anything is written) a store that cannot fit on the work directory's disk.
+
+    Epochs already on disk (a resumed run) count as free: their space is already taken.
+    """
+    path = Path(workdir).absolute()
+    existing = path / STORE_DIR
+    held = sum(f.stat().st_size for f in existing.glob("epoch_*.npz")) if existing.is_dir() else 0
+    while not path.exists():
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    check(
+        needed - held <= free,
+        f"the relabel store needs {_size(needed)} ({_size(needed - held)} still to write) but "
+        f"{path} has {_size(free)} free; free space, pass a --workdir on a larger disk, or "
+        "use --config.labels=online (no storage)",
+    )

@@ -45,10 +45,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddjax import sharding
 from ddjax.data import Dataset
 from ddjax.errors import DDJaxError, check
 from ddjax.sre2l import crops
 from ddjax.sre2l.contract import DataContract
+from ddjax.synfolder import FolderImages
 
 __all__ = [
     "CROPS",
@@ -63,6 +65,7 @@ __all__ = [
     "batch_map",
     "check_teacher_fits",
     "draw_augment",
+    "gather",
     "iterate_online",
     "make_labeller",
     "padding_fill",
@@ -367,11 +370,11 @@ def teacher_logits(
 
 @functools.lru_cache(maxsize=8)
 def make_labeller(model: nn.Module, spec: AugmentSpec, mode: str):
-    """Builds the jitted ``label(variables, images, indices, key) -> (augment, views, logits)``.
+    """Builds the jitted ``label(variables, batch, key) -> (augment, views, logits)``.
 
-    One batch of relabelling: gather ``images[indices]``, :func:`draw_augment` with ``key``,
-    :func:`apply_augment`, :func:`teacher_logits`. The same compiled function makes the
-    stored labels (:func:`ddjax.sre2l.label_store.write_store`) and the online ones
+    One batch of relabelling (``batch = gather(images, indices)``): :func:`draw_augment`
+    with ``key``, :func:`apply_augment`, :func:`teacher_logits`. The same compiled function
+    makes the stored labels (:func:`ddjax.sre2l.label_store.write_store`) and the online ones
     (``ddjax.sre2l.kd``), so a store and an online run with the same seed see identical views
     and identical fp32 logits.
     Cached per ``(model, spec, mode)``, so a process compiles it once per batch shape.
@@ -382,15 +385,15 @@ def make_labeller(model: nn.Module, spec: AugmentSpec, mode: str):
       mode: the teacher's mode, ``'eval'`` or ``'train'``.
 
     Returns:
-      The jitted function; ``variables`` are the teacher's, ``images`` the whole synthetic set.
+      The jitted function; ``variables`` are the teacher's, ``batch`` the batch's synthetic
+      images (:func:`gather`).
     """
     check(
         mode in TEACHER_MODES, f"teacher_mode={mode!r} is not known; valid: {list(TEACHER_MODES)}"
     )
 
     @jax.jit
-    def label(variables, images, indices, key):
-        batch = images[indices]
+    def label(variables, batch, key):
         num, height, width, _ = batch.shape
         augment = draw_augment(key, spec, num, height, width)
         views = apply_augment(batch, augment, spec)
@@ -457,12 +460,34 @@ def check_positive(name: str, value: Any) -> None:
 
 @functools.lru_cache(maxsize=16)
 def augmenter(spec: AugmentSpec):
-    """The jitted ``augment(images, indices, augment) -> views`` of one spec (built once).
+    """The jitted ``augment(batch, augment) -> views`` of one spec (built once).
 
-    ``views = apply_augment(images[indices], augment, spec)``: what FKD's training loader gives
-    for a stored batch. The spec is closed over, so each spec compiles once per batch shape.
+    ``views = apply_augment(batch, augment, spec)`` with ``batch = gather(images, indices)``:
+    what FKD's training loader gives for a stored batch. The spec is closed over, so each spec
+    compiles once per batch shape.
     """
-    return jax.jit(lambda images, indices, augment: apply_augment(images[indices], augment, spec))
+    return jax.jit(lambda batch, augment: apply_augment(batch, augment, spec))
+
+
+@jax.jit
+def _take(images: Array, indices: Array) -> Array:
+    return images[indices]
+
+
+def gather(images: Any, indices: Any, where: jax.sharding.Sharding | None = None) -> Array:
+    """The synthetic images ``indices`` of a relabel or KD batch, as one device array.
+
+    ``images`` is an in-memory set's ``(N, H, W, C)`` array (a device array is gathered where
+    it lives) or a synthetic folder's lazy images (:class:`ddjax.synfolder.FolderImages`),
+    of which only the batch's files are decoded -- by each process only the rows its devices
+    hold when ``where`` shards the batch over several hosts. ``where``: the batch's placement
+    (``None``: where the gather happens, the default device for a folder).
+    """
+    indices = np.asarray(indices, np.int32)
+    if isinstance(images, FolderImages):
+        return images.folder.take_placed(indices, where)
+    batch = _take(images, indices)
+    return batch if where is None else sharding.put(batch, where)
 
 
 def check_teacher_fits(teacher: Any, dataset: Dataset | DataContract) -> None:
@@ -493,9 +518,13 @@ def check_teacher_fits(teacher: Any, dataset: Dataset | DataContract) -> None:
 
 
 def iterate_online(
-    label, variables: Any, images: Array, batch_size: int, seed: int, epoch: int
+    label, variables: Any, images: Any, batch_size: int, seed: int, epoch: int
 ) -> Iterator[tuple[Array, Array]]:
-    """Online KD's batches of ``epoch``: ``(views, fp32 logits)`` from the same keys as a store."""
+    """Online KD's batches of ``epoch``: ``(views, fp32 logits)`` from the same keys as a store.
+
+    ``images``: an in-memory set's array or a folder's lazy images (:func:`gather`).
+    """
     for b, indices in enumerate(batch_map(images.shape[0], batch_size, seed, epoch)):
-        _, views, logits = label(variables, images, indices, batch_key(seed, epoch, b))
+        batch = gather(images, indices)
+        _, views, logits = label(variables, batch, batch_key(seed, epoch, b))
         yield views, logits
