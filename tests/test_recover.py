@@ -415,6 +415,38 @@ def test_eight_devices_give_the_same_images_and_loss_as_one(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "images.npy"), images, rtol=0, atol=1e-9)
 
 
+def test_a_batch_resumed_from_its_checkpoint_ends_bit_identical():
+    """The checkpoint holds all that the remaining iterations depend on (images, Adam's
+    moments, the step of the cosine rate, the augmentation key): resuming it from host
+    arrays gives exactly the uninterrupted batch's images and last metrics."""
+    model, variables = _bn_net()
+    settings = recover_step.RecoverSettings(**{**SETTINGS.__dict__, "iterations": 5})
+    step = recover_step.make_recover_step(model, settings, compiler_options=FAST_COMPILE)
+    labels, key = np.array([0, 1, 2, 3]), jax.random.key(6)
+    run = functools.partial(
+        recover_step.recover_batch, step, variables, labels, key, settings, IMAGE_SHAPE
+    )
+    saved = {}
+    images, metrics = run(
+        checkpoint_every=2,
+        on_checkpoint=lambda iteration, state: saved.setdefault(iteration, state),
+    )
+    assert sorted(saved) == [2, 4]  # none after the last iteration
+    names = ["images", "key", "opt_state/count", "opt_state/mu", "opt_state/nu", "step"]
+    assert sorted(saved[2]) == names
+    assert int(saved[2]["step"]) == 2
+    logged = []
+    resumed, resumed_metrics = run(
+        start_state=saved[2], log_every=1, on_log=lambda iteration, _: logged.append(iteration)
+    )
+    assert logged == [3, 4, 5]
+    np.testing.assert_array_equal(resumed, images)
+    np.testing.assert_array_equal(resumed_metrics["loss"], metrics["loss"])
+    other_batch = {**saved[2], "images": saved[2]["images"][:2]}
+    with pytest.raises(DDJaxError, match="checkpoint array 'images'"):
+        run(start_state=other_batch)
+
+
 # --------------------------------------------------------------------------------------------
 # Batches and output
 # --------------------------------------------------------------------------------------------
