@@ -215,6 +215,11 @@ def teacher(tmp_path_factory) -> Path:
 
 
 def test_two_processes_recover_like_one(teacher, tmp_path, monkeypatch):
+    """The batches are plan_batches' in both runs, each split over both processes' devices;
+    every finished batch is written at once into the synthetic folder (PNG: the digits row has
+    no JPEG) and the batch in progress is checkpointed (gathered from both processes)."""
+    from ddjax.synfolder import open_synfolder
+
     # float64: the batch's BN statistics are summed over both processes' devices; in float64
     # the reordering stays far below what a per-process statistic would change (~1e-1).
     monkeypatch.setenv("JAX_ENABLE_X64", "1")
@@ -224,6 +229,8 @@ def test_two_processes_recover_like_one(teacher, tmp_path, monkeypatch):
         "--config.ipc=2",
         "--config.iterations=4",
         "--config.log_every=2",
+        "--config.output=folder",
+        "--config.checkpoint_every=2",
     ]
     code = subprocess.run(
         [sys.executable, "-m", "ddjax.cli", "recover", *args, f"--workdir={tmp_path / 'one'}"],
@@ -234,9 +241,13 @@ def test_two_processes_recover_like_one(teacher, tmp_path, monkeypatch):
     )
     assert code.returncode == 0, code.stderr[-3000:]
     _run_two("recover", args, tmp_path / "two", x64=True)
-    one, two = (np.load(tmp_path / d / "synset.npz") for d in ("one", "two"))
-    np.testing.assert_allclose(two["images"], one["images"], atol=1e-6)
-    np.testing.assert_array_equal(two["labels"], one["labels"])
+    one, two = (open_synfolder(tmp_path / d / "synset") for d in ("one", "two"))
+    np.testing.assert_array_equal(two.labels, one.labels)
+    np.testing.assert_array_equal(two.all_images(), one.all_images())
+    assert two.fingerprint == one.fingerprint  # the same PNG bytes
+    events = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").open()]
+    assert [e["iteration"] for e in events if e["event"] == "checkpoint"] == [2, 2]
+    assert not (tmp_path / "two" / "inflight.npz").exists()
     _shared_outputs_written_once(tmp_path / "one", tmp_path / "two")
 
 

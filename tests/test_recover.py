@@ -415,6 +415,38 @@ def test_eight_devices_give_the_same_images_and_loss_as_one(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "images.npy"), images, rtol=0, atol=1e-9)
 
 
+def test_a_batch_resumed_from_its_checkpoint_ends_bit_identical():
+    """The checkpoint holds all that the remaining iterations depend on (images, Adam's
+    moments, the step of the cosine rate, the augmentation key): resuming it from host
+    arrays gives exactly the uninterrupted batch's images and last metrics."""
+    model, variables = _bn_net()
+    settings = recover_step.RecoverSettings(**{**SETTINGS.__dict__, "iterations": 5})
+    step = recover_step.make_recover_step(model, settings, compiler_options=FAST_COMPILE)
+    labels, key = np.array([0, 1, 2, 3]), jax.random.key(6)
+    run = functools.partial(
+        recover_step.recover_batch, step, variables, labels, key, settings, IMAGE_SHAPE
+    )
+    saved = {}
+    images, metrics = run(
+        checkpoint_every=2,
+        on_checkpoint=lambda iteration, state: saved.setdefault(iteration, state),
+    )
+    assert sorted(saved) == [2, 4]  # none after the last iteration
+    names = ["images", "key", "opt_state/count", "opt_state/mu", "opt_state/nu", "step"]
+    assert sorted(saved[2]) == names
+    assert int(saved[2]["step"]) == 2
+    logged = []
+    resumed, resumed_metrics = run(
+        start_state=saved[2], log_every=1, on_log=lambda iteration, _: logged.append(iteration)
+    )
+    assert logged == [3, 4, 5]
+    np.testing.assert_array_equal(resumed, images)
+    np.testing.assert_array_equal(resumed_metrics["loss"], metrics["loss"])
+    other_batch = {**saved[2], "images": saved[2]["images"][:2]}
+    with pytest.raises(DDJaxError, match="checkpoint array 'images'"):
+        run(start_state=other_batch)
+
+
 # --------------------------------------------------------------------------------------------
 # Batches and output
 # --------------------------------------------------------------------------------------------
@@ -525,6 +557,132 @@ def test_killed_run_resumes_to_the_same_synthetic_set(teacher_dir, tmp_path):
     assert list(results["batches"]["0"]["bn_layers"]) == ["norm_0", "norm_1"]
 
 
+def test_folder_output_holds_the_npz_runs_images_as_jpeg_or_png_files(teacher_dir, tmp_path):
+    """output='folder': one file per image, CCC/III.jpg, written batch by batch; the same
+    images (same seed) as output='npz' after SRe2L's JPEG round trip, or their uint8 codes
+    exactly as PNG; an ImageNet-layout folder that ddjax's folder reader labels by class."""
+    import json
+
+    from PIL import Image
+
+    from ddjax.data.sources.folder import list_folder
+    from ddjax.synfolder import open_synfolder, to_codes
+
+    run = functools.partial(recover.run_recover, compiler_options=FAST_COMPILE)
+    floats = run(_run_config(teacher_dir, jpeg_quality=0), str(tmp_path / "npz")).images
+    dataset = data.load_dataset(DATA)
+    returned = run(_run_config(teacher_dir, output="folder"), str(tmp_path / "jpeg"))
+    root = tmp_path / "jpeg" / "synset"
+    assert returned.root == root
+    names = [f"{c:03d}/{i:03d}.jpg" for c in range(NUM_CLASSES) for i in range(2)]
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg")) == names
+    assert not (tmp_path / "jpeg" / "batches").exists()
+    assert not (tmp_path / "jpeg" / "synset.npz").exists()
+    assert (tmp_path / "jpeg" / "synset.png").exists()
+    folder = open_synfolder(root)
+    np.testing.assert_array_equal(folder.labels, np.repeat(np.arange(NUM_CLASSES), 2))
+    np.testing.assert_array_equal(
+        folder.all_images(), recover_step.jpeg_round_trip(floats, dataset.mean, dataset.std, 75)
+    )
+    summary = json.loads((tmp_path / "jpeg" / "results.json").read_text())["summary"]
+    assert summary["synset"] == str(root) and summary["num_images"] == 2 * NUM_CLASSES
+    assert summary["bytes"] == sum(p.stat().st_size for p in root.rglob("*.jpg"))
+    listing = list_folder(str(root))
+    files = listing.train.paths() + listing.test.paths()
+    labels = np.concatenate([listing.train.labels, listing.test.labels])
+    assert len(files) == 2 * NUM_CLASSES
+    assert [int(p.parent.name) for p in files] == labels.tolist()
+
+    run(_run_config(teacher_dir, output="folder", jpeg_quality=0), str(tmp_path / "png"))
+    png = open_synfolder(tmp_path / "png" / "synset")
+    assert png.image_format == "png" and all(f.endswith(".png") for f in png.files)
+    codes = np.stack([np.asarray(Image.open(png.root / f)) for f in png.files])
+    np.testing.assert_array_equal(codes, to_codes(floats, dataset.mean, dataset.std))
+
+
+CHECKPOINTED = {"output": "folder", "iterations": 5, "checkpoint_every": 2, "log_every": 1}
+
+
+@pytest.fixture(scope="module")
+def folder_whole(teacher_dir, tmp_path_factory):
+    """An uninterrupted folder run with in-batch checkpoints (4 batches of 5 iterations)."""
+    workdir = tmp_path_factory.mktemp("whole") / "run"
+    config = _run_config(teacher_dir, **CHECKPOINTED)
+    recover.run_recover(config, str(workdir), compiler_options=FAST_COMPILE)
+    return workdir
+
+
+def _file_bytes(workdir):
+    root = workdir / "synset"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.jpg"))}
+
+
+def _step_events(workdir):
+    import json
+
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["batch"], r["iteration"]) for r in records if r["event"] == "step"]
+
+
+def test_run_killed_inside_a_batch_resumes_at_its_last_checkpoint(
+    teacher_dir, folder_whole, tmp_path, monkeypatch
+):
+    config = _run_config(teacher_dir, **CHECKPOINTED)
+    killed = tmp_path / "killed"
+    # Batch 0 whole (5 iterations), then 3 of batch 1: its checkpoint is at iteration 2.
+    stopped = recover.run_recover(
+        config, str(killed), compiler_options=FAST_COMPILE, _stop_after_iterations=8
+    )
+    assert stopped is None
+    with np.load(killed / "inflight.npz") as inflight:
+        assert int(inflight["batch"]) == 1 and int(inflight["state/step"]) == 2
+    assert sorted(p.name for p in (killed / "synset" / ".done").iterdir()) == ["batch_00000.json"]
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        step = recover_step.make_recover_step(*args, **kwargs)
+        return lambda *a: calls.append(1) or step(*a)
+
+    monkeypatch.setattr(recover, "make_recover_step", counting)
+    recover.run_recover(config, str(killed), compiler_options=FAST_COMPILE)
+    assert len(calls) == 3 + 5 + 5  # batch 1 from iteration 3, then batches 2 and 3
+    assert _file_bytes(killed) == _file_bytes(folder_whole)
+    assert not (killed / "inflight.npz").exists()
+    events = _step_events(killed)
+    assert sorted(events) == sorted(_step_events(folder_whole))  # each once, none missing
+    assert len(set(events)) == len(events) == 4 * 5
+
+
+def test_batch_killed_between_its_files_and_its_record_is_redone(
+    teacher_dir, folder_whole, tmp_path
+):
+    """The record is written after the images: without it the batch is redone, whatever
+    files it left; a finished batch's losses come back from its record when results.json
+    is lost."""
+    import json
+
+    config = _run_config(teacher_dir, **CHECKPOINTED)
+    killed = tmp_path / "killed"
+    recover.run_recover(config, str(killed), compiler_options=FAST_COMPILE, _stop_after=2)
+    root = killed / "synset"
+    # Batch 1 (classes 2, 3 of ipc 0): one file renamed into place, one left as a temporary.
+    (root / ".done" / "batch_00001.json").unlink()
+    (root / "003" / "000.jpg").rename(root / "003" / "000.jpg.tmp")
+    (killed / "results.json").unlink()
+    recover.run_recover(config, str(killed), compiler_options=FAST_COMPILE)
+
+    assert _file_bytes(killed) == _file_bytes(folder_whole)
+    events = _step_events(killed)
+    assert len(set(events)) == len(events) == 4 * 5
+    batches = json.loads((killed / "results.json").read_text())["batches"]
+    expected = json.loads((folder_whole / "results.json").read_text())["batches"]
+    assert sorted(batches) == ["0", "1", "2", "3"]
+    for index in batches:
+        assert batches[index]["loss"] == expected[index]["loss"]
+        assert batches[index]["bn_layers"] == expected[index]["bn_layers"]
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -539,6 +697,8 @@ def test_killed_run_resumes_to_the_same_synthetic_set(teacher_dir, tmp_path):
         ({"jitter": (0, 8)}, "rolls by up to 8 px"),
         ({"crop_scale": (0.5, 1.5)}, "config.crop_scale"),
         ({"jpeg_quality": 100}, "config.jpeg_quality=100"),
+        ({"output": "zip"}, "config.output='zip'"),
+        ({"checkpoint_every": -1}, "config.checkpoint_every=-1"),
         ({"teacher": ""}, "config.teacher is empty"),
         ({"teacher": "/nonexistent/teacher"}, "not a ddjax teacher"),
         ({"dataset.name": "synthetic:classes=5,size=8,channels=3,train=20,test=5"}, "dataset="),
@@ -578,6 +738,10 @@ def test_config_files_hold_the_published_settings():
     for name in ("imagenet", "tiny_imagenet", "cifar100", "cifar10", "fashion_mnist", "digits"):
         config = load_config(f"configs/recover/sre2l.py:{name}")
         assert config.first_bn_multiplier == 10.0 and config.teacher == ""
+        # ImageNet-scale rows: JPEG files batch by batch, a kill loses at most 500 iterations.
+        large = name in ("imagenet", "tiny_imagenet")
+        assert config.output == ("folder" if large else "npz")
+        assert config.checkpoint_every == (500 if large else 0)
         assert tuple(config.crop_scale) == (0.08, 1.0)
         if name in published:
             got = (config.ipc, config.batch_size, config.lr, config.iterations, config.r_bn)

@@ -11,6 +11,13 @@ must be given (--config.teacher=PATH). Every field is overridable with --config.
 All rows use Adam(0.5, 0.9) with the cosine policy and a first-BN multiplier of 10; JPEG q75
 output (SRe2L's saved JPEGs) unless stated.
 
+Output: the imagenet and tiny_imagenet rows write each finished batch at once as JPEG files,
+``WORKDIR/synset/CCC/III.jpg`` (``output='folder'``: SRe2L's format, an ImageNet-layout
+folder; ``--config.jpeg_quality=0`` writes lossless PNG files instead), and checkpoint the batch
+in progress every 500 iterations (``checkpoint_every``; a kill loses at most 500 of a batch's
+4,000). The small-image rows keep ``output='npz'`` (``synset.npz``, held in memory) and no
+in-batch checkpoints (their batches take seconds).
+
 Rows (research/sre2l.md §3.5):
 * imagenet (224 px, IPC 50) -- the official ``SRe2L/recover/recover.sh`` + ``data_synthesis.py``:
   batches of 100 distinct classes (10 per ipc index), 4,000 iterations per batch at lr 0.25,
@@ -57,13 +64,16 @@ from ddjax.config import dataset_arg, dataset_section
 from ddjax.sre2l import crops
 
 #: dataset -> IPC, batch, iterations, lr, r_bn, roll-offset range, crop, flip (and JPEG quality,
-#: data folder and normalisation where they are not the defaults). name '' = no images.
+#: data folder, normalisation, output and in-batch checkpoints where they are not the
+#: defaults). name '' = no images.
 PUBLISHED = {
     "imagenet": dict(name="", ipc=50, batch_size=100, iterations=4000, lr=0.25, r_bn=0.01,
-                     jitter=(0, 32), crop=True, flip=True),
+                     jitter=(0, 32), crop=True, flip=True, output="folder",
+                     checkpoint_every=500),
     "tiny_imagenet": dict(name="folder:data/tiny-imagenet-200", ipc=50, batch_size=100,
                           iterations=4000, lr=0.1, r_bn=1.0, jitter=(-4, 4), crop=True,
-                          flip=True, normalisation="computed"),
+                          flip=True, normalisation="computed", output="folder",
+                          checkpoint_every=500),
     "cifar100": dict(ipc=50, batch_size=100, iterations=1000, lr=0.25, r_bn=0.01,
                      jitter=(0, 4), crop=False, flip=False),
     "cifar10": dict(ipc=50, batch_size=10, iterations=1000, lr=0.25, r_bn=0.01, jitter=(0, 4),
@@ -91,6 +101,8 @@ def recover_fields(
     jpeg_quality: int = 75,
     normalisation: str = "",
     name: str | None = None,
+    output: str = "npz",
+    checkpoint_every: int = 0,
 ) -> ml_collections.ConfigDict:
     """The fields of a ``ddjax recover`` config: SRe2L's recover hyper-parameters.
 
@@ -115,7 +127,12 @@ def recover_fields(
     config.crop_scale = tuple(crop_scale)
     config.flip = flip
     config.jitter = tuple(jitter)  # inclusive roll-offset range per axis
-    config.jpeg_quality = jpeg_quality  # 75: SRe2L's saved JPEGs; 0: keep float images
+    # 75: SRe2L's saved JPEGs; 0: no JPEG (output='npz': float images; 'folder': PNG files)
+    config.jpeg_quality = jpeg_quality
+    # 'npz': float batch files, then synset.npz (in memory); 'folder': each finished batch
+    # written at once as WORKDIR/synset/CCC/III.jpg (ImageNet layout), the set never in memory
+    config.output = output
+    config.checkpoint_every = checkpoint_every  # in-batch checkpoint every K iterations (0: off)
     config.shard_batch = True  # split each batch over all devices (data axis)
     config.seed = 0
     config.log_every = 100

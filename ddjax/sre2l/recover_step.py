@@ -60,7 +60,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from ddjax import distributed, loop, sharding
-from ddjax.errors import check
+from ddjax.errors import DDJaxError, check
 from ddjax.sre2l import crops
 
 __all__ = [
@@ -78,6 +78,8 @@ __all__ = [
     "plan_batches",
     "recover_batch",
     "recover_loss",
+    "state_from_host",
+    "state_to_host",
 ]
 
 Array = jax.Array
@@ -469,6 +471,47 @@ def batch_sharding_for(num_images: int) -> NamedSharding | None:
     return NamedSharding(sharding.make_mesh(pool=1, data=len(devices), devices=devices), P("data"))
 
 
+def state_to_host(state: RecoverState) -> dict[str, np.ndarray]:
+    """A batch's :class:`RecoverState` as named host arrays: what an in-batch checkpoint holds.
+
+    Names are the state's paths (``images``, ``opt_state/count``, ``opt_state/mu``,
+    ``opt_state/nu``, ``step``, ``key``); the PRNG key is stored as its raw data. In a
+    multi-process run every process calls this together (the sharded images are gathered).
+    """
+    raw = state._replace(key=jax.random.key_data(state.key))
+    leaves, _ = jax.tree_util.tree_flatten_with_path(distributed.to_host(raw))
+    return {_leaf_name(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def state_from_host(arrays: Mapping[str, np.ndarray], like: RecoverState) -> RecoverState:
+    """The inverse of :func:`state_to_host`, checked against ``like`` (a fresh state of the batch).
+
+    Raises:
+        DDJaxError: an array is missing or has another shape or dtype than the batch's (a
+            checkpoint of another batch, or written with another ``jax_enable_x64``).
+    """
+    raw = like._replace(key=jax.random.key_data(like.key))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(raw)
+    restored = []
+    for path, leaf in leaves:
+        name = _leaf_name(path)
+        saved = arrays.get(name)
+        if saved is None or saved.shape != leaf.shape or saved.dtype != leaf.dtype:
+            found = "missing" if saved is None else f"{saved.dtype}{list(saved.shape)}"
+            raise DDJaxError(
+                f"checkpoint array {name!r} is {found}, the batch needs "
+                f"{leaf.dtype}{list(leaf.shape)}; delete the checkpoint to restart the batch"
+            )
+        restored.append(saved)
+    state = jax.tree.unflatten(treedef, restored)
+    key = jax.random.wrap_key_data(state.key, impl=jax.random.key_impl(like.key))
+    return state._replace(key=key)
+
+
+def _leaf_name(path: tuple) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
 def recover_batch(
     step: Callable,
     variables: Any,
@@ -481,8 +524,16 @@ def recover_batch(
     log_every: int = 0,
     on_log: Callable[[int, dict], None] | None = None,
     on_step: Callable[[], None] | None = None,
+    start_state: Mapping[str, np.ndarray] | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[int, dict[str, np.ndarray]], None] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Recovers one batch: ``settings.iterations`` steps from fresh noise and a fresh Adam.
+
+    A batch can be checkpointed while it runs and resumed from such a checkpoint: the state
+    holds everything the remaining iterations depend on (images, Adam's moments, the
+    iteration that sets the learning rate, the key of the next augmentation), so a resumed
+    batch ends with the same images as an uninterrupted one (bit for bit on one machine).
 
     Args:
         step: from :func:`make_recover_step` (built with the same ``batch_sharding``).
@@ -495,13 +546,28 @@ def recover_batch(
         log_every: call ``on_log(iteration, metrics)`` every this many iterations (0: never).
         on_log: receives host copies of the metrics after iteration ``iteration`` (1-based).
         on_step: called after every iteration (progress bars).
+        start_state: the arrays an earlier ``on_checkpoint`` received: go on from that
+            iteration instead of from fresh noise (``key`` must be the same batch key).
+        checkpoint_every: call ``on_checkpoint`` every this many iterations (0: never); not
+            after the last iteration (the batch is finished then).
+        on_checkpoint: receives ``(iteration, state_to_host(state))``; every process calls it.
 
     Returns:
         ``(images, metrics)``: the last iterate as a host array and the last iteration's
         metrics (loss parts of the last augmented batch) as host arrays.
+
+    Raises:
+        DDJaxError: a ``start_state`` of another batch, or of a finished one.
     """
     labels = jnp.asarray(labels, jnp.int32)
     state = init_state(key, int(labels.shape[0]), image_shape)
+    if start_state is not None:
+        state = jax.device_put(state_from_host(start_state, state))
+    first = int(state.step)
+    check(
+        0 <= first < settings.iterations,
+        f"the checkpoint is at iteration {first}, the batch runs {settings.iterations}",
+    )
     if batch_sharding is not None:
         mesh = batch_sharding.mesh
         state = RecoverState(
@@ -513,10 +579,13 @@ def recover_batch(
         labels = sharding.put(labels, batch_sharding)
         variables = sharding.replicate(variables, mesh)
     metrics: dict[str, Any] = {}
-    for iteration in range(1, settings.iterations + 1):
+    for iteration in range(first + 1, settings.iterations + 1):
         state, metrics = step(state, variables, labels)
         if on_log is not None and loop.every(log_every, iteration):
             on_log(iteration, distributed.to_host(metrics))
+        due = iteration < settings.iterations and loop.every(checkpoint_every, iteration)
+        if on_checkpoint is not None and due:
+            on_checkpoint(iteration, state_to_host(state))
         if on_step is not None:
             on_step()
     images = np.asarray(distributed.to_host(state.images))
