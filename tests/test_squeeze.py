@@ -436,7 +436,7 @@ def test_bad_settings_are_refused_in_one_line(dataset, changes, message, tmp_pat
 
 def test_imagenet_zca_and_unknown_fields_are_refused(dataset, tmp_path):
     for name in ("imagenet2012", "tfds:imagenet2012", "imagenet-1k"):
-        with pytest.raises(DDJaxError, match="import_torch_teacher"):
+        with pytest.raises(DDJaxError, match="ddjax teacher --config configs/teacher/torchvision"):
             SQUEEZE.squeeze_fields(name)
     config = _config()
     config.dataset.name = "imagenet2012"
