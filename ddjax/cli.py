@@ -8,6 +8,8 @@
   ddjax distill  --config configs/distill/mtt.py:digits,ipc=10 \\
                  --config.experts_dir=runs/experts_digits --workdir runs/mtt_digits
   ddjax squeeze  --config configs/squeeze/sre2l.py:digits --workdir runs/squeeze_digits
+  ddjax teacher  --config configs/teacher/torchvision.py:resnet18 \\
+                 --config.state_dict=resnet18-f37072fd.pth --workdir runs/teacher_resnet18
   ddjax recover  --config configs/recover/sre2l.py:digits \\
                  --config.teacher=runs/squeeze_digits/teacher --workdir runs/recover_digits
   ddjax relabel  --config configs/relabel/sre2l.py:digits \\
@@ -38,14 +40,19 @@ STAGES = {
     "experts": "ddjax.experts.stage:run_experts",
     "distill": "ddjax.distill.run:run_distill",
     "squeeze": "ddjax.sre2l.squeeze:run_squeeze",
+    "teacher": "ddjax.sre2l.teacher_import:run_teacher_import",
     "recover": "ddjax.sre2l.recover:run_recover",
     "relabel": "ddjax.sre2l.relabel:run_relabel",
 }
 LOAD_CONFIG = "ddjax.config:load_config"
 LAUNCH = "ddjax.distributed:Launch"
 INITIALIZE = "ddjax.distributed:initialize"
-#: The line printed after ``ddjax squeeze``'s own (the quick start prints it too).
-TEACHER_LINE = "ddjax.quickstart:teacher_line"
+#: The line printed after a stage that makes a teacher: where it is (the quick start prints
+#: squeeze's too; ``ddjax teacher`` adds the recover command to run next).
+SUMMARY_LINES = {
+    "squeeze": "ddjax.quickstart:teacher_line",
+    "teacher": "ddjax.sre2l.teacher_import:summary_line",
+}
 AVAILABLE = ", ".join(STAGES)
 
 # Stages of the pipeline that later ddjax versions add. They are listed in
@@ -57,8 +64,8 @@ PLANNED = {
 DESCRIPTION = """\
 ddjax: dataset distillation in JAX.
 
-Pipeline:  data -> select (coresets) / experts -> distill / squeeze -> recover -> relabel
-           -> synthetic set (.npz + .png) -> evaluate -> results.json
+Pipeline:  data -> select (coresets) / experts -> distill / squeeze (or teacher) -> recover
+           -> relabel -> synthetic set (.npz + .png) -> evaluate -> results.json
 
 Each stage reads a config file (ml_collections get_config(), see configs/) and
 writes into --workdir: config.json, metrics.jsonl, results.json, pictures.
@@ -192,10 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
         "on the real training split with SRe2L's per-dataset recipe (SGD, cosine schedule, "
         "crop/flip), logs test accuracy per epoch, checkpoints every epoch (a re-run resumes) "
         "and saves WORKDIR/teacher (Orbax params + batch_stats, teacher.json). ImageNet-1K "
-        "uses torchvision's pretrained ResNet-18: import it with "
-        "ddjax.sre2l.teacher.import_torch_teacher.",
+        "uses torchvision's pretrained ResNet-18: import it with `ddjax teacher`.",
     )
     _add_common(squeeze, "configs/squeeze/sre2l.py:digits")
+
+    teacher = sub.add_parser(
+        "teacher",
+        help="SRe2L teacher from PyTorch: import torchvision's ImageNet ResNet-18/50 (.pth)",
+        description="Converts the PyTorch state_dict in config.state_dict (a .pth file, e.g. "
+        "torchvision's pretrained resnet18; nothing is downloaded) into a teacher directory "
+        "for recover and relabel: config.model with config.model_overrides, the data "
+        "contract config.num_classes, config.image_size and config.normalisation, recorded "
+        "for config.dataset_name. The file, its keys and shapes are checked before WORKDIR "
+        "is created. Writes WORKDIR/teacher (Orbax params + batch_stats, teacher.json) and "
+        "results.json (model, parameter count, source file and SHA-256); a re-run reports "
+        "the teacher already there. Configs: configs/teacher/torchvision.py:{resnet18,resnet50}.",
+    )
+    _add_common(teacher, "configs/teacher/torchvision.py:resnet18")
 
     recover = sub.add_parser(
         "recover",
@@ -204,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the teacher's per-layer batch statistics (BN inputs: mean, biased variance) match its "
         "running statistics, plus cross-entropy on the target class, with the batch-shared "
         "random-resized-crop/flip/roll of SRe2L and per-channel clipping. config.teacher is a "
-        "`ddjax squeeze` teacher directory. Each finished batch is saved (a re-run resumes); "
-        "writes WORKDIR/synset.npz and synset.png.",
+        "`ddjax squeeze` or `ddjax teacher` teacher directory. Each finished batch is saved (a "
+        "re-run resumes); writes WORKDIR/synset.npz and synset.png.",
     )
     _add_common(recover, "configs/recover/sre2l.py:digits")
 
@@ -258,8 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = resolve(LOAD_CONFIG)(args.config, overrides)
             resolve(INITIALIZE)(launch)
             outcome = resolve(STAGES[args.stage])(config, args.workdir)
-            if args.stage == "squeeze":
-                print(resolve(TEACHER_LINE)(outcome, args.workdir))
+            if args.stage in SUMMARY_LINES:
+                print(resolve(SUMMARY_LINES[args.stage])(outcome, args.workdir))
     except DDJaxError as e:
         print(f"ddjax: error: {e}", file=sys.stderr)
         return 2

@@ -194,8 +194,8 @@ def test_help_lists_the_stages():
     out = subprocess.run(
         [sys.executable, "-m", "ddjax.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    stages = ["quickstart", "select", "evaluate", "experts", "distill", "squeeze", "recover"]
-    for stage in [*stages, "relabel"]:
+    stages = ["quickstart", "select", "evaluate", "experts", "distill", "squeeze", "teacher"]
+    for stage in [*stages, "recover", "relabel"]:
         assert stage in out
 
 

@@ -1,11 +1,11 @@
 """Specifications of ddjax.models' torchvision networks: ResNet-50/101 and MobileNet-V2.
 
 Parameter counts are torchvision's, computed with ``jax.eval_shape`` (nothing allocated). The
-PyTorch comparisons re-state torchvision's ``resnet50``/``resnet101``/``mobilenet_v2`` with the
-same module names (written for these tests from the published architectures), load ddjax's
-exported state_dict with ``strict=True`` (which proves the key layout) and compare logits in eval
-and train mode. Where torchvision itself imports, the same comparisons run against its models.
-The helpers (random variables, the PyTorch comparison) are test_models.py's.
+PyTorch comparisons use torchvision_nets.py's re-statements of torchvision's ``resnet50``/
+``resnet101``/``mobilenet_v2`` (same module names, written from the published architectures),
+load ddjax's exported state_dict with ``strict=True`` (which proves the key layout) and compare
+logits in eval and train mode. Where torchvision itself imports, the same comparisons run against
+its models. The helpers (random variables, the PyTorch comparison) are test_models.py's.
 """
 
 from __future__ import annotations
@@ -252,118 +252,14 @@ def test_mobilenet_v2_dropout_in_train_mode():
 # Equivalence with PyTorch
 # ---------------------------------------------------------------------------------------------
 
-# The paper's Table 2 (t, c, n, s), restated here so the test does not read ddjax's copy.
-MOBILENET_V2_TABLE = [
-    (1, 16, 1, 1),
-    (6, 24, 2, 2),
-    (6, 32, 3, 2),
-    (6, 64, 4, 2),
-    (6, 96, 3, 1),
-    (6, 160, 3, 2),
-    (6, 320, 1, 1),
-]
-
 
 @pytest.fixture(scope="module")
 def torch_nets():
     """PyTorch re-statements of torchvision's resnet50/101 and mobilenet_v2 (same module names)."""
     torch = pytest.importorskip("torch")
-    tnn = torch.nn
+    import torchvision_nets
 
-    class Bottleneck(tnn.Module):
-        def __init__(self, in_planes, planes, stride):
-            super().__init__()
-            out_planes = 4 * planes
-            self.conv1 = tnn.Conv2d(in_planes, planes, 1, bias=False)
-            self.bn1 = tnn.BatchNorm2d(planes)
-            self.conv2 = tnn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-            self.bn2 = tnn.BatchNorm2d(planes)
-            self.conv3 = tnn.Conv2d(planes, out_planes, 1, bias=False)
-            self.bn3 = tnn.BatchNorm2d(out_planes)
-            self.relu = tnn.ReLU()
-            self.downsample = None
-            if stride != 1 or in_planes != out_planes:
-                self.downsample = tnn.Sequential(
-                    tnn.Conv2d(in_planes, out_planes, 1, stride, bias=False),
-                    tnn.BatchNorm2d(out_planes),
-                )
-
-        def forward(self, x):
-            out = self.relu(self.bn1(self.conv1(x)))
-            out = self.relu(self.bn2(self.conv2(out)))
-            out = self.bn3(self.conv3(out))
-            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-    class ResNet(tnn.Module):
-        def __init__(self, blocks, width, num_classes, small_stem):
-            super().__init__()
-            if small_stem:  # SRe2L: conv1 = Conv2d(3, 64, 3, 1, 1), maxpool = Identity
-                self.conv1 = tnn.Conv2d(3, width, 3, 1, 1, bias=False)
-            else:
-                self.conv1 = tnn.Conv2d(3, width, 7, 2, 3, bias=False)
-            self.bn1 = tnn.BatchNorm2d(width)
-            self.relu = tnn.ReLU()
-            self.maxpool = tnn.Identity() if small_stem else tnn.MaxPool2d(3, 2, 1)
-            in_planes = width
-            for stage, num_blocks in enumerate(blocks):
-                layer = []
-                for block in range(num_blocks):
-                    stride = 2 if stage > 0 and block == 0 else 1
-                    layer.append(Bottleneck(in_planes, width * 2**stage, stride))
-                    in_planes = 4 * width * 2**stage
-                setattr(self, f"layer{stage + 1}", tnn.Sequential(*layer))
-            self.fc = tnn.Linear(in_planes, num_classes)
-
-        def forward(self, x):
-            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-            for stage in range(1, 5):
-                x = getattr(self, f"layer{stage}")(x)
-            return self.fc(x.mean(dim=(2, 3)))
-
-    class ConvBNReLU6(tnn.Sequential):  # torchvision's Conv2dNormActivation
-        def __init__(self, in_channels, out_channels, kernel_size, stride=1, groups=1):
-            padding = (kernel_size - 1) // 2
-            conv = tnn.Conv2d(
-                in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False
-            )
-            super().__init__(conv, tnn.BatchNorm2d(out_channels), tnn.ReLU6())
-
-    class InvertedResidual(tnn.Module):
-        def __init__(self, in_channels, out_channels, stride, expansion):
-            super().__init__()
-            hidden = in_channels * expansion
-            layers = [ConvBNReLU6(in_channels, hidden, 1)] if expansion != 1 else []
-            layers += [
-                ConvBNReLU6(hidden, hidden, 3, stride, groups=hidden),
-                tnn.Conv2d(hidden, out_channels, 1, bias=False),
-                tnn.BatchNorm2d(out_channels),
-            ]
-            self.conv = tnn.Sequential(*layers)
-            self.residual = stride == 1 and in_channels == out_channels
-
-        def forward(self, x):
-            return x + self.conv(x) if self.residual else self.conv(x)
-
-    class MobileNetV2(tnn.Module):
-        def __init__(self, num_classes, small_stem, dropout):
-            super().__init__()
-            features = [ConvBNReLU6(3, 32, 3, 1 if small_stem else 2)]
-            channels = 32
-            for expansion, out_channels, repeats, stride in MOBILENET_V2_TABLE:
-                for repeat in range(repeats):
-                    block_stride = stride if repeat == 0 else 1
-                    features.append(
-                        InvertedResidual(channels, out_channels, block_stride, expansion)
-                    )
-                    channels = out_channels
-            features.append(ConvBNReLU6(channels, 1280, 1))
-            self.features = tnn.Sequential(*features)
-            self.classifier = tnn.Sequential(tnn.Dropout(dropout), tnn.Linear(1280, num_classes))
-
-        def forward(self, x):
-            return self.classifier(self.features(x).mean(dim=(2, 3)))
-
-    return torch, {"ResNet": ResNet, "MobileNetV2": MobileNetV2}
+    return torch, torchvision_nets
 
 
 def _compare_both_modes(torch, make_net, model, shape) -> None:
@@ -388,9 +284,11 @@ def _compare_both_modes(torch, make_net, model, shape) -> None:
 def test_bottleneck_resnet_matches_pytorch(torch_nets, name, width, shape):
     torch, nets = torch_nets
     model = models.get_model(name, 5, shape, width=width)
-    blocks = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}[model.depth]
     _compare_both_modes(
-        torch, lambda: nets["ResNet"](blocks, width, 5, model.small_stem), model, shape
+        torch,
+        lambda: nets.ResNet(model.depth, 5, width=width, small_stem=model.small_stem),
+        model,
+        shape,
     )
 
 
@@ -402,7 +300,7 @@ def test_mobilenet_v2_matches_pytorch(torch_nets, name, shape):
     # Full width (1.0). Dropout off in both, so that train mode compares BatchNorm's batch
     # statistics deterministically; dropout itself is specified above.
     model = models.get_model(name, 5, shape, dropout=0.0)
-    _compare_both_modes(torch, lambda: nets["MobileNetV2"](5, model.small_stem, 0.0), model, shape)
+    _compare_both_modes(torch, lambda: nets.MobileNetV2(5, model.small_stem, 0.0), model, shape)
 
 
 def _torchvision_nets():

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from torch import nn as tnn
+import torchvision_nets
 
 from ddjax import config as config_lib
 from ddjax import data, train
@@ -306,70 +306,12 @@ def test_load_teacher_errors(finished, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-class _TorchBlock(tnn.Module):
-    """torchvision's BasicBlock (same attribute names, hence the same state_dict keys)."""
-
-    def __init__(self, in_planes, planes, stride):
-        super().__init__()
-        self.conv1 = tnn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = tnn.BatchNorm2d(planes)
-        self.relu = tnn.ReLU(inplace=True)
-        self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = tnn.BatchNorm2d(planes)
-        self.downsample = None
-        if stride != 1 or in_planes != planes:
-            self.downsample = tnn.Sequential(
-                tnn.Conv2d(in_planes, planes, 1, stride, bias=False), tnn.BatchNorm2d(planes)
-            )
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + shortcut)
-
-
-class _TorchSmallStemResNet18(tnn.Module):
-    """torchvision ``resnet18`` as SRe2L modifies it (3x3/1 conv1, maxpool = Identity).
-
-    torchvision is not installed here, so the network is rebuilt with torchvision's module
-    names; ``width`` is 64 in torchvision and small here to keep the test fast.
-    """
-
-    def __init__(self, num_classes, width):
-        super().__init__()
-        self.conv1 = tnn.Conv2d(3, width, 3, 1, 1, bias=False)
-        self.bn1 = tnn.BatchNorm2d(width)
-        self.relu = tnn.ReLU(inplace=True)
-        self.maxpool = tnn.Identity()
-        planes = [width, 2 * width, 4 * width, 8 * width]
-        in_planes = width
-        for index, plane in enumerate(planes):
-            stride = 1 if index == 0 else 2
-            blocks = [_TorchBlock(in_planes, plane, stride), _TorchBlock(plane, plane, 1)]
-            setattr(self, f"layer{index + 1}", tnn.Sequential(*blocks))
-            in_planes = plane
-        self.avgpool = tnn.AdaptiveAvgPool2d((1, 1))
-        self.fc = tnn.Linear(8 * width, num_classes)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for index in range(1, 5):
-            x = getattr(self, f"layer{index}")(x)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
 def test_import_torch_teacher_gives_pytorch_eval_logits(tmp_path):
     dataset = data.load_dataset("synthetic:classes=3,size=16,channels=3,train=4,test=4")
     torch.manual_seed(0)
-    net = _TorchSmallStemResNet18(num_classes=3, width=4)
-    with torch.no_grad():  # trained-looking BN: random affine and running statistics
-        for module in net.modules():
-            if isinstance(module, tnn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.3, 0.3)
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
+    # torchvision's resnet18 as SRe2L modifies it (3x3/1 conv1, no max-pool), narrow to be fast.
+    net = torchvision_nets.ResNet(18, 3, width=4, small_stem=True)
+    torchvision_nets.randomise_batchnorm(net, seed=0)
     net.eval()
     images = dataset.x_test
     with torch.no_grad():
@@ -494,7 +436,7 @@ def test_bad_settings_are_refused_in_one_line(dataset, changes, message, tmp_pat
 
 def test_imagenet_zca_and_unknown_fields_are_refused(dataset, tmp_path):
     for name in ("imagenet2012", "tfds:imagenet2012", "imagenet-1k"):
-        with pytest.raises(DDJaxError, match="import_torch_teacher"):
+        with pytest.raises(DDJaxError, match="ddjax teacher --config configs/teacher/torchvision"):
             SQUEEZE.squeeze_fields(name)
     config = _config()
     config.dataset.name = "imagenet2012"

@@ -23,11 +23,13 @@ Rows (research/sre2l.md §3.5):
   batches of 100 distinct classes (10 per ipc index), 4,000 iterations per batch at lr 0.25,
   r_bn 0.01, a shared RandomResizedCrop(224, scale (0.08, 1)) + horizontal flip per iteration,
   roll offsets U{0..32}. The teacher is torchvision's pretrained ResNet-18 (SRe2L does not
-  squeeze on ImageNet): import it with ``ddjax.sre2l.teacher.import_torch_teacher(...,
-  model_name='ResNet18BN', model_overrides={'small_stem': False})`` and save it with
-  ``save_teacher``. ``dataset.name`` is left empty: recover reads no images, so the data
-  contract (224 px, 1,000 classes, ImageNet mean/std) comes from the teacher's
-  ``teacher.json``. Set ``dataset.name`` to check the teacher against data ddjax can load.
+  squeeze on ImageNet): import its ``.pth`` with ``ddjax teacher --config
+  configs/teacher/torchvision.py:resnet18 --config.state_dict=resnet18-f37072fd.pth --workdir
+  runs/teacher_resnet18`` and pass ``--config.teacher=runs/teacher_resnet18/teacher``.
+  ``dataset.name`` is left empty: recover reads no images, so the data contract (224 px, 1,000
+  classes, ImageNet mean/std) comes from the teacher's ``teacher.json``. Set ``dataset.name``
+  (e.g. ``stream:imagenet2012``, the name ``ddjax teacher`` records) to check the teacher
+  against data ddjax can read.
 * tiny_imagenet (64 px, 200 classes, IPC 50) -- the official ``*small_dataset/recover_tiny.py``:
   batches of 100 distinct classes (2 per ipc index), 4,000 iterations at lr 0.1, r_bn 1.0, a
   shared RandomResizedCrop(64, scale (0.08, 1)) + horizontal flip per iteration, roll offsets
@@ -115,7 +117,7 @@ def recover_fields(
     # A ddjax.data.NORMALISATION key or 'computed'; empty: the dataset's default. Must be the
     # teacher's (checked against teacher.json).
     config.dataset.normalisation = normalisation
-    config.teacher = ""  # a teacher directory (ddjax squeeze, or teacher.import_torch_teacher)
+    config.teacher = ""  # a teacher directory (ddjax squeeze or ddjax teacher)
     config.ipc = ipc
     config.batching = "distinct_classes"  # distinct_classes (SRe2L) | class_wise (LPLD)
     config.batch_size = batch_size

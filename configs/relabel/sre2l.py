@@ -148,7 +148,7 @@ def relabel_fields(
     config.dataset = dataset_section(dataset)
     config.dataset.normalisation = normalisation
     config.synset = ""  # the recovered synthetic set (.npz from ddjax recover)
-    config.teacher = ""  # the teacher directory (from ddjax squeeze or import_torch_teacher)
+    config.teacher = ""  # the teacher directory (from ddjax squeeze or ddjax teacher)
     config.labels = labels  # stored (FKD files) | online (teacher at every student step)
     config.seed = seed  # image->batch map and augmentation draws
     recipe_fields = dataclasses.asdict(kd.get_recipe(recipe, **recipe_changes))

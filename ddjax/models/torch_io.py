@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -283,14 +283,47 @@ def _strip_data_parallel(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     return state_dict
 
 
-def _as_numpy(value: Any, what: str) -> np.ndarray:
+def _as_numpy(value: Any, what: str, dtype: Any = np.float32) -> np.ndarray:
+    """``value`` as a numpy array of ``dtype``; ``dtype=None`` keeps a floating value's own."""
     try:
-        return np.asarray(value, dtype=np.float32)
+        array = np.asarray(value)
     except (TypeError, ValueError, RuntimeError) as error:
         raise DDJaxError(
-            f"{what} is not convertible to a float32 array ({error}); pass CPU tensors "
+            f"{what} is not convertible to a numpy array ({error}); pass CPU tensors "
             "(detached) or numpy arrays"
         ) from error
+    if dtype is None:
+        dtype = array.dtype if array.dtype.kind == "f" else np.float32
+    try:
+        return array.astype(dtype, copy=False)
+    except (TypeError, ValueError) as error:
+        raise DDJaxError(f"{what} has dtype {array.dtype}, not convertible to {dtype}") from error
+
+
+# The float types variables may have: float32 (ddjax's default) and float64 (with
+# jax_enable_x64, e.g. to compare with PyTorch's float64 to 1e-10).
+_VARIABLE_DTYPES = ("float32", "float64")
+
+
+def _variable_dtype(dtype: Any, arrays: Iterable[np.ndarray]) -> np.dtype:
+    """``dtype`` checked, or for ``None`` the widest floating dtype of ``arrays``, >= float32."""
+    if dtype is None:
+        return np.result_type(np.float32, *(a.dtype for a in arrays if a.dtype.kind == "f"))
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    check(
+        resolved is not None and resolved.name in _VARIABLE_DTYPES,
+        f"dtype={dtype!r} is not one of {list(_VARIABLE_DTYPES)} (or None: the tensors' own)",
+    )
+    return resolved
+
+
+def _some(keys: Sequence[str], shown: int = 6) -> str:
+    """The first keys and how many there are: a whole ResNet-50's keys would fill a screen."""
+    more = f" ({len(keys)} in all)" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + (", ..." if more else "") + more
 
 
 def from_torch_state_dict(
@@ -299,6 +332,7 @@ def from_torch_state_dict(
     image_shape: tuple[int, int, int],
     *,
     key_style: str = "mtt",
+    dtype: Any = None,
 ) -> Variables:
     """Converts a PyTorch ``state_dict`` of MTT's (or torchvision's) network to ddjax variables.
 
@@ -311,13 +345,18 @@ def from_torch_state_dict(
         model: the ddjax model to load into.
         image_shape: (H, W, C) of the inputs (fixes the head's input size).
         key_style: ``'mtt'`` or ``'torchvision'`` (ResNet18, BottleneckResNet, MobileNetV2).
+        dtype: ``'float32'`` or ``'float64'`` for every variable; ``None`` (default): the
+            widest floating dtype among the tensors, at least float32 -- float32 for an
+            ordinary checkpoint (float16 ones too), float64 for a ``net.double()`` one. JAX keeps
+            float64 only with ``jax_enable_x64`` on; otherwise arrays are float32 as always.
 
     Returns:
         ``{'params': ..., 'batch_stats': ...}`` (``batch_stats`` only for BatchNorm models).
 
     Raises:
-        DDJaxError: missing or unexpected keys, or a tensor whose shape differs (the message
-            names the key, the shape found and the shape expected, both in PyTorch layout).
+        DDJaxError: missing or unexpected keys, a tensor whose shape differs (the message
+            names the key, the shape found and the shape expected, both in PyTorch layout), or
+            an unsupported ``dtype``.
     """
     template = variable_shapes(model, image_shape)
     state_dict = _strip_data_parallel(state_dict)
@@ -330,14 +369,18 @@ def from_torch_state_dict(
         for key in state_dict
         if key not in expected_keys and not key.endswith("num_batches_tracked")
     ]
-    check(not missing, f"state_dict for {name} is missing keys: {', '.join(missing)}")
-    check(not unexpected, f"state_dict for {name} has unexpected keys: {', '.join(unexpected)}")
+    check(not missing, f"state_dict for {name} is missing keys: {_some(missing)}")
+    check(not unexpected, f"state_dict for {name} has unexpected keys: {_some(unexpected)}")
 
+    arrays = {
+        key: _as_numpy(state_dict[key], f"state_dict[{key!r}]", None) for key in expected_keys
+    }
+    dtype = _variable_dtype(dtype, arrays.values())
     variables: Variables = {}
     for key, path, leaf in expected:
         shape = _get(template[leaf.collection], (*path, leaf.flax_name), "template").shape
         want = _torch_shape(shape, leaf.to_torch_axes)
-        value = _as_numpy(state_dict[key], f"state_dict[{key!r}]")
+        value = arrays[key].astype(dtype, copy=False)
         check(
             value.shape == want,
             f"state_dict[{key!r}] has shape {tuple(value.shape)}, expected {want} for {name} "

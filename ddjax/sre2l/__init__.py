@@ -3,7 +3,8 @@
 The pipeline, one module per stage (``research/sre2l.md``):
 
 * :mod:`ddjax.sre2l.teacher`: the BatchNorm teacher on disk (save, load, check, PyTorch import).
-* :mod:`ddjax.sre2l.squeeze`: train the teacher on the real data with the published recipes.
+* :mod:`ddjax.sre2l.squeeze`: train the teacher on the real data with the published recipes;
+  :mod:`ddjax.sre2l.teacher_import`: or import a PyTorch one (torchvision's ImageNet ResNets).
 * :mod:`ddjax.sre2l.crops`: torchvision-exact random-resized crops, flips and rolls under ``jit``.
 * :mod:`ddjax.sre2l.contract`: the teacher's data contract (shape, classes, mean/std).
 * :mod:`ddjax.sre2l.recover_step`: BN-statistics matching from noise -- the objective, the

@@ -17,8 +17,8 @@ distils them). The recipes reproduced here (``research/sre2l.md`` §2):
   5 epochs of ``LinearLR(start_factor=0.01)`` warm-up then ``CosineAnnealingLR(T_max=45)``
   (``SequentialLR``), stepped per epoch; per-image ``RandomResizedCrop(64)`` + flip.
 * **ImageNet-1K**: SRe2L does not squeeze; it uses torchvision's pretrained ResNet-18.
-  Convert it with :func:`ddjax.sre2l.teacher.import_torch_teacher`; squeezing ImageNet is
-  refused.
+  Import it with ``ddjax teacher`` (:mod:`ddjax.sre2l.teacher_import`,
+  ``configs/teacher/torchvision.py``); squeezing ImageNet is refused.
 
 SGD has PyTorch's semantics (:func:`ddjax.train.sgd`: weight decay added to the gradient before
 momentum, the first momentum buffer equal to the gradient). The learning rate of epoch ``e`` is
@@ -197,9 +197,9 @@ def check_squeezable(dataset_name: str) -> None:
     if _IMAGENET.fullmatch(str(dataset_name)):
         raise DDJaxError(
             f"dataset {dataset_name!r}: SRe2L does not squeeze ImageNet-1K, it uses torchvision's "
-            "pretrained resnet18 (IMAGENET1K_V1); convert it with ddjax.sre2l.teacher."
-            "import_torch_teacher(state_dict, model_name='ResNet18BN', model_overrides="
-            "{'small_stem': False, 'conv_init': 'torchvision'}, dataset=...) and save_teacher"
+            "pretrained resnet18 (IMAGENET1K_V1); import its .pth with ddjax teacher --config "
+            "configs/teacher/torchvision.py:resnet18 --config.state_dict=FILE --workdir DIR "
+            "(in Python: ddjax.sre2l.teacher.import_torch_teacher)"
         )
 
 

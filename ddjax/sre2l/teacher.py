@@ -17,7 +17,11 @@ a CIFAR-100 teacher from CIFAR-10 images, or a ZCA teacher from plain ones, fail
 otherwise). :func:`import_torch_teacher` brings in a PyTorch-trained network: SRe2L's own
 CIFAR/Tiny-ImageNet squeeze checkpoints (torchvision ``resnet18`` with ``conv1 =
 Conv2d(3, 64, 3, 1, 1, bias=False)`` and no max-pool) or torchvision's pretrained ImageNet
-ResNet-18, which is SRe2L's ImageNet-1K teacher (squeeze is not re-run on ImageNet).
+ResNet-18, which is SRe2L's ImageNet-1K teacher (squeeze is not re-run on ImageNet). The data
+contract of an imported teacher is either a loaded dataset or a
+:class:`~ddjax.sre2l.contract.DataContract` of the published facts (classes, image shape,
+mean/std); ``ddjax teacher`` (:mod:`ddjax.sre2l.teacher_import`) does the ImageNet import from the
+command line.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from ddjax import checkpoint, distributed, loop
 from ddjax import models as models_lib
 from ddjax.data import Dataset
 from ddjax.errors import DDJaxError, check
+from ddjax.sre2l.contract import DataContract
 from ddjax.workdir import write_json
 
 __all__ = [
@@ -48,6 +53,7 @@ __all__ = [
     "VARIABLES_DIR",
     "Teacher",
     "check_teacher",
+    "file_sha256",
     "has_batchnorm",
     "import_torch_teacher",
     "load_teacher",
@@ -105,7 +111,7 @@ def has_batchnorm(variables: Mapping[str, Any]) -> bool:
     return bool(jax.tree.leaves(variables.get("batch_stats", {})))
 
 
-def _zca_fingerprint(dataset: Dataset) -> str | None:
+def _zca_fingerprint(dataset: Dataset | DataContract) -> str | None:
     """A short hash of the ZCA whitening matrix: two ZCA fits agree only if these agree."""
     if dataset.zca is None:
         return None
@@ -130,7 +136,7 @@ def _meta(
     model_name: str,
     model_overrides: Mapping[str, Any] | None,
     model: nn.Module,
-    dataset: Dataset,
+    dataset: Dataset | DataContract,
     extra: Mapping[str, Any] | None,
 ) -> dict:
     """``teacher.json`` for a model trained (or imported) on ``dataset``."""
@@ -148,8 +154,8 @@ def _meta(
         "normalisation": "zca" if dataset.zca is not None else "mean_std",
         "mean": [float(m) for m in dataset.mean],
         "std": [float(s) for s in dataset.std],
-        "image_shape": list(dataset.image_shape),
-        "num_classes": dataset.num_classes,
+        "image_shape": [int(s) for s in dataset.image_shape],
+        "num_classes": int(dataset.num_classes),
         "extra": dict(extra or {}),
     }
     # Round-trip through JSON now, so that a value JSON cannot hold fails before any file is
@@ -193,7 +199,7 @@ def save_teacher(
     model_name: str,
     model_overrides: dict,
     variables: Mapping[str, Any],
-    dataset: Dataset,
+    dataset: Dataset | DataContract,
     extra: dict | None = None,
 ) -> None:
     """Writes a teacher directory: Orbax ``variables/`` and ``teacher.json``, atomically.
@@ -202,7 +208,8 @@ def save_teacher(
     :func:`ddjax.models.get_model`), ``dataset`` (the source name), ``zca`` and ``zca_sha256``
     (a hash of the whitening matrix), ``normalisation`` (``'zca'`` or ``'mean_std'``), ``mean``,
     ``std``, ``image_shape``, ``num_classes``, ``batchnorm``, ``num_params`` and ``extra``
-    (e.g. ``{'test_accuracy': 0.78}``). An existing teacher at ``path`` is replaced.
+    (e.g. ``{'test_accuracy': 0.78}``). An existing teacher at ``path`` is replaced. Variables
+    are stored as float32 (float64 ones, from an import under ``jax_enable_x64``, are rounded).
 
     The files are written into a hidden sibling directory that is renamed to ``path`` only when
     complete; a kill leaves either the old teacher, the new one, or none -- never half of one.
@@ -213,7 +220,9 @@ def save_teacher(
       model_overrides: model fields replacing the name's settings, e.g.
         ``{'conv_init': 'torchvision'}``.
       variables: ``{'params': ..., 'batch_stats': ...}`` of that model.
-      dataset: the data the teacher was trained on (its contract is recorded).
+      dataset: the data the teacher was trained on, or its
+        :class:`~ddjax.sre2l.contract.DataContract` (its name, shape, classes and mean/std
+        are recorded).
       extra: JSON-serialisable numbers to keep beside (e.g. the final test accuracy).
 
     Raises:
@@ -256,7 +265,7 @@ def _read_meta(path: Path) -> dict:
     check(
         path.is_dir() and file.is_file(),
         f"{path} is not a ddjax teacher (no {META_FILE}); train one with ddjax squeeze or "
-        "convert a PyTorch one with ddjax.sre2l.teacher.import_torch_teacher",
+        "import a PyTorch one with ddjax teacher (or ddjax.sre2l.teacher.import_torch_teacher)",
     )
     meta = loop.read_json(file, what="the teacher")
     required = ("model", "model_overrides", "dataset", "zca", "mean", "std", "image_shape")
@@ -307,7 +316,7 @@ def load_teacher(path: str | os.PathLike) -> Teacher:
     return Teacher(model=model, variables=dict(variables), meta={**meta, "path": str(path)})
 
 
-def check_teacher(teacher: Teacher, dataset: Dataset) -> None:
+def check_teacher(teacher: Teacher, dataset: Dataset | DataContract) -> None:
     """Checks that ``teacher`` was trained on ``dataset``'s data space.
 
     Compared: dataset name, ZCA (on/off and the whitening matrix), image shape, number of
@@ -315,7 +324,8 @@ def check_teacher(teacher: Teacher, dataset: Dataset) -> None:
 
     Args:
       teacher: from :func:`load_teacher`, :func:`import_torch_teacher` or squeeze.
-      dataset: the data a stage is about to use with the teacher.
+      dataset: the data a stage is about to use with the teacher (a loaded or streamed
+        dataset, or a :class:`~ddjax.sre2l.contract.DataContract`).
 
     Raises:
       DDJaxError: one line naming the first field that differs and both values.
@@ -383,13 +393,23 @@ def _unwrap_state_dict(loaded: Any, where: str) -> Mapping[str, Any]:
     return loaded
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks: what identifies a source."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def import_torch_teacher(
     state_dict_or_path: Mapping[str, Any] | str | os.PathLike,
     *,
     model_name: str,
-    model_overrides: dict,
-    dataset: Dataset,
+    model_overrides: Mapping[str, Any] | None,
+    dataset: Dataset | DataContract,
     key_style: str = "torchvision",
+    dtype: Any = None,
 ) -> Teacher:
     """Converts a PyTorch-trained network into a :class:`Teacher` (not saved; see below).
 
@@ -398,15 +418,27 @@ def import_torch_teacher(
     ``maxpool = Identity``), which is ``ResNet18BN`` with ``key_style='torchvision'`` (pass
     ``model_overrides={'conv_init': 'torchvision'}`` to record torchvision's initialisation);
     for ImageNet-1K torchvision's pretrained ``resnet18`` itself (``ResNet18BN`` with
-    ``small_stem=False``). Weights, biases and the BatchNorm ``running_mean``/``running_var``
+    ``small_stem=False``; ``ddjax teacher --config configs/teacher/torchvision.py:resnet18``
+    does this import). Weights, biases and the BatchNorm ``running_mean``/``running_var``
     are imported exactly (:func:`ddjax.models.from_torch_state_dict`: OIHW -> HWIO, a
     ``module.`` prefix from ``DataParallel`` removed, ``num_batches_tracked`` ignored), so the
     eval-mode logits and the BN targets of recover equal PyTorch's. The images the teacher
     sees must be normalised as in its training (``dataset``'s constants are recorded and
     later checked by :func:`check_teacher`); ddjax does not verify that against the file.
 
+    ImageNet needs no loaded dataset, only its facts::
+
+        contract = DataContract.named("stream:imagenet2012", (224, 224, 3), 1000, "imagenet")
+        teacher = import_torch_teacher(
+            "resnet18.pth",
+            model_name="ResNet18BN",
+            model_overrides={"small_stem": False, "conv_init": "torchvision"},
+            dataset=contract,
+        )
+
     Save the result with ``save_teacher(path, model_name=..., model_overrides=...,
-    variables=teacher.variables, dataset=dataset, extra=teacher.meta['extra'])``.
+    variables=teacher.variables, dataset=dataset, extra=teacher.meta['extra'])``; then
+    ``DataContract.of_teacher(load_teacher(path).meta)`` equals ``contract``.
 
     Args:
       state_dict_or_path: a ``state_dict`` (tensors or numpy arrays), or a ``.pth``/``.pt``
@@ -415,12 +447,17 @@ def import_torch_teacher(
         ``'net'``. Files are read with ``torch.load(weights_only=True)``.
       model_name: a :func:`ddjax.models.get_model` name, e.g. ``'ResNet18BN'``.
       model_overrides: model fields replacing the name's settings.
-      dataset: the data the teacher is for (fixes classes and image shape; its contract is
-        recorded in ``meta``).
+      dataset: the data the teacher is for: a loaded dataset, or a
+        :class:`~ddjax.sre2l.contract.DataContract` (name, image shape, classes, mean/std).
+        It fixes classes and image shape, and its contract is recorded in ``meta``.
       key_style: ``'torchvision'`` (``downsample``/``fc``) or ``'mtt'`` (MTT's networks).
+      dtype: the variables' dtype, ``'float32'`` or ``'float64'``; ``None``: the tensors' own
+        (float64 from a ``net.double()`` state_dict, kept when ``jax_enable_x64`` is on; float32
+        otherwise). See :func:`ddjax.models.from_torch_state_dict`.
 
     Returns:
-      The :class:`Teacher`; ``meta['extra']`` records the source.
+      The :class:`Teacher`; ``meta['extra']`` records the source (``'file'`` and its
+      ``'sha256'`` when read from a file).
 
     Raises:
       DDJaxError: a missing or unreadable file, missing/unexpected keys, or tensors whose
@@ -431,12 +468,13 @@ def import_torch_teacher(
         path = Path(state_dict_or_path)
         state_dict = _unwrap_state_dict(_load_torch_file(path), f"PyTorch checkpoint {path}")
         source["file"] = str(path.absolute())
+        source["sha256"] = file_sha256(path)
     else:
         state_dict = _unwrap_state_dict(state_dict_or_path, "state_dict_or_path")
     dataset_meta = {"num_classes": dataset.num_classes, "image_shape": dataset.image_shape}
     model = _build_model(model_name, model_overrides, dataset_meta)
     variables = models_lib.from_torch_state_dict(
-        state_dict, model, dataset.image_shape, key_style=key_style
+        state_dict, model, dataset.image_shape, key_style=key_style, dtype=dtype
     )
     meta = _meta(model_name, model_overrides, model, dataset, source)
     return Teacher(model=model, variables=variables, meta=meta)
