@@ -54,7 +54,7 @@ def _random_torchvision_resnet18(path: Path, classes: int, size: int) -> Path:
             value = rng.uniform(0.5, 1.5, value.shape).astype(np.float32)
         elif name.endswith("running_mean"):
             value = rng.normal(0, 0.1, value.shape).astype(np.float32)
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(value))
+        tensors[name] = torch.from_numpy(np.array(value, copy=True))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(tensors, path)
     return path
@@ -120,7 +120,8 @@ def main() -> None:
         f"--config.synset={runs / 'recover' / 'synset'}", f"--config.teacher={teacher}",
         f"--config.dataset.name=stream:folder:{data}", "--config.dataset.normalisation=imagenet",
         f"--config.dataset.image_size={size}", "--config.recipe.epochs=1",
-        f"--config.recipe.batch_size={options.batch}", "--config.eval.num_models=1",
+        f"--config.recipe.batch_size={options.batch}", "--config.evaluate=True",
+        "--config.eval.num_models=1",
         "--workdir", str(runs / "relabel"),
     )  # fmt: skip
     recover_results = json.loads((runs / "recover" / "results.json").read_text())
