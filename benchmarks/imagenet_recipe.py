@@ -128,8 +128,13 @@ def main() -> None:
     relabel_results = json.loads((runs / "relabel" / "results.json").read_text())
     report = {
         "environment": environment(),
-        "settings": {"classes": classes, "size": size, "iterations": options.iterations,
-                     "batch": options.batch, "ipc": 1},  # fmt: skip
+        "settings": {
+            "classes": classes,
+            "size": size,
+            "iterations": options.iterations,
+            "batch": options.batch,
+            "ipc": 1,
+        },  # fmt: skip
         "stages": stages,
         "synset_bytes": _size(runs / "recover" / "synset"),
         "label_bytes": relabel_results["labels"]["storage_bytes"],
