@@ -28,8 +28,14 @@ Rows (research/sre2l.md §4-§5.3):
   per batch): 28.2 GiB at IPC 50, of which the logits are 27.9 GiB (LPLD's table: 28.33 GB).
   ``dataset.name`` is empty: relabelling reads no ImageNet images (the data contract -- 224 px,
   1,000 classes, ImageNet mean/std -- is the teacher's ``teacher.json``), and ``evaluate`` is
-  off, because ddjax's in-memory datasets cannot hold ImageNet's validation set; train and score
-  students where ImageNet is available with ``ddjax.sre2l.kd.evaluate_kd`` and this store.
+  off. To train and score the students in the same run, stream ImageNet's val split
+  (``--config.dataset.name=stream:folder:/data/imagenet --config.dataset.normalisation=imagenet
+  --config.evaluate=True``: resize 256, centre crop 224; top-1 and top-5); ResNet-50/101
+  students with ``--config.eval.models=ResNet18BN,ResNet50BN,ResNet101BN`` (the row's
+  ``small_stem=False``, ``conv_init='torchvision'`` apply to each: torchvision's networks);
+  ``--config.eval.num_models=1`` trains each data parallel over every device and host,
+  ``--config.recipe.accumulate=A`` cuts each batch of 1024 into A micro-batches for smaller
+  devices, ``--config.eval.eval_every=K`` tests every K epochs; students resume per epoch.
   ddjax's deliberate differences from FKD (JAX random numbers, batches keyed by (seed, epoch),
   float instead of JPEG-decoded crops) are listed in ``ddjax.sre2l.relabel``.
 * tiny_imagenet -- online KD with the squeezed teacher (zeyuanyin/tiny-imagenet
@@ -160,7 +166,9 @@ def relabel_fields(
             "num_models": 5,  # K students per architecture
             "seed": 0,  # student initialisation
             "model_overrides": ml_collections.ConfigDict(dict(model_overrides or {})),
-            "pool_mode": "auto",  # auto | vmap | loop
+            "pool_mode": "auto",  # auto | vmap | loop (num_models=1: data parallel instead)
+            "eval_every": 0,  # also test (top-1, top-5) every this many epochs; 0: at the end
+            "checkpoint_every": 1,  # students' resume points, WORKDIR/students/<MODEL>
         }
     )
     return config
