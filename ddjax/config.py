@@ -276,7 +276,11 @@ def evaluate_config(dataset: str) -> ml_collections.ConfigDict:
             "recipe": "imagenet",  # a ddjax.sre2l.kd recipe: imagenet | tiny_imagenet | cifar
             "epochs": ml_collections.config_dict.placeholder(int),  # unset: the recipe's
             "batch_size": ml_collections.config_dict.placeholder(int),  # unset: the recipe's
+            # Gradient accumulation: micro-batches per step (unset: the recipe's, 1).
+            "accumulate": ml_collections.config_dict.placeholder(int),
             "seed": 42,  # online labels: batch-map and augmentation seed (FKD's)
+            "eval_every": 0,  # also test the students every this many epochs (0: at the end)
+            "checkpoint_every": 1,  # students' resume points (WORKDIR/students/<MODEL>)
         }
     )
     return config

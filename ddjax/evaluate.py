@@ -199,18 +199,36 @@ def check_protocol(protocol: Protocol) -> None:
     augment_lib.parse_strategy(protocol.dsa_strategy)
 
 
+#: k of the top-k accuracy that KD students report besides top-1: top-5, for datasets of
+#: more than 5 classes (with 5 or fewer every class is among the top 5; nothing is reported).
+TOP_K = 5
+
+
+def pool_test_scores(
+    net, state, dataset, *, pool_mode: str = "auto", batch_size: int = 500, top5: bool = False
+) -> train.PoolScores:
+    """Top-1 (overall and per class) and, with ``top5``, top-5 accuracy of a pool on the test split.
+
+    ``dataset`` is in memory (:class:`ddjax.data.Dataset`) or a stream
+    (:class:`ddjax.data.StreamingDataset`, read in batches of ``batch_size`` through its eval
+    transform: resize, centre crop). The top-5 accuracy is ``None`` without ``top5`` and for
+    datasets of at most :data:`TOP_K` classes.
+    """
+    top_k = TOP_K if top5 and dataset.num_classes > TOP_K else None
+    if isinstance(dataset, data_lib.StreamingDataset):
+        chunks = data_lib.streaming.test_chunks(dataset, batch_size)
+    else:
+        chunks = train.array_chunks(dataset.x_test, dataset.y_test, batch_size)
+    return train.scores_over(net, state, chunks, dataset.num_classes, pool_mode, top_k)
+
+
 def pool_test_accuracy(net, state, dataset, *, pool_mode: str = "auto", batch_size: int = 500):
     """``(accuracy (K,), per_class (K, C))`` of a pool on ``dataset``'s test split.
 
-    ``dataset`` is in memory (:class:`ddjax.data.Dataset`) or a stream
-    (:class:`ddjax.data.StreamingDataset`, read in batches of ``batch_size``).
+    :func:`pool_test_scores` without top-5.
     """
-    if isinstance(dataset, data_lib.StreamingDataset):
-        chunks = data_lib.streaming.test_chunks(dataset, batch_size)
-        return train.accuracy_over(net, state, chunks, dataset.num_classes, pool_mode)
-    return train.pool_accuracy(
-        net, state, dataset.x_test, dataset.y_test, dataset.num_classes, batch_size, pool_mode
-    )
+    scores = pool_test_scores(net, state, dataset, pool_mode=pool_mode, batch_size=batch_size)
+    return scores.accuracy, scores.per_class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +242,10 @@ class EvalResult:
       learning_rate: the learning rate the networks were trained with.
       lr_source: ``'fixed'`` (protocol), ``'learned'`` (the set's) or ``'default'``.
       final_train_loss: ``(K,)`` training loss in the last epoch.
+      top5: ``(K,)`` top-5 test accuracy, where measured (KD students, more than
+        :data:`TOP_K` classes); else ``None``.
+      by_epoch: test scores during training, where measured (KD students with
+        ``eval_every``): ``{epoch (1-based): {'top1': [K], 'top5': [K]}}``; else ``None``.
     """
 
     model: str
@@ -232,24 +254,28 @@ class EvalResult:
     learning_rate: float
     lr_source: str
     final_train_loss: np.ndarray
+    top5: np.ndarray | None = None
+    by_epoch: dict[int, dict[str, list[float]]] | None = None
 
     @classmethod
     def of_pool(
         cls, net, state, dataset: Dataset, *, model: str, lr: float, lr_source: str, history,
-        pool_mode: str = "auto",
+        pool_mode: str = "auto", top5: bool = False,
     ) -> EvalResult:  # fmt: skip
         """The test accuracy of a trained pool of networks (any trainer: hard labels, KD).
 
         A streamed dataset's test split is read batch by batch (eval transform), never whole.
+        ``top5``: also the top-5 accuracy (:func:`pool_test_scores`).
         """
-        accuracy, per_class = pool_test_accuracy(net, state, dataset, pool_mode=pool_mode)
+        scores = pool_test_scores(net, state, dataset, pool_mode=pool_mode, top5=top5)
         return cls(
             model=model,
-            accuracies=accuracy,
-            per_class=per_class,
+            accuracies=scores.accuracy,
+            per_class=scores.per_class,
             learning_rate=float(lr),
             lr_source=lr_source,
             final_train_loss=history[-1],
+            top5=scores.top_k,
         )
 
     @property
@@ -260,12 +286,18 @@ class EvalResult:
     def std(self) -> float:
         return float(np.std(self.accuracies))
 
+    @property
+    def top5_mean(self) -> float | None:
+        return None if self.top5 is None else float(np.mean(self.top5))
+
     def summary(self) -> str:
         """``'73.81 ± 0.52'`` in percent."""
         return f"{100 * self.mean:.2f} ± {100 * self.std:.2f}"
 
     def to_json(self) -> dict:
-        return {
+        """The result for ``results.json``; ``top5``/``top5_mean`` and ``by_epoch`` (epochs as
+        strings) only where measured."""
+        out = {
             "model": self.model,
             "mean": self.mean,
             "std": self.std,
@@ -275,6 +307,12 @@ class EvalResult:
             "lr_source": self.lr_source,
             "final_train_loss": self.final_train_loss.tolist(),
         }
+        if self.top5 is not None:
+            out["top5"] = self.top5.tolist()
+            out["top5_mean"] = self.top5_mean
+        if self.by_epoch is not None:
+            out["by_epoch"] = {str(epoch): scores for epoch, scores in self.by_epoch.items()}
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,6 +33,9 @@ from ddjax.sre2l import teacher as teacher_lib
 from ddjax.synset import SyntheticSet, load_synset
 from ddjax.workdir import Workdir
 
+#: Where :func:`evaluate_into` keeps the KD students' resume points: ``WORKDIR/students/<MODEL>``.
+STUDENTS_DIR = "students"
+
 
 @dataclasses.dataclass(frozen=True)
 class KDTrainer:
@@ -43,12 +46,24 @@ class KDTrainer:
       recipe: the students' :class:`ddjax.sre2l.kd.Recipe`.
       store: a ``ddjax relabel`` label store, or ``None`` for the online teacher.
       augment_seed: the batch-map and augmentation seed (FKD's ``--fkd-seed``).
+      eval_every: also test the students every this many epochs (0: only at the end).
+      checkpoint_every: with a work directory, save the students every this many epochs.
     """
 
     teacher: Any | None
     recipe: kd_lib.Recipe
     store: label_store.LabelStore | None
     augment_seed: int
+    eval_every: int = 0
+    checkpoint_every: int = 1
+
+    def __post_init__(self) -> None:
+        for field, low in (("eval_every", 0), ("checkpoint_every", 1)):
+            value = getattr(self, field)
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                f"{field}={value!r} must be an integer >= {low}",
+            )
 
     def evaluate(
         self,
@@ -58,7 +73,10 @@ class KDTrainer:
         settings: EvalSettings,
         *,
         progress: bool,
+        work: Workdir | None = None,
     ) -> EvalResult:
+        """:func:`ddjax.sre2l.kd.evaluate_kd` of one architecture; with ``work``, the students
+        resume from ``WORKDIR/students/<model>`` and their tests are logged to its metrics."""
         return kd_lib.evaluate_kd(
             synset,
             dataset,
@@ -72,6 +90,10 @@ class KDTrainer:
             augment_seed=self.augment_seed,
             pool_mode=settings.pool_mode,
             progress=progress,
+            eval_every=self.eval_every,
+            checkpoint_dir=None if work is None else work.file(STUDENTS_DIR) / model,
+            checkpoint_every=self.checkpoint_every,
+            log=None if work is None else work.log,
         )
 
     def describe(self) -> str:
@@ -103,7 +125,8 @@ def evaluate_into(
 
     Returns:
       ``results.json[name]``: one :meth:`EvalResult.to_json` (plus ``seconds``) per model.
-      Architectures already there are not recomputed.
+      Architectures already there are not recomputed; KD students killed in training resume
+      from their last checkpoint (``WORKDIR/students/<MODEL>``).
     """
     settings = EvalSettings.from_config(settings)
     results = work.results()
@@ -116,8 +139,11 @@ def evaluate_into(
             result = settings.evaluate(synset, dataset, model, progress=progress)
             how, tag = f"lr {result.learning_rate:g}, {result.lr_source}", {}
         else:
-            result = kd.evaluate(synset, dataset, model, settings, progress=progress)
+            result = kd.evaluate(synset, dataset, model, settings, progress=progress, work=work)
             how, tag = kd.describe(), {"kd": True}
+            if result.top5 is not None:
+                how += f"; top-5 {100 * result.top5_mean:.2f} %"
+                tag["top5"] = result.top5_mean
         done[model] = {**result.to_json(), "seconds": round(time.time() - start, 1)}
         work.log(event="eval", model=model, mean=result.mean, std=result.std, **tag)
         work.save_results(results)
@@ -154,7 +180,15 @@ def _kd_trainer(kd_config: ml_collections.ConfigDict, dataset: data_lib.Dataset)
     """``config.kd``'s trainer, its teacher checked against ``dataset``."""
     teacher = teacher_lib.load_teacher(kd_config.teacher)
     teacher_lib.check_teacher(teacher, dataset)
-    overrides = {k: kd_config[k] for k in ("epochs", "batch_size") if kd_config[k] is not None}
+    fields = ("epochs", "batch_size", "accumulate")
+    overrides = {k: kd_config.get(k) for k in fields if kd_config.get(k) is not None}
     recipe = kd_lib.get_recipe(kd_config.recipe, **overrides)
     store = label_store.open_store(kd_config.store) if kd_config.store else None
-    return KDTrainer(teacher, recipe, store, augment_seed=kd_config.seed)
+    return KDTrainer(
+        teacher,
+        recipe,
+        store,
+        augment_seed=kd_config.seed,
+        eval_every=kd_config.get("eval_every", 0),
+        checkpoint_every=kd_config.get("checkpoint_every", 1),
+    )

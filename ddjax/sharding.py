@@ -104,6 +104,21 @@ def replicate(tree, mesh: Mesh):
     return put(tree, replicated(mesh))
 
 
+def shard_batch(tree, mesh: Mesh):
+    """Places a batch (leaves with a leading example axis) split over ``mesh``'s ``data`` axis.
+
+    A batch whose size the ``data`` axis does not divide (an epoch's smaller last batch) is
+    replicated instead: every device computes all of it, which gives the same numbers (jit on
+    global arrays computes whole-batch statistics either way) without padding or dropping
+    examples.
+    """
+    parts = mesh.shape["data"]
+    sizes = {np.shape(x)[0] for x in jax.tree.leaves(tree)}
+    if parts > 1 and all(size % parts == 0 for size in sizes):
+        return put(tree, NamedSharding(mesh, P("data")))
+    return replicate(tree, mesh)
+
+
 def put(tree, where):
     """``jax.device_put(tree, where)`` that also places host values on other processes' devices.
 

@@ -284,6 +284,9 @@ def test_evaluate_kd_results_and_pool_modes(setup):
     assert isinstance(loop, EvalResult)
     assert loop.accuracies.shape == (2,) and loop.per_class.shape == (2, 4)
     assert (loop.model, loop.learning_rate, loop.lr_source) == ("ConvNet", 1e-3, "fixed")
+    # 4 classes: every class is among the top 5, so no top-5 is reported; no eval_every.
+    assert loop.top5 is None and loop.by_epoch is None
+    assert not {"top5", "top5_mean", "by_epoch"} & set(loop.to_json())
     np.testing.assert_allclose(loop.final_train_loss, vmap.final_train_loss, rtol=1e-4)
     np.testing.assert_array_equal(loop.accuracies, vmap.accuracies)
     assert loop.final_train_loss[0] != loop.final_train_loss[1]  # students differ in init

@@ -11,7 +11,10 @@ The argument picks a row of PUBLISHED: `DATASET`. A row names a ddjax.sre2l.kd r
 fields are all copied into config.recipe (ddjax.sre2l.kd.Recipe) so the resolved config shows
 every hyper-parameter, and the row's changes to it. ``labels``: stored (FKD-style files) |
 online (the teacher labels every student batch; nothing stored). synset and teacher are left
-empty and must be given. Every field is overridable with --config.FIELD=VALUE.
+empty and must be given. Every field is overridable with --config.FIELD=VALUE. The students are
+checkpointed (``config.eval.checkpoint_every``, ddjax's choice) every epoch on ImageNet and every
+5 (Tiny-ImageNet), 10 (CIFAR-100) or 50 (digits, Fashion-MNIST) epochs elsewhere, where an
+epoch takes seconds and a save each epoch would cost more than a killed run repeats.
 
 Rows (research/sre2l.md §4-§5.3):
 * imagenet -- FKD soft labels stored for 300 epochs (official relabel.sh). Labels:
@@ -28,8 +31,14 @@ Rows (research/sre2l.md §4-§5.3):
   per batch): 28.2 GiB at IPC 50, of which the logits are 27.9 GiB (LPLD's table: 28.33 GB).
   ``dataset.name`` is empty: relabelling reads no ImageNet images (the data contract -- 224 px,
   1,000 classes, ImageNet mean/std -- is the teacher's ``teacher.json``), and ``evaluate`` is
-  off, because ddjax's in-memory datasets cannot hold ImageNet's validation set; train and score
-  students where ImageNet is available with ``ddjax.sre2l.kd.evaluate_kd`` and this store.
+  off. To train and score the students in the same run, stream ImageNet's val split
+  (``--config.dataset.name=stream:folder:/data/imagenet --config.dataset.normalisation=imagenet
+  --config.evaluate=True``: resize 256, centre crop 224; top-1 and top-5); ResNet-50/101
+  students with ``--config.eval.models=ResNet18BN,ResNet50BN,ResNet101BN`` (the row's
+  ``small_stem=False``, ``conv_init='torchvision'`` apply to each: torchvision's networks);
+  ``--config.eval.num_models=1`` trains each data parallel over every device and host,
+  ``--config.recipe.accumulate=A`` cuts each batch of 1024 into A micro-batches for smaller
+  devices, ``--config.eval.eval_every=K`` tests every K epochs; students resume per epoch.
   ddjax's deliberate differences from FKD (JAX random numbers, batches keyed by (seed, epoch),
   float instead of JPEG-decoded crops) are listed in ``ddjax.sre2l.relabel``.
 * tiny_imagenet -- online KD with the squeezed teacher (zeyuanyin/tiny-imagenet
@@ -100,15 +109,15 @@ PUBLISHED = {
     "tiny_imagenet": dict(name="folder:data/tiny-imagenet-200", recipe="tiny_imagenet",
                           labels="online", models=("ResNet18BN",),
                           model_overrides={"conv_init": "torchvision"},
-                          normalisation="computed"),
+                          normalisation="computed", checkpoint_every=5),
     "cifar100": dict(recipe="cifar", labels="online", models=("ResNet18BN",),
-                     model_overrides={"conv_init": "torchvision"}),
+                     model_overrides={"conv_init": "torchvision"}, checkpoint_every=10),
     "digits": dict(recipe="imagenet", labels="stored", models=("ConvNet",),
                    model_overrides={"width": 64}, epochs=200, batch_size=50, lr=0.01,
-                   min_scale=0.5, flip=False),
+                   min_scale=0.5, flip=False, checkpoint_every=50),
     "fashion_mnist": dict(recipe="imagenet", labels="stored", models=("ConvNet",),
                           model_overrides={"width": 128}, epochs=300, batch_size=50, lr=0.01,
-                          min_scale=0.5, flip=True),
+                          min_scale=0.5, flip=True, checkpoint_every=50),
 }  # fmt: skip
 
 
@@ -122,6 +131,7 @@ def relabel_fields(
     normalisation: str = "",
     seed: int = 42,
     evaluate: bool = True,
+    checkpoint_every: int = 1,
     **recipe_changes: Any,
 ) -> ml_collections.ConfigDict:
     """The fields of a ``ddjax relabel`` config.
@@ -140,6 +150,8 @@ def relabel_fields(
         ``'computed'``; empty: the source's own). Must be the teacher's.
       seed: the batch-map and augmentation seed (FKD ``--fkd-seed 42``).
       evaluate: train students on the labels right away.
+      checkpoint_every: save the students every this many epochs (``config.eval``); 1 for
+        ImageNet's long epochs, more where an epoch takes seconds and a save would dominate.
       **recipe_changes: recipe fields that replace the preset's (e.g. ``epochs=100``).
     """
     config = ml_collections.ConfigDict()
@@ -160,7 +172,9 @@ def relabel_fields(
             "num_models": 5,  # K students per architecture
             "seed": 0,  # student initialisation
             "model_overrides": ml_collections.ConfigDict(dict(model_overrides or {})),
-            "pool_mode": "auto",  # auto | vmap | loop
+            "pool_mode": "auto",  # auto | vmap | loop (num_models=1: data parallel instead)
+            "eval_every": 0,  # also test (top-1, top-5) every this many epochs; 0: at the end
+            "checkpoint_every": checkpoint_every,  # students' resume points, in epochs
         }
     )
     return config

@@ -37,8 +37,16 @@ scripts K times would also redraw the augmentation per run in the online case; s
 ddjax's choice, made so that the teacher's cost does not grow with K.) The students are trained
 by ``vmap`` on accelerators and one after another on CPU (``ddjax.train.resolve_pool_mode``),
 with :func:`ddjax.train.make_train_step` as the step, and scored like
-:func:`ddjax.evaluate.evaluate_synset` (the same :class:`ddjax.evaluate.EvalResult`). Test
-images are the dataset's own test split; ImageNet's Resize(256)/CenterCrop(224) is not applied.
+:func:`ddjax.evaluate.evaluate_synset` (the same :class:`ddjax.evaluate.EvalResult`).
+
+**At ImageNet scale** (ResNet-18/50/101 students, batch 1024, 300 epochs): one student
+(``num_models=1``) is trained data parallel over every device of every process, each batch
+split over them (:func:`train_kd`); ``Recipe.accumulate`` cuts every batch into micro-batches
+whose gradients are summed before one update, for devices on which 1024 images do not fit;
+students are checkpointed every epoch and resume (``checkpoint_dir``); they are scored with
+top-1 and top-5 accuracy, every ``eval_every`` epochs and at the end. The test split is the
+dataset's own: in memory as it is, a stream (``stream:`` datasets, e.g. ImageNet's val folder)
+through its eval transform, torchvision's Resize(256)/CenterCrop(224) at 224 px.
 """
 
 from __future__ import annotations
@@ -55,11 +63,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ddjax import checkpoint, sharding, train
 from ddjax import models as models_lib
-from ddjax import sharding, train
 from ddjax.data import Dataset
 from ddjax.errors import DDJaxError, check
-from ddjax.evaluate import EvalResult, check_set_fits
+from ddjax.evaluate import EvalResult, check_set_fits, pool_test_scores
 from ddjax.sre2l import label_store
 from ddjax.sre2l import views as views_lib
 from ddjax.sre2l.contract import DataContract
@@ -78,6 +86,7 @@ __all__ = [
     "stored_batches",
     "train_kd",
     "ViewSource",
+    "data_mesh",
 ]
 
 Array = jax.Array
@@ -96,7 +105,8 @@ def kd_loss(
     ``Σ_i Σ_c p_t·(log p_t − log p_s) / B`` (FKD's ``train_FKD.py``, ``relabel_cifar.py``);
     Tiny-ImageNet's ``train_kd.py`` computes the same KL from log-targets and multiplies it by
     T² (Hinton et al. 2015), selected by ``t_squared``. Teacher logits may be fp16 (stored
-    labels); they are converted to float32 first, as FKD does.
+    labels); they are converted to the student's precision first (float32, as FKD does; float64
+    for a float64 student).
 
     Args:
       student_logits: ``(B, C)``.
@@ -107,7 +117,9 @@ def kd_loss(
     Returns:
       The scalar loss.
     """
-    teacher_logits = jnp.asarray(teacher_logits, jnp.float32)
+    teacher_logits = jnp.asarray(
+        teacher_logits, jnp.promote_types(student_logits.dtype, jnp.float32)
+    )
     log_p_student = jax.nn.log_softmax(student_logits / temperature, axis=-1)
     log_p_teacher = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
     p_teacher = jnp.exp(log_p_teacher)
@@ -143,6 +155,13 @@ class Recipe:
         see :class:`ddjax.sre2l.views.AugmentSpec`.
       teacher_mode: ``'eval'`` or ``'train'`` (CIFAR's quirk; online labels only -- a store
         records the mode its logits were made in, and must match).
+      accumulate: gradient accumulation, ``A`` micro-batches per optimiser step (1: none),
+        for devices on which a whole batch does not fit: each batch of ``batch_size`` is cut
+        into micro-batches of ``ceil(batch_size / A)`` whose weighted gradients are summed
+        before one update (:func:`ddjax.train.make_train_step`). The KD loss is a batch mean,
+        so the update is the whole batch's -- except that BatchNorm students normalise each
+        micro-batch with its own statistics, as PyTorch does when it accumulates. Not a
+        published hyper-parameter: the batch (and so the labels' batches) stays ``batch_size``.
     """
 
     name: str
@@ -166,9 +185,10 @@ class Recipe:
     cutmix_alpha: float = 1.0
     mixup_alpha: float = 0.8
     teacher_mode: str = "eval"
+    accumulate: int = 1
 
     def __post_init__(self) -> None:
-        for field in ("epochs", "batch_size"):
+        for field in ("epochs", "batch_size", "accumulate"):
             value = getattr(self, field)
             check(
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -203,6 +223,11 @@ class Recipe:
             self.teacher_mode in views_lib.TEACHER_MODES,
             f"recipe teacher_mode={self.teacher_mode!r} is not known; valid: "
             f"{list(views_lib.TEACHER_MODES)}",
+        )
+        check(
+            self.accumulate <= self.batch_size,
+            f"recipe accumulate={self.accumulate} must be at most batch_size={self.batch_size} "
+            "(micro-batches per step)",
         )
         self.augment_spec()  # validates the augmentation fields
 
@@ -429,17 +454,39 @@ class ViewSource:
     by the store (or the augmentation seed), not by a model's key, so every student of a pool
     trains on the same ones (``per_model = False``), drawn -- and labelled online -- once per
     epoch. The step augments nothing (the views come augmented), so its key is a constant.
+
+    With a ``mesh`` (one student trained data parallel), every batch is placed split over the
+    mesh's ``data`` axis (:func:`ddjax.sharding.shard_batch`: replicated when the axis does not
+    divide it), as a global array when the mesh spans processes.
     """
 
     per_model = False
 
-    def __init__(self, batches: Batches):
-        self.batches = batches
+    def __init__(self, batches: Batches, mesh: jax.sharding.Mesh | None = None):
+        self.batches, self.mesh = batches, mesh
         self.unused_key = jax.random.key(0)
+        if mesh is not None:
+            self.unused_key = sharding.replicate(self.unused_key, mesh)
 
     def epoch_batches(self, epoch: int, key: Array | None = None) -> Iterator[train.Batch]:
         for views, logits in self.batches(epoch):
+            if self.mesh is not None:
+                views, logits = sharding.shard_batch((views, logits), self.mesh)
             yield views, logits, self.unused_key
+
+
+def data_mesh(batch_size: int) -> jax.sharding.Mesh:
+    """The ``data`` mesh of one student: the most devices that split ``batch_size`` evenly.
+
+    :func:`ddjax.sharding.even_devices` (the same number in every process); when no such
+    count exists (a batch size the processes cannot share) every device, each batch then
+    replicated (:func:`ddjax.sharding.shard_batch`).
+    """
+    devices = sharding.even_devices(batch_size) or jax.devices()
+    return sharding.make_mesh(pool=1, data=len(devices), devices=devices)
+
+
+OnEpoch = Callable[[int, train.TrainState], dict | None]
 
 
 def train_kd(
@@ -452,20 +499,42 @@ def train_kd(
     seed: int = 0,
     pool_mode: str = "auto",
     progress: str | None = None,
-) -> tuple[train.TrainState, np.ndarray]:
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1,
+    on_epoch: OnEpoch | None = None,
+    record: dict | None = None,
+    _stop_after_epochs: int | None = None,
+) -> tuple[train.TrainState, np.ndarray] | None:
     """Trains ``num_models`` students with the KD loss on the views and logits of ``batches``.
 
     :func:`ddjax.train.train_epochs` over a :class:`ViewSource`: per epoch the learning rate
     :meth:`Recipe.lr_at`, then one step per batch of ``batches(epoch)`` with
     :func:`ddjax.train.make_train_step` and :func:`kd_loss` (students in train mode; their
-    BatchNorm statistics are updated as in PyTorch). ``'vmap'`` trains the pool as one
-    program, its model axis sharded over the devices' ``pool`` mesh axis; ``'loop'`` trains
-    the students one after another. The step is compiled once per batch shape (the learning
-    rate is injected, not baked in).
+    BatchNorm statistics are updated as in PyTorch; ``recipe.accumulate`` micro-batches per
+    step). The step is compiled once per batch shape (the learning rate is injected, not
+    baked in).
+
+    **Placement.** One student (``num_models=1``) is trained *data parallel*: its state is
+    replicated over a ``data`` mesh of every device of every process (:func:`data_mesh`) and
+    every batch -- views and teacher logits -- is split over it; jit on the global arrays
+    makes the loss, the gradient and the BatchNorm statistics those of the whole batch, so
+    the result does not depend on the number of devices beyond float rounding (squeeze's
+    mechanism). The views are made (and labelled online) whole in every process before
+    they are split. K > 1 students form a pool: ``'vmap'`` trains it as one program, its
+    model axis sharded over the devices' ``pool`` mesh axis; ``'loop'`` trains the students
+    one after another.
+
+    **Precision.** Students train in JAX's default float precision: float32, or float64
+    under ``jax_enable_x64`` (the parameters are cast after initialisation).
+
+    **Resume.** With ``checkpoint_dir``, the students, the loss history and ``record`` are
+    saved after every ``checkpoint_every``-th epoch and after the last
+    (:class:`ddjax.checkpoint.Checkpoints`, the newest kept); a call that finds a checkpoint
+    continues after it and ends bit-identical (on CPU) to an uninterrupted run.
 
     Args:
       model: the student architecture.
-      recipe: optimiser, schedule, temperature.
+      recipe: optimiser, schedule, temperature, accumulation.
       batches: :func:`stored_batches` or :func:`online_batches`.
       image_shape: ``(H, W, C)``.
       num_models: K students; student ``i`` is initialised (PyTorch's default init, as every
@@ -473,28 +542,80 @@ def train_kd(
         uses threefry keys; the ``rbg`` ones give the same distribution and compile the
         initialisation several times faster on XLA:CPU (``ddjax.models.init_variables``).
       seed: the students' seed.
-      pool_mode: ``'vmap'``, ``'loop'`` or ``'auto'`` (:func:`ddjax.train.resolve_pool_mode`).
+      pool_mode: ``'vmap'``, ``'loop'`` or ``'auto'`` (:func:`ddjax.train.resolve_pool_mode`;
+        K > 1 only).
       progress: description for a progress bar over epochs (``None``: none).
+      checkpoint_dir: where resume points go (``None``: none).
+      checkpoint_every: save every this many epochs (and after the last).
+      on_epoch: ``on_epoch(epoch, state)`` after every epoch, the state pool-stacked (K = 1
+        too); it may update ``record`` and return a dict for the progress bar.
+      record: host arrays kept with the checkpoints and restored in place on resume; the
+        key ``'train_loss'`` is this function's.
+      _stop_after_epochs: testing hook: return ``None`` (as if killed) after this many epochs
+        of this call.
 
     Returns:
       The pool-stacked trained :class:`ddjax.train.TrainState` and the mean loss per epoch
-      ``(epochs, K)``.
+      ``(epochs, K)`` (resumed epochs included); ``None`` when stopped by the testing hook.
     """
     check(num_models >= 1, f"num_models={num_models} must be at least 1")
+    check(
+        isinstance(checkpoint_every, int) and checkpoint_every >= 1,
+        f"checkpoint_every={checkpoint_every!r} must be a positive integer",
+    )
     tx, step = _steps(model, recipe)
     init_key, _ = jax.random.split(jax.random.key(seed, impl="rbg"))
-    vmapped = train.resolve_pool_mode(pool_mode) == "vmap"
-    mesh = sharding.pool_mesh(num_models) if vmapped else None
-    state = train.init_pool(model, tx, init_key, image_shape, num_models, mesh)
-    return train.train_epochs(
-        state,
-        step,
-        ViewSource(batches),
-        epochs=recipe.epochs,
-        pool_mode=pool_mode,
-        lr_schedule=recipe.lr_at,
-        progress=progress,
-    )
+    dtype = jnp.result_type(float)  # float32, or float64 under jax_enable_x64
+    data_parallel = num_models == 1
+    if data_parallel:
+        # Initialised as student 0 of a pool, so that K = 1 and K > 1 start alike.
+        mesh = data_mesh(recipe.batch_size)
+        one = train.init_pool(model, tx, init_key, image_shape, 1, dtype=dtype)
+        state = sharding.replicate(jax.tree.map(lambda x: x[0], one), mesh)
+        source = ViewSource(batches, mesh)
+    else:
+        vmapped = train.resolve_pool_mode(pool_mode) == "vmap"
+        mesh = sharding.pool_mesh(num_models) if vmapped else None
+        state = train.init_pool(model, tx, init_key, image_shape, num_models, mesh, dtype)
+        source = ViewSource(batches)
+    record = {} if record is None else record
+    record["train_loss"] = np.full((recipe.epochs, num_models), np.nan, np.float32)
+
+    def each_epoch(epoch: int, state: train.TrainState, outputs: train.EpochOutputs):
+        record["train_loss"][epoch] = np.reshape(outputs.loss, (num_models,))
+        if on_epoch is None:
+            return None
+        return on_epoch(epoch, _as_pool(state) if data_parallel else state)
+
+    saves = checkpoint.Checkpoints(checkpoint_dir, keep=1) if checkpoint_dir else None
+    try:
+        result = train.train_epochs(
+            state,
+            step,
+            source,
+            epochs=recipe.epochs,
+            pool=not data_parallel,
+            pool_mode=pool_mode,
+            lr_schedule=recipe.lr_at,
+            on_epoch=each_epoch,
+            record=record,
+            checkpoints=saves,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+            stop_after_epochs=_stop_after_epochs,
+        )
+    finally:
+        if saves is not None:
+            saves.close()
+    if result is None:
+        return None
+    state, _ = result
+    return (_as_pool(state) if data_parallel else state), record["train_loss"].copy()
+
+
+def _as_pool(state: train.TrainState) -> train.TrainState:
+    """One model's state as a pool of one (a leading axis of size 1), where it lives."""
+    return jax.tree.map(lambda x: x[None], state)
 
 
 @functools.lru_cache(maxsize=16)
@@ -502,12 +623,12 @@ def _steps(model: nn.Module, recipe: Recipe):
     """``(tx, step)`` of a student and recipe, built once per process.
 
     :func:`ddjax.train.train_epochs` compiles per step object, so one step per (model,
-    recipe) compiles once however many runs use it. Only the optimiser and the loss depend on
-    the recipe, but the recipe is the natural (hashable) cache key.
+    recipe) compiles once however many runs use it. Only the optimiser, the loss and the
+    accumulation depend on the recipe, but the recipe is the natural (hashable) cache key.
     """
     tx = recipe.make_optimizer()
     loss_fn = functools.partial(kd_loss, temperature=recipe.temperature, t_squared=recipe.t_squared)
-    return tx, train.make_train_step(model, tx, None, loss_fn)
+    return tx, train.make_train_step(model, tx, None, loss_fn, accumulate=recipe.accumulate)
 
 
 def evaluate_kd(
@@ -524,9 +645,19 @@ def evaluate_kd(
     augment_seed: int | None = None,
     pool_mode: str = "auto",
     progress: bool = False,
+    eval_every: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1,
+    log: Callable[..., None] | None = None,
     **overrides: Any,
 ) -> EvalResult:
     """SRe2L's evaluation: K students trained by KD on ``synset``, tested on ``dataset``.
+
+    The students are scored on the test split -- in memory as it is, a stream through its
+    eval transform (resize to ``round(size·256/224)``, centre crop ``size``: 256 → 224 on
+    ImageNet) batch by batch -- with top-1 and, for more than five classes
+    (:data:`ddjax.evaluate.TOP_K`), top-5 accuracy (:func:`ddjax.evaluate.pool_test_scores`),
+    at the end and every ``eval_every`` epochs.
 
     Args:
       synset: the recovered synthetic set (its hard labels are not used: the loss is KD only,
@@ -538,12 +669,20 @@ def evaluate_kd(
       store: a relabel store (or its directory) for stored labels; ``None`` for online KD.
       model: student architecture (``ddjax.models.get_model``).
       model_overrides: student fields, e.g. ``{'width': 16}``.
-      num_models: K.
+      num_models: K (1: one student, data parallel over every device; see :func:`train_kd`).
       seed: students' initialisation seed (see :func:`train_kd`).
       augment_seed: the batch-map/augmentation seed of online labels (default: ``seed``); the
         store's seed with a store. Online KD with a store's seed draws the store's batches.
       pool_mode: ``'vmap'``, ``'loop'`` or ``'auto'``.
       progress: progress bar over epochs.
+      eval_every: also score the students after every this many epochs (0: only at the end);
+        each such score, and the final one, is logged as ``log(event='kd_eval', model=...,
+        epoch=..., top1=..., top5=...)`` (means over the K students) and kept in the
+        result's ``by_epoch``.
+      checkpoint_dir: resume points of the students (see :func:`train_kd`); a re-run with
+        the same arguments continues from the newest.
+      checkpoint_every: save them every this many epochs (and after the last).
+      log: e.g. ``Workdir.log`` (``None``: nothing logged).
       **overrides: recipe fields, e.g. ``epochs=100``, ``batch_size=256``, ``temperature=4``.
 
     Returns:
@@ -556,6 +695,10 @@ def evaluate_kd(
     """
     recipe = get_recipe(recipe, **overrides)
     check_set_fits(synset, dataset, num_models)
+    check(
+        isinstance(eval_every, int) and not isinstance(eval_every, bool) and eval_every >= 0,
+        f"eval_every={eval_every!r} must be an integer >= 0 (0: only at the end)",
+    )
     spec = recipe.augment_spec(dataset)
     if store is not None:
         if not isinstance(store, label_store.LabelStore):
@@ -577,6 +720,28 @@ def evaluate_kd(
     net = models_lib.get_model(
         model, dataset.num_classes, dataset.image_shape, **(model_overrides or {})
     )
+    # One student lives on a data mesh, scored as a vmapped pool of one wherever it is.
+    scoring_mode = "vmap" if num_models == 1 else pool_mode
+    tested = np.full((recipe.epochs, num_models), np.nan, np.float32)
+    record = {"top1": tested, "top5": tested.copy()}
+
+    def report(epoch: int, top1: np.ndarray, top5: np.ndarray | None) -> dict:
+        record["top1"][epoch] = top1
+        if top5 is not None:
+            record["top5"][epoch] = top5
+        means = {"top1": float(np.mean(top1))}
+        if top5 is not None:
+            means["top5"] = float(np.mean(top5))
+        if log is not None:
+            log(event="kd_eval", model=model, epoch=epoch + 1, **means)
+        return {name: f"{value:.4f}" for name, value in means.items()}
+
+    def on_epoch(epoch: int, state: train.TrainState) -> dict | None:
+        if not eval_every or (epoch + 1) % eval_every or epoch + 1 == recipe.epochs:
+            return None  # the last epoch is scored below, once
+        scores = pool_test_scores(net, state, dataset, pool_mode=scoring_mode, top5=True)
+        return report(epoch, scores.accuracy, scores.top_k)
+
     state, history = train_kd(
         net,
         recipe,
@@ -586,11 +751,25 @@ def evaluate_kd(
         seed=seed,
         pool_mode=pool_mode,
         progress=f"kd {model}" if progress else None,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        on_epoch=on_epoch,
+        record=record,
     )
-    return EvalResult.of_pool(
+    result = EvalResult.of_pool(
         net, state, dataset, model=model, lr=recipe.lr, lr_source="fixed", history=history,
-        pool_mode=pool_mode,
+        pool_mode=scoring_mode, top5=True,
     )  # fmt: skip
+    if not eval_every:
+        return result
+    report(recipe.epochs - 1, result.accuracies, result.top5)
+    by_epoch = {}
+    for epoch in np.flatnonzero(~np.isnan(record["top1"][:, 0])):
+        scores = {"top1": record["top1"][epoch].tolist()}
+        if result.top5 is not None:
+            scores["top5"] = record["top5"][epoch].tolist()
+        by_epoch[int(epoch) + 1] = scores
+    return dataclasses.replace(result, by_epoch=by_epoch)
 
 
 def _check_recipe_fits_store(

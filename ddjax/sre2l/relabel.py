@@ -56,7 +56,10 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
       progress: progress bars and one printed line per result.
 
     Returns:
-      The contents of ``results.json``.
+      The contents of ``results.json``: per student architecture top-1 and (for more than 5
+      classes) top-5 accuracy, and with ``config.eval.eval_every`` the tests during training
+      (also logged as ``kd_eval`` events). A student killed in training resumes from its last
+      checkpoint (``students/<MODEL>/``, every ``config.eval.checkpoint_every`` epochs).
 
     Raises:
       DDJaxError: bad config values, missing files, or a teacher/synset of other data.
@@ -66,6 +69,10 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
         f"config.labels={config.labels!r} is not known; valid: ['stored', 'online']",
     )
     recipe = kd.recipe_from_config(config.recipe)
+    # The students' fields, checked before anything is written (teacher and store come later).
+    eval_every = config.eval.get("eval_every", 0)
+    checkpoint_every = config.eval.get("checkpoint_every", 1)
+    KDTrainer(None, recipe, None, config.seed, eval_every, checkpoint_every)
     check(bool(config.synset), "config.synset is empty; pass --config.synset=PATH/synset.npz")
     check(bool(config.teacher), "config.teacher is empty; pass --config.teacher=TEACHER_DIR")
     check(isinstance(config.seed, int), f"config.seed={config.seed!r} must be an integer")
@@ -143,7 +150,7 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
     work.save_results(results)
 
     if config.evaluate:
-        trainer = KDTrainer(teacher, recipe, store, augment_seed=config.seed)
+        trainer = KDTrainer(teacher, recipe, store, config.seed, eval_every, checkpoint_every)
         settings = EvalSettings.from_config(config.eval)
         results["eval"] = evaluate_into(
             work, synset, dataset, settings, kd=trainer, progress=progress

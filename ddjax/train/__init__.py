@@ -8,7 +8,8 @@ trajectories, the SRe2L teacher, KD students, feature extractors for coresets --
   :class:`TrainState`, PyTorch-semantics :func:`sgd`, an epoch of in-memory data as one
   compiled program (:func:`make_epoch`, :func:`make_pool_epoch`, :func:`make_loop_epoch`),
   where a pool of models runs (:func:`resolve_pool_mode`) and test accuracy
-  (:func:`pool_accuracy`).
+  (:func:`pool_accuracy`; top-k too: :func:`scores_over`); gradient accumulation is an
+  option of the step (``make_train_step(..., accumulate=A)``).
 * ``driver.py``: :func:`train_epochs`, the one epoch loop (schedule, ``on_epoch``, pool
   placement, resume), over a :class:`BatchSource` (:class:`ArraySource` for arrays in
   memory); :func:`fit_pool` and :func:`fit` for arrays.
@@ -26,8 +27,10 @@ from ddjax.train.driver import (
 )
 from ddjax.train.step import (
     POOL_MODES,
+    PoolScores,
     TrainState,
     accuracy_over,
+    array_chunks,
     cross_entropy,
     init_pool,
     init_state,
@@ -36,8 +39,10 @@ from ddjax.train.step import (
     make_pool_epoch,
     make_predict,
     make_train_step,
+    micro_batch_sizes,
     pool_accuracy,
     resolve_pool_mode,
+    scores_over,
     set_learning_rate,
     sgd,
 )
@@ -45,6 +50,7 @@ from ddjax.train.step import (
 __all__ = [
     "POOL_MODES",
     "ArraySource",
+    "PoolScores",
     "Batch",
     "BatchSource",
     "EpochOutputs",
@@ -60,9 +66,12 @@ __all__ = [
     "make_predict",
     "make_train_step",
     "accuracy_over",
+    "array_chunks",
+    "micro_batch_sizes",
     "pool_accuracy",
     "pool_epoch_keys",
     "resolve_pool_mode",
+    "scores_over",
     "set_learning_rate",
     "sgd",
     "train_epochs",

@@ -79,23 +79,36 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     return optax.softmax_cross_entropy(logits, labels).mean()
 
 
-def init_state(model, tx: optax.GradientTransformation, key: Array, image_shape) -> TrainState:
-    """Initialises a network (PyTorch-default init) and its optimiser state."""
+def init_state(
+    model, tx: optax.GradientTransformation, key: Array, image_shape, dtype=None
+) -> TrainState:
+    """Initialises a network (PyTorch-default init) and its optimiser state.
+
+    ``dtype`` (e.g. ``jnp.float64``): the floating-point parameters and BatchNorm statistics
+    are cast to it before the optimiser state is made (``None``: the model's own, float32).
+    """
     variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
+    if dtype is not None:
+        params, batch_stats = jax.tree.map(
+            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+            (params, batch_stats),
+        )
     return TrainState(params, batch_stats, tx.init(params))
 
 
-def init_pool(model, tx, key: Array, image_shape, num_models: int, mesh=None) -> TrainState:
+def init_pool(
+    model, tx, key: Array, image_shape, num_models: int, mesh=None, dtype=None
+) -> TrainState:
     """Initialises ``num_models`` independent networks stacked on a leading axis.
 
     Model ``i`` is initialised from ``jax.random.split(key, num_models)[i]``, so
     the pool equals the models initialised one by one. With a ``mesh`` the pool
-    axis is sharded over its ``pool`` axis.
+    axis is sharded over its ``pool`` axis. ``dtype``: as in :func:`init_state`.
     """
     keys = jax.random.split(key, num_models)
-    init = jax.vmap(lambda k: init_state(model, tx, k, image_shape))
+    init = jax.vmap(lambda k: init_state(model, tx, k, image_shape, dtype))
     if mesh is None:
         return jax.jit(init)(keys)
     return jax.jit(init, out_shardings=sharding.pool_sharding(mesh))(keys)
@@ -111,52 +124,147 @@ def make_train_step(
     augment: Augment | None = None,
     loss_fn: Callable[[Array, Array], Array] = cross_entropy,
     with_correct: bool = False,
+    accumulate: int = 1,
 ):
     """Builds the pure train step ``(state, images, labels, key) -> (state, loss)``.
+
+    **Gradient accumulation** (``accumulate = A > 1``): the batch of ``B`` examples (after
+    ``augment``, which sees the whole batch) is cut into micro-batches of
+    ``m = ceil(B / A)`` examples -- ``B // m`` full ones and, when ``m`` does not divide ``B``,
+    one more with the ``B mod m`` last examples (never more than ``A`` in all; no example is
+    dropped) -- and their gradients are summed with weights ``size / B`` before *one*
+    optimiser update. For a loss that is a mean over the batch (cross-entropy, KD's
+    ``batchmean`` KL) that is the whole batch's gradient, so the update is the one the whole
+    batch would give, up to float rounding -- for models without BatchNorm. Full micro-batch
+    ``j`` holds examples ``j, j + B//m, j + 2·(B//m), ...`` (strided, so that in a batch split
+    over devices every micro-batch is split over all of them); the full ones run under one
+    ``lax.scan``, so the compiled step holds one micro-batch's activations at a time, and the
+    step compiles once per batch size. The returned loss is the same weighted sum (the
+    batch's mean loss).
+
+    **BatchNorm under accumulation** normalises each micro-batch with that micro-batch's own
+    statistics and updates the running statistics once per micro-batch, in turn -- what
+    PyTorch does when a loop of ``A`` forward/backward passes precedes one ``optimizer.step()``
+    -- so a BatchNorm model's update differs from the whole batch's. Dropout draws a
+    different key per micro-batch (``fold_in(dropout_key, j)``).
 
     Args:
       model: a Flax Linen module with ``__call__(x, train)``.
       tx: the optax optimiser (e.g. :func:`sgd`).
       augment: ``augment(key, images) -> images`` applied to every batch
         (``ddjax.augment.make_augment``), or ``None``.
-      loss_fn: ``loss_fn(logits, labels) -> scalar``.
+      loss_fn: ``loss_fn(logits, labels) -> scalar``, a mean over the batch when
+        ``accumulate > 1``.
       with_correct: if true the step returns ``(state, (loss, correct))`` where
         ``correct`` (bool, ``(B,)``) says whether each example of the batch was
         classified correctly by the forward pass the gradient came from (on the
         augmented images, before the update) -- what forgetting statistics
         (Toneva et al. 2019) record, at no extra cost. Soft labels count as
         their arg-max class.
+      accumulate: ``A``, the number of micro-batches per update (1: none).
     """
+    check(
+        isinstance(accumulate, int) and not isinstance(accumulate, bool) and accumulate >= 1,
+        f"accumulate={accumulate!r} must be a positive integer (micro-batches per update)",
+    )
 
-    def step(state: TrainState, images: Array, labels: Array, key: Array):
-        if augment is not None:
-            images = augment(key, images)
-        # Models with dropout (MobileNet-V2) draw it from this stream; others ignore it.
-        rngs = {} if key is None else {"dropout": jax.random.fold_in(key, DROPOUT_STREAM)}
+    def gradients(params, batch_stats, images: Array, labels: Array, rngs: dict):
+        """``(loss, grads, batch_stats, logits)`` of one (micro-)batch, in train mode."""
 
         def objective(params):
             variables = {"params": params}
-            if state.batch_stats:
-                variables["batch_stats"] = state.batch_stats
+            if batch_stats:
+                variables["batch_stats"] = batch_stats
                 logits, updates = model.apply(
                     variables, images, train=True, mutable=["batch_stats"], rngs=rngs
                 )
                 return loss_fn(logits, labels), (updates["batch_stats"], logits)
             logits = model.apply(variables, images, train=True, rngs=rngs)
-            return loss_fn(logits, labels), (state.batch_stats, logits)
+            return loss_fn(logits, labels), (batch_stats, logits)
 
-        (loss, (batch_stats, logits)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params
-        )
+        (loss, (new_stats, logits)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return loss, grads, new_stats, logits
+
+    def step(state: TrainState, images: Array, labels: Array, key: Array):
+        if augment is not None:
+            images = augment(key, images)
+        # Models with dropout (MobileNet-V2) draw it from this stream; others ignore it.
+        dropout = None if key is None else jax.random.fold_in(key, DROPOUT_STREAM)
+        if accumulate == 1:
+            rngs = {} if dropout is None else {"dropout": dropout}
+            loss, grads, batch_stats, logits = gradients(
+                state.params, state.batch_stats, images, labels, rngs
+            )
+            predicted = jnp.argmax(logits, -1) if with_correct else None
+        else:
+            loss, grads, batch_stats, predicted = _accumulated_gradients(
+                gradients, state, images, labels, dropout, accumulate, with_correct
+            )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         state = TrainState(params, batch_stats, opt_state)
         if not with_correct:
             return state, loss
         classes = labels if labels.ndim == 1 else jnp.argmax(labels, -1)
-        return state, (loss, jnp.argmax(logits, -1) == classes)
+        return state, (loss, predicted == classes)
 
     return step
+
+
+def micro_batch_sizes(batch_size: int, accumulate: int) -> list[int]:
+    """The micro-batch sizes :func:`make_train_step` cuts a batch of ``batch_size`` into.
+
+    ``B // m`` micro-batches of ``m = ceil(B / A)`` examples, then one of ``B mod m`` when it
+    is not zero: e.g. ``B = 10, A = 4`` gives ``[3, 3, 3, 1]``; ``B = 9, A = 4`` gives
+    ``[3, 3, 3]``.
+    """
+    size = -(-batch_size // accumulate)
+    full, tail = divmod(batch_size, size)
+    return [size] * full + ([tail] if tail else [])
+
+
+def _accumulated_gradients(gradients, state, images, labels, dropout, accumulate, predictions):
+    """``(loss, grads, batch_stats, predicted)`` of a batch as micro-batches (see the step)."""
+    total = images.shape[0]
+    sizes = micro_batch_sizes(total, accumulate)
+    size, full = sizes[0], total // sizes[0]
+    params = state.params
+
+    def micro(batch_stats, images, labels, index):
+        rngs = {} if dropout is None else {"dropout": jax.random.fold_in(dropout, index)}
+        loss, grads, new_stats, logits = gradients(params, batch_stats, images, labels, rngs)
+        weight = images.shape[0] / total  # the micro-batch's share of the batch mean
+        grads = jax.tree.map(lambda g: g * weight, grads)
+        # The carry keeps its dtypes (BatchNorm may compute its statistics in another one).
+        new_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), new_stats, batch_stats)
+        predicted = jnp.argmax(logits, -1) if predictions else None
+        return loss * weight, grads, new_stats, predicted
+
+    def strided(x):
+        """``x[:full·m]`` as ``(full, m, ...)``, micro-batch ``j`` = ``x[j::full]``."""
+        return jnp.swapaxes(x[: full * size].reshape(size, full, *x.shape[1:]), 0, 1)
+
+    def body(carry, xs):
+        loss_sum, grad_sum, batch_stats = carry
+        loss, grads, batch_stats, predicted = micro(batch_stats, *xs)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads), batch_stats), predicted
+
+    indices = jnp.arange(full)
+    xs = (strided(images), strided(labels), indices)
+    first = jax.eval_shape(micro, state.batch_stats, *jax.tree.map(lambda x: x[0], xs))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), first[:2])
+    (loss, grads, batch_stats), predicted = jax.lax.scan(body, (*zeros, state.batch_stats), xs)
+    if predictions:  # back to the batch's order: (full, m) -> (m, full) -> (full·m,)
+        predicted = [jnp.swapaxes(predicted, 0, 1).reshape(-1)]
+    if len(sizes) > full:  # the uneven rest, one smaller micro-batch
+        start = full * size
+        rest = micro(batch_stats, images[start:], labels[start:], full)
+        loss = loss + rest[0]
+        grads = jax.tree.map(jnp.add, grads, rest[1])
+        batch_stats = rest[2]
+        if predictions:
+            predicted.append(rest[3])
+    return loss, grads, batch_stats, (jnp.concatenate(predicted) if predictions else None)
 
 
 def make_epoch(step, batch_size: int):
@@ -394,46 +502,99 @@ def pool_accuracy(
     Returns:
       ``(accuracy (K,), per_class_accuracy (K, num_classes))`` as float32 NumPy arrays.
     """
+    return accuracy_over(
+        model, state, array_chunks(images, labels, batch_size), num_classes, pool_mode
+    )
+
+
+def array_chunks(images, labels, batch_size: int = 500):
+    """In-memory test arrays as ``chunks()`` for :func:`accuracy_over` / :func:`scores_over`."""
     n = len(labels)
 
     def chunks():
         for start in range(0, n, batch_size):
             yield images[start : start + batch_size], labels[start : start + batch_size]
 
-    return accuracy_over(model, state, chunks, num_classes, pool_mode)
+    return chunks
 
 
 def accuracy_over(model, state: TrainState, chunks, num_classes: int, pool_mode="auto"):
     """Test accuracy of every model of a pool on the batches ``chunks()`` yields.
 
+    :func:`scores_over` without top-k: ``(accuracy (K,), per_class_accuracy (K, C))``.
+    """
+    scores = scores_over(model, state, chunks, num_classes, pool_mode)
+    return scores.accuracy, scores.per_class
+
+
+class PoolScores(NamedTuple):
+    """Test scores of a pool of K models (float32 NumPy arrays).
+
+    Attributes:
+      accuracy: ``(K,)`` top-1 accuracy.
+      per_class: ``(K, C)`` top-1 accuracy per class.
+      top_k: ``(K,)`` top-k accuracy -- the true class among the k largest logits (equal
+        logits: the lower class index first, as for top-1's arg-max) -- or ``None`` when no
+        k was asked for.
+    """
+
+    accuracy: np.ndarray
+    per_class: np.ndarray
+    top_k: np.ndarray | None
+
+
+def scores_over(
+    model, state: TrainState, chunks, num_classes: int, pool_mode="auto", top_k: int | None = None
+) -> PoolScores:
+    """Top-1 (overall and per class) and top-k accuracy of every model of a pool.
+
     The core of :func:`pool_accuracy`, for any source of test batches (a stream's test split,
     :func:`ddjax.data.stream_test_chunks`): ``chunks()`` yields host ``(images, labels)``
     batches, the same in every process; a label of ``-1`` marks padding, which is not
-    counted. ``chunks`` is called once per model of a looped pool.
+    counted. ``chunks`` is called once per model of a looped pool. A pool on a mesh with a
+    ``data`` axis scores every chunk split over that axis (:func:`ddjax.sharding.shard_batch`).
+
+    Args:
+      model, state: the architecture and the pool-stacked state.
+      chunks: the test batches.
+      num_classes: C.
+      pool_mode: ``'vmap'``, ``'loop'`` or ``'auto'`` (see :func:`resolve_pool_mode`).
+      top_k: k of the top-k accuracy, at most C (``None``: top-1 only).
 
     Returns:
-      ``(accuracy (K,), per_class_accuracy (K, num_classes))`` as float32 NumPy arrays.
+      :class:`PoolScores`; counts are exact, accuracies ``count / size`` rounded once to float32.
     """
+    check(
+        top_k is None or (isinstance(top_k, int) and 1 <= top_k <= num_classes),
+        f"top_k={top_k!r} must be an integer in [1, num_classes={num_classes}] or None",
+    )
     vmapped = resolve_pool_mode(pool_mode) == "vmap"
-    count = _count_correct(model, num_classes, vmapped)
+    count = _count_correct(model, num_classes, vmapped, top_k)
     states = [state] if vmapped else [_take(state, i) for i in range(_num_models(state))]
     totals, class_sizes = [], np.zeros(num_classes, np.int64)
     for i, one in enumerate(states):
         where = _sharding_of(one)
-        total = 0
+        total = None
         for images, labels in chunks():
             if i == 0:
                 real = np.asarray(labels)
                 class_sizes += np.bincount(real[real >= 0], minlength=num_classes)
             if isinstance(where, jax.sharding.NamedSharding):
-                chunk = sharding.replicate((images, labels), where.mesh)
+                chunk = sharding.shard_batch((images, labels), where.mesh)
             else:
                 chunk = jax.device_put((images, labels), where)
-            total = total + count(one.params, one.batch_stats, *chunk)
+            counted = count(one.params, one.batch_stats, *chunk)
+            total = counted if total is None else jax.tree.map(jnp.add, total, counted)
         totals.append(total)
-    per_class = np.asarray(distributed.to_host(totals), np.float64).reshape(-1, num_classes)
-    accuracy = (per_class.sum(1) / max(class_sizes.sum(), 1)).astype(np.float32)
-    return accuracy, (per_class / np.maximum(class_sizes, 1)).astype(np.float32)
+    per_class, in_top_k = zip(*distributed.to_host(totals), strict=True)
+    per_class = np.asarray(per_class, np.float64).reshape(-1, num_classes)
+    size = max(class_sizes.sum(), 1)
+    accuracy = (per_class.sum(1) / size).astype(np.float32)
+    top = None
+    if top_k is not None:
+        top = (np.asarray(in_top_k, np.float64).reshape(-1) / size).astype(np.float32)
+    per_class = (per_class / np.maximum(class_sizes, 1)).astype(np.float32)
+    return PoolScores(accuracy, per_class, top)
 
 
 def _num_models(pool: TrainState) -> int:
@@ -441,8 +602,11 @@ def _num_models(pool: TrainState) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _count_correct(model, num_classes: int, vmapped: bool):
-    """``(params, batch_stats, images, labels) -> correct per class`` in inference mode, jitted."""
+def _count_correct(model, num_classes: int, vmapped: bool, top_k: int | None = None):
+    """``(params, batch_stats, images, labels) -> (correct per class, in top-k)``, jitted.
+
+    Inference mode; a label of -1 (padding) matches no class and is never counted.
+    """
 
     def count(params, batch_stats, images, labels):
         variables = {"params": params}
@@ -450,6 +614,12 @@ def _count_correct(model, num_classes: int, vmapped: bool):
             variables["batch_stats"] = batch_stats
         logits = model.apply(variables, images, train=False)
         correct = jnp.argmax(logits, -1) == labels
-        return jnp.sum(jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * correct[:, None], 0)
+        per_class = jnp.sum(
+            jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * correct[:, None], 0
+        )
+        if top_k is None:
+            return per_class, jnp.zeros((), jnp.int32)
+        _, best = jax.lax.top_k(logits, top_k)  # equal logits: the lower index first
+        return per_class, jnp.sum(jnp.any(best == labels[:, None], -1), dtype=jnp.int32)
 
     return jax.jit(jax.vmap(count, in_axes=(0, 0, None, None)) if vmapped else count)
