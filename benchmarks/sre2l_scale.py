@@ -8,8 +8,8 @@ fresh process and reports its time and its peak resident memory (``VmHWM``):
   the published multi-crop, r_bn 0.01 with the first-BN x10, Adam, clipping) on the first
   ``--recover-batches`` batches of the IPC 1 and IPC 4 plans, each finished batch written as
   JPEG files (:mod:`ddjax.synfolder`). Memory depends on the batch, not on the IPC.
-* **relabel**: the second epoch of FKD labels (RandomResizedCrop + flip + CutMix, fp16 logits) over a
-  synthetic folder of IPC 1 and IPC 4 (1,000 and 4,000 images), read batch by batch.
+* **relabel**: the second epoch of FKD labels (RandomResizedCrop + flip + CutMix, fp16 logits)
+  over a synthetic folder of IPC 1 and IPC 4 (1,000 and 4,000 images), read batch by batch.
 * **kd**: one student step (ResNet-18, AdamW, KD at T = 20) on views of a folder batch.
 * **val**: top-1 of a ResNet-18 on the streamed val split (resize 256, centre crop 224) of the
   generated dataset at 1x and 4x its size. Memory must not grow with the dataset.
@@ -196,8 +196,12 @@ def task_kd(args: dict) -> dict:
     augment = views.augmenter(spec)
     step = jax.jit(step, donate_argnums=0)
     times = []
-    batches = [(e, b, i) for e in range(args["steps"]) for b, i in
-               enumerate(views.batch_map(len(folder), batch, 42, e)) if len(i) == batch]  # fmt: skip
+    batches = [
+        (e, b, i)
+        for e in range(args["steps"])
+        for b, i in enumerate(views.batch_map(len(folder), batch, 42, e))
+        if len(i) == batch
+    ]
     for epoch, b, indices in batches[: args["steps"]]:
         drawn = views.draw_augment(views.batch_key(42, epoch, b), spec, batch, size, size)
         images = augment(views.gather(folder.images, indices), drawn)
