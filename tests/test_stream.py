@@ -387,3 +387,46 @@ def test_a_mesh_gets_global_arrays_sharded_over_data(imagenet_folder):
     batch = next(iter(BatchIterator(stream, 4, mesh=mesh)))
     assert isinstance(batch.images, jax.Array) and batch.images.shape == (4, 8, 8, 3)
     assert batch.images.sharding.spec == jax.sharding.PartitionSpec("data")
+
+
+@pytest.mark.parametrize("size", [(333, 251), (251, 333), (500, 375)])
+def test_validation_is_torchvisions_resize_256_centre_crop_224(tmp_path, size):
+    """ImageNet's eval transform: Resize(256) (shorter side, longer side truncated), PIL
+    bilinear, CenterCrop(224) at offsets int(round((H - 224) / 2)), ToTensor, Normalize.
+
+    Stated here from torchvision's definitions (its ``_compute_resized_output_size`` and
+    ``center_crop``) on an odd-sized JPEG where the rounding matters; where torchvision imports,
+    its own transforms give the same pixels.
+    """
+    rng = np.random.default_rng(sum(size))
+    path = tmp_path / "x.JPEG"
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), np.uint8)).save(path, quality=90)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    resize = round(224 * data.streaming.IMAGENET_EVAL_RESIZE)
+    assert resize == 256
+    transform = Transform(False, (224, 224, 3), resize, mean, std, False)
+    got = transform(path.read_bytes(), None, str(path))
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        width, height = image.size
+        short, long = min(width, height), max(width, height)
+        new_long = int(256 * long / short)
+        new = (256, new_long) if width <= height else (new_long, 256)
+        resized = image.resize(new, Image.Resampling.BILINEAR)
+        top = int(round((resized.height - 224) / 2.0))
+        left = int(round((resized.width - 224) / 2.0))
+        crop = np.asarray(resized.crop((left, top, left + 224, top + 224)), np.float32) / 255
+    expected = (crop - np.float32(mean)) / np.float32(std)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    try:
+        from torchvision import transforms  # noqa: PLC0415 -- not installable everywhere
+    except ImportError:
+        return
+    pipeline = transforms.Compose(
+        [transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+         transforms.Normalize(mean, std)]
+    )  # fmt: skip
+    with Image.open(path) as image:
+        reference = pipeline(image.convert("RGB")).numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5)
