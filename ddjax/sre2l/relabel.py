@@ -73,7 +73,11 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
     eval_every = config.eval.get("eval_every", 0)
     checkpoint_every = config.eval.get("checkpoint_every", 1)
     KDTrainer(None, recipe, None, config.seed, eval_every, checkpoint_every)
-    check(bool(config.synset), "config.synset is empty; pass --config.synset=PATH/synset.npz")
+    check(
+        bool(config.synset),
+        "config.synset is empty; pass --config.synset=PATH/synset.npz (or a recovered folder, "
+        "--config.synset=RECOVER_WORKDIR/synset)",
+    )
     check(bool(config.teacher), "config.teacher is empty; pass --config.teacher=TEACHER_DIR")
     check(isinstance(config.seed, int), f"config.seed={config.seed!r} must be an integer")
     check(
