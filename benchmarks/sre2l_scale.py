@@ -263,13 +263,23 @@ def _run(task: str, **args) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
 def _markdown(report: dict) -> str:
     env = report["environment"]
     rows = [
-        f"# SRe2L at ImageNet scale ({env.get('device', '')})",
+        f"# SRe2L at ImageNet scale ({env['device']}, {env.get('cpu_model', '')})",
         "",
-        f"{report['settings']}; jax {env.get('jax')}, {env.get('cpu', '')}. Each row is one fresh "
-        "process; memory is its peak resident set (VmHWM).",
+        f"{report['settings']}; jax {env.get('jax')}, {env.get('cpu_count')} cores. Each row is "
+        "one fresh process; memory is its peak resident set (VmHWM). Throughput is after "
+        "compilation (recover: batches after the first; relabel: the second epoch; val: a "
+        "second pass). The machine is shared: throughputs are noisy, memory is not."
+        + (f" {report['note']}" if report.get("note") else ""),
         "",
         "| stage | size | throughput | time | peak memory |",
         "|---|---|---|---|---|",
@@ -311,6 +321,10 @@ def main() -> None:
     parser.add_argument("--recover-batches", type=int, default=3)
     parser.add_argument("--train", type=int, default=1, help="train images a class at 1x")
     parser.add_argument("--val", type=int, default=1, help="val images a class at 1x")
+    parser.add_argument(
+        "--render", action="store_true", help="re-write the .md and .png from the saved .json"
+    )
+    parser.add_argument("--note", default="", help="a sentence added to the report")
     parser.add_argument("--task", help=argparse.SUPPRESS)
     parser.add_argument("--args", help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -319,6 +333,15 @@ def main() -> None:
         CLASSES = args.get("classes", CLASSES)
         result = TASKS[options.task](args)
         print(json.dumps({**result, "peak_mib": _peak_mib()}))
+        return
+    if options.render:
+        for saved in RESULTS.glob("sre2l_scale_*.json"):
+            report = json.loads(saved.read_text())
+            report["environment"].setdefault("cpu_model", _cpu_model())
+            report["note"] = options.note or report.get("note", "")
+            saved.write_text(json.dumps(report, indent=2) + "\n")
+            saved.with_suffix(".md").write_text(_markdown(report))
+            _plot(report, saved.with_suffix(".png"))
         return
     CLASSES = options.classes
     base = Path(options.dir or tempfile.mkdtemp(prefix="ddjax-scale-"))
@@ -344,7 +367,7 @@ def main() -> None:
         out = Path(tempfile.mkdtemp(dir=base))
         result = _run("relabel", folder=str(folder), batch=options.batch, out=str(out / "labels"),
                       **common)  # fmt: skip
-        rows.append({"stage": "relabel (1 epoch)", "size": f"IPC {ipc}: {result['images']} images",
+        rows.append({"stage": "relabel (an epoch)", "size": f"IPC {ipc}: {result['images']} images",
                      "time": f"{result['seconds']:.0f} s", **result})  # fmt: skip
     result = _run("kd", folder=str(base / "synset_ipc1"), batch=options.kd_batch, steps=4,
                   **common)  # fmt: skip
@@ -357,15 +380,16 @@ def main() -> None:
 
     flat = (
         f"Peak memory at 4x / 1x: val {ratio('val (streamed)'):.2f}, recover (IPC 4 / 1) "
-        f"{ratio('recover'):.2f}, relabel (IPC 4 / 1) {ratio('relabel (1 epoch)'):.2f}."
+        f"{ratio('recover'):.2f}, relabel (IPC 4 / 1) {ratio('relabel (an epoch)'):.2f}."
     )
     report = {
-        "environment": environment(),
+        "environment": {**environment(), "cpu_model": _cpu_model()},
         "settings": f"{classes} classes, {size} px, batch {options.batch}, KD batch "
         f"{options.kd_batch}, recover {options.iterations} iterations x "
         f"{options.recover_batches} batches, ResNet-18 at random initialisation",
         "rows": rows,
         "flat": flat,
+        "note": options.note,
     }
     platform = report["environment"]["device"].split(":")[0]
     RESULTS.mkdir(exist_ok=True)
