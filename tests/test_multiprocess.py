@@ -180,7 +180,7 @@ def test_two_processes_distill_like_one(experts_one, tmp_path):
         "--config=configs/distill/mtt.py:digits,ipc=1",
         f"--config.experts_dir={experts_one}",
         "--config.iterations=1",
-        "--config.syn_steps=2",
+        "--config.syn_steps=1",
         "--config.expert_epochs=1",
         "--config.max_start_epoch=1",
         "--config.eval_every=1",

@@ -2,7 +2,7 @@
 
 The files are written by torchvision_nets.py's re-statements of torchvision's networks (same
 module names, hence torchvision's keys) at random initialisation with random BatchNorm
-statistics, at the rows' 1,000 classes; images are 64 px instead of 224 to keep the forward
+statistics, at the rows' 1,000 classes; images are 32 px instead of 224 to keep the forward
 passes fast (the networks pool globally, so nothing but speed depends on the size).
 """
 
@@ -24,7 +24,7 @@ from ddjax.sre2l.contract import DataContract
 torch = pytest.importorskip("torch")
 import torchvision_nets  # noqa: E402  (imports torch)
 
-IMAGE_SIZE = 64
+IMAGE_SIZE = 32
 # Less XLA optimisation: the forward passes run once, so compiling dominates (as test_datm.py).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 # sum(p.numel() for p in torchvision.models.resnet{18,50}().parameters())
@@ -127,7 +127,7 @@ def test_cli_import_gives_torchs_eval_logits_and_a_recover_command(
     assert results["num_params"] == sum(p.numel() for p in net.parameters())
     assert results["source"] == str(file.absolute())
     assert results["source_sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
-    assert (results["num_classes"], results["image_shape"]) == (1000, [64, 64, 3])
+    assert (results["num_classes"], results["image_shape"]) == (1000, [IMAGE_SIZE, IMAGE_SIZE, 3])
     assert json.loads((work / "config.json").read_text())["stage"] == "teacher"
 
     # The same command again reports the teacher and rewrites nothing; another config, or the
