@@ -125,6 +125,13 @@ def main() -> None:
         "--workdir", str(runs / "relabel"),
     )  # fmt: skip
     recover_results = json.loads((runs / "recover" / "results.json").read_text())
+    events = [json.loads(line) for line in (runs / "recover" / "metrics.jsonl").open()]
+    checkpoints = [(e["batch"], e["iteration"]) for e in events if e["event"] == "checkpoint"]
+    resumed = (
+        f"metrics.jsonl: {len(checkpoints)} in-batch checkpoints, "
+        f"{len(checkpoints) - len(set(checkpoints))} repeated (the resumed run continued the "
+        "killed batch from its checkpoint instead of redoing it)"
+    )
     relabel_results = json.loads((runs / "relabel" / "results.json").read_text())
     report = {
         "environment": environment(),
@@ -136,6 +143,7 @@ def main() -> None:
             "ipc": 1,
         },  # fmt: skip
         "stages": stages,
+        "resume": resumed,
         "synset_bytes": _size(runs / "recover" / "synset"),
         "label_bytes": relabel_results["labels"]["storage_bytes"],
         "recover_summary": recover_results.get("summary"),
@@ -146,7 +154,8 @@ def main() -> None:
     stem = RESULTS / f"imagenet_recipe_{platform}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     lines = [
-        f"# The README's ImageNet recipe on generated data ({report['environment']['device']})",
+        f"# The README's ImageNet recipe on generated data ({report['environment']['device']}, "
+        f"{os.cpu_count()} cores)",
         "",
         f"{classes} classes at {size} px (1 train + 1 val JPEG a class), IPC 1, recover "
         f"{options.iterations} iterations a batch, 1 relabel/KD epoch, batch {options.batch}; "
@@ -157,7 +166,13 @@ def main() -> None:
         *(f"| {k} | {v['seconds']} s | {v['killed']} |" for k, v in stages.items()),
         "",
         f"Synthetic folder: {report['synset_bytes'] / 2**20:.1f} MiB; labels: "
-        f"{report['label_bytes'] / 2**20:.1f} MiB.",
+        f"{report['label_bytes'] / 2**20:.1f} MiB. {resumed}. Students (random teacher, one "
+        f"epoch: chance is expected): "
+        + ", ".join(
+            f"{m} top-1 {100 * r['mean']:.2f} %, top-5 {100 * r.get('top5_mean', 0):.2f} %"
+            for m, r in (report["students"] or {}).items()
+        )
+        + ".",
         "",
     ]
     stem.with_suffix(".md").write_text("\n".join(lines))
