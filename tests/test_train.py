@@ -69,15 +69,16 @@ def test_epoch_order_depends_on_the_key():
 
 
 @pytest.mark.parametrize(
-    "name, pool_mode, aug", [("ConvNet", "vmap", "dsa"), ("ConvNetBN", "loop", "crop_flip")]
+    "name, pool_mode, aug", [("ConvNet", "vmap", "crop_flip"), ("ConvNetBN", "loop", "dsa")]
 )
 def test_pool_training_equals_training_models_one_by_one(name, pool_mode, aug):
     # 20 examples in batches of 8: two full batches and a partial one per epoch.
     images, labels = _data()
     net = models.get_model(name, 3, (8, 8, 1), width=8)
     tx = train.sgd(0.05, momentum=0.9, weight_decay=5e-4)
-    # Two DSA groups (of six): the property is the pool, and each group vmapped over the pool
-    # is compile time.
+    # DSA with two groups (of six), in the looped pool: the property is the pool, and DSA
+    # vmapped over a pool compiles slowly on CPU (tests/test_evaluate.py vmaps DSA's crop and
+    # flip over 8 devices).
     aug_fn = (
         augment.make_augment(aug, "color_rotate") if aug == "dsa" else augment.make_augment(aug)
     )
