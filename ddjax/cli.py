@@ -46,6 +46,7 @@ STAGES = {
 }
 LOAD_CONFIG = "ddjax.config:load_config"
 LAUNCH = "ddjax.distributed:Launch"
+CHECK_WORKDIR = "ddjax.workdir:check_path"
 INITIALIZE = "ddjax.distributed:initialize"
 #: The line printed after a stage that makes a teacher: where it is (the quick start prints
 #: squeeze's too; ``ddjax teacher`` adds the recover command to run next).
@@ -275,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             launch = resolve(LAUNCH)(args.coordinator, args.num_processes, args.process_id)
+            resolve(CHECK_WORKDIR)(args.workdir)
             config = resolve(LOAD_CONFIG)(args.config, overrides)
             resolve(INITIALIZE)(launch)
             outcome = resolve(STAGES[args.stage])(config, args.workdir)

@@ -157,6 +157,12 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
             )
     value = parse_value(text)
     current = node[parts[-1]]
+    if isinstance(current, ml_collections.ConfigDict):
+        example = sorted(current.keys())[0] if len(current) else "FIELD"
+        raise DDJaxError(
+            f"--config.{key}={text!r}: {key!r} is a section, not a value; set its fields, e.g. "
+            f"--config.{key}.{example}=..."
+        )
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
     if isinstance(current, tuple) and isinstance(value, str):

@@ -37,11 +37,11 @@ class Workdir:
 
     def __init__(self, path: str | os.PathLike, config: ml_collections.ConfigDict, stage: str):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        check_path(self.path)
         saved_file = self.path / "config.json"
         current = {"stage": stage, **json.loads(config_lib.to_json(config))}
         if saved_file.exists():
-            saved = json.loads(saved_file.read_text())
+            saved = loop.read_json(saved_file, what=f"the work directory {self.path}")
             changed = config_lib.diff(saved, current)
             if changed:
                 raise DDJaxError(
@@ -50,6 +50,7 @@ class Workdir:
                 )
             self.resumed = True
         else:
+            self.path.mkdir(parents=True, exist_ok=True)
             write_json(saved_file, current)
             self.resumed = False
 
@@ -71,6 +72,28 @@ class Workdir:
 
     def save_results(self, results: dict) -> None:
         write_json(self.path / "results.json", results)
+
+
+def check_path(path: str | os.PathLike) -> None:
+    """Refuses, in one line, a work directory path that cannot be one (nothing is created).
+
+    A path that is a file, lies under a file, or whose nearest existing folder cannot be
+    written to.
+    """
+    path = Path(path).absolute()
+    if path.exists():
+        if not path.is_dir():
+            raise DDJaxError(f"--workdir {path} is a file, not a directory; pass a directory")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DDJaxError(
+            f"--workdir {path} lies under the file {parent}; pass a path under a directory"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DDJaxError(f"--workdir {path} cannot be created: {parent} is not writable")
 
 
 def write_json(path: Path, data: Any) -> None:

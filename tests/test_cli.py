@@ -1,6 +1,7 @@
 """The ddjax command: stages, overrides, work directories, resume, one-line errors (exit 2)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -74,6 +75,7 @@ def test_select_then_evaluate_writes_the_work_directory(tmp_path, capsys):
         (["--config.dataset.name=nope"], "nope"),
         (["--config.eval.protocol=fast"], "protocol='fast'"),
         (["--config.dataset.train_limit=0"], "train_limit must be a positive integer"),
+        (["--config.eval=3"], "'eval' is a section, not a value"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, extra, message):
@@ -256,3 +258,26 @@ def test_stage_config_families_load_every_row_and_refuse_others(family, rows):
         load_config(f"configs/{family}:svhn")
     with pytest.raises(DDJaxError, match="a config family: add :ARG"):
         load_config(f"configs/{family}")
+
+
+def test_bad_work_directories_are_one_line_and_nothing_is_written(tmp_path, capsys):
+    """A file, a path under a file, a read-only parent and a corrupt config.json: exit 2."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "config.json").write_text("{not json")
+    (tmp_path / "locked").mkdir()
+    cases = {
+        tmp_path / "file": "is a file, not a directory",
+        tmp_path / "file" / "sub": "lies under the file",
+        tmp_path / "corrupt": "config.json cannot be read",
+    }
+    if os.geteuid() != 0:  # root writes anywhere: the permission case needs a user
+        (tmp_path / "locked").chmod(0o500)
+        cases[tmp_path / "locked" / "run"] = "is not writable"
+    for workdir, message in cases.items():
+        argv = ["select", "--config", "configs/select/digits.py", "--workdir", str(workdir)]
+        code, _, err = run([*argv, *FAST], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert (tmp_path / "file").read_text() == "x"
+    assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == ["config.json"]
+    assert not list((tmp_path / "locked").iterdir())
