@@ -162,6 +162,9 @@ def run_distill(
         mean=dataset.mean,
         std=dataset.std,
     )
+    # Every trajectory the run will load, checked now: a damaged file is one line before the
+    # work directory exists, not a traceback after the first subset is loaded.
+    experts_lib.verify_trajectories(config.experts_dir, done)
     method = method_class.from_config(config, dataset.num_classes)
     # Data-dependent checks (e.g. SelMatch's scores and windows) before the work directory.
     prepared = method.prepare(config, dataset)

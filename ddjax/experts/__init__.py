@@ -74,6 +74,7 @@ from ddjax.experts.store import (
     read_meta,
     summary,
     trajectory_shapes,
+    verify_trajectories,
 )
 from ddjax.experts.training import epoch_key, expert_keys, train_experts
 
@@ -100,4 +101,5 @@ __all__ = [
     "summary",
     "train_experts",
     "trajectory_shapes",
+    "verify_trajectories",
 ]

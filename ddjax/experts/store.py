@@ -190,6 +190,28 @@ def expert_dir(out_dir: str | os.PathLike, index: int) -> Path:
     return Path(out_dir) / f"expert_{index:04d}"
 
 
+def damage_remedy(out_dir: str | os.PathLike, index: int) -> str:
+    """What to do about a damaged trajectory of expert ``index`` (ends the error message)."""
+    return (
+        f"remove {expert_dir(out_dir, index)} and re-run the ddjax experts command that made "
+        f"{out_dir} (same config and --workdir) to train expert {index} again"
+    )
+
+
+def verify_trajectories(out_dir: str | os.PathLike, indices: Sequence[int]) -> None:
+    """Checks that the trajectories of experts ``indices`` are intact, without loading them.
+
+    Each checkpoint's files against the sizes and SHA-256s recorded when it was saved
+    (:func:`ddjax.checkpoint.verify`): a stage runs this over every expert it will use before
+    it writes anything, so that a damaged file is one line up front, not a failure hours in.
+
+    Raises:
+      DDJaxError: naming the damaged file and how to re-create the expert.
+    """
+    for index in indices:
+        checkpoint.verify(expert_dir(out_dir, index), remedy=damage_remedy(out_dir, index))
+
+
 def _write_meta(out_dir: Path, meta: dict) -> None:
     write_json(out_dir / META_FILE, {k: v for k, v in meta.items() if k != "path"})
 
@@ -326,7 +348,9 @@ def load_trajectories(
     like = {"params": trajectory_shapes(meta)}
     stacked = jax.tree.map(lambda s: np.empty((len(indices), *s.shape), s.dtype), like["params"])
     for row, i in enumerate(indices):
-        one = checkpoint.load_tree(expert_dir(out_dir, i), like)["params"]
+        one = checkpoint.load_tree(
+            expert_dir(out_dir, i), like, remedy=damage_remedy(out_dir, i)
+        )["params"]
         _put(stacked, row, one)
     return stacked if as_numpy else jax.device_put(stacked)
 

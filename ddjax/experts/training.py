@@ -273,7 +273,8 @@ def train_experts(
 
 def _pending_group(out_dir: Path, meta: dict, experts_at_once: int) -> list[int] | None:
     """The group to train next: an interrupted one in ``_partial/``, else the next unfinished."""
-    done = set(meta["completed"])
+    # An expert whose trajectory was removed (damaged: see store.damage_remedy) trains again.
+    done = {i for i in meta["completed"] if checkpoint.exists(expert_dir(out_dir, i))}
     group_file = out_dir / PARTIAL_DIR / "group.json"
     if group_file.exists():
         group = json.loads(group_file.read_text())["experts"]

@@ -300,18 +300,25 @@ def load_teacher(path: str | os.PathLike) -> Teacher:
         models_lib.variable_shapes(model, image_shape),
     )
     variables_dir = path / VARIABLES_DIR
+    # An imported teacher records its source file; a squeezed one was made by ddjax squeeze.
+    source = meta.get("extra", {}).get("file") if isinstance(meta.get("extra"), dict) else None
+    remedy = (
+        f"re-create the teacher {path} with the command that made it "
+        + (f"(ddjax teacher, from {source})" if source else "(ddjax squeeze or ddjax teacher)")
+    )
     check(
         checkpoint.exists(variables_dir),
-        f"{variables_dir} is not a complete checkpoint; the teacher at {path} is corrupt",
+        f"{variables_dir} is not a complete checkpoint; the teacher at {path} is corrupt: "
+        f"{remedy}",
     )
     try:
-        variables = checkpoint.load_tree(variables_dir, abstract)
+        variables = checkpoint.load_tree(variables_dir, abstract, remedy=remedy)
     except DDJaxError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+    except (OSError, RuntimeError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DDJaxError(
-            f"teacher variables in {variables_dir} cannot be read: {message}"
+            f"teacher variables in {variables_dir} cannot be read ({message}); {remedy}"
         ) from None
     return Teacher(model=model, variables=dict(variables), meta={**meta, "path": str(path)})
 
