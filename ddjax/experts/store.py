@@ -348,9 +348,8 @@ def load_trajectories(
     like = {"params": trajectory_shapes(meta)}
     stacked = jax.tree.map(lambda s: np.empty((len(indices), *s.shape), s.dtype), like["params"])
     for row, i in enumerate(indices):
-        one = checkpoint.load_tree(
-            expert_dir(out_dir, i), like, remedy=damage_remedy(out_dir, i)
-        )["params"]
+        remedy = damage_remedy(out_dir, i)
+        one = checkpoint.load_tree(expert_dir(out_dir, i), like, remedy=remedy)["params"]
         _put(stacked, row, one)
     return stacked if as_numpy else jax.device_put(stacked)
 

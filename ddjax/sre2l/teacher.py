@@ -302,14 +302,12 @@ def load_teacher(path: str | os.PathLike) -> Teacher:
     variables_dir = path / VARIABLES_DIR
     # An imported teacher records its source file; a squeezed one was made by ddjax squeeze.
     source = meta.get("extra", {}).get("file") if isinstance(meta.get("extra"), dict) else None
-    remedy = (
-        f"re-create the teacher {path} with the command that made it "
-        + (f"(ddjax teacher, from {source})" if source else "(ddjax squeeze or ddjax teacher)")
+    remedy = f"re-create the teacher {path} with the command that made it " + (
+        f"(ddjax teacher, from {source})" if source else "(ddjax squeeze or ddjax teacher)"
     )
     check(
         checkpoint.exists(variables_dir),
-        f"{variables_dir} is not a complete checkpoint; the teacher at {path} is corrupt: "
-        f"{remedy}",
+        f"{variables_dir} is not a complete checkpoint; the teacher at {path} is corrupt: {remedy}",
     )
     try:
         variables = checkpoint.load_tree(variables_dir, abstract, remedy=remedy)
