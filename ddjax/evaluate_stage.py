@@ -94,6 +94,7 @@ class KDTrainer:
             checkpoint_dir=None if work is None else work.file(STUDENTS_DIR) / model,
             checkpoint_every=self.checkpoint_every,
             log=None if work is None else work.log,
+            rewind=None if work is None else work.rewind,
         )
 
     def describe(self) -> str:
@@ -134,6 +135,8 @@ def evaluate_into(
     for model in settings.models:
         if model in done:
             continue
+        # An evaluation logged but not saved in results.json (killed in between) is redone.
+        work.rewind(None, where={"event": "eval", "model": model})
         start = time.time()
         if kd is None:
             result = settings.evaluate(synset, dataset, model, progress=progress)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,64 @@ class Workdir:
         record = {"time": round(time.time(), 3), **record}
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
+
+    def rewind(
+        self,
+        to: int | tuple | None,
+        *,
+        key: str | tuple[str, ...] = "iteration",
+        where: Mapping[str, Any] | None = None,
+        keep: Collection[str] = (),
+    ) -> int:
+        """Drops from ``metrics.jsonl`` the events logged after the state a resumed run restored.
+
+        A resumed stage redoes (and logs again) the work a kill lost since its last checkpoint;
+        called where it restores its state, before it logs anything, this keeps every event in
+        the file once. Events are positioned by ``key``: an event at ``key > to`` came after
+        the restored state and is dropped. A line cut by a kill is dropped too.
+
+        Args:
+          to: the restored position (``key``'s value in the state, e.g. the checkpoint's
+            iteration); ``None`` when nothing was restored: every event considered is dropped.
+          key: the field(s) positioning an event (a tuple compares as a tuple, e.g.
+            ``('batch', 'iteration')``). Events without it were logged before the first step
+            (an initialisation) and are kept unless ``to`` is ``None``.
+          where: consider only events whose fields equal these (e.g. one expert group's);
+            others are kept.
+          keep: event names kept whatever their position: work whose result the run keeps
+            in ``results.json`` and does not redo (distill's evaluations).
+
+        Returns:
+          The number of lines dropped.
+        """
+        file = self.path / "metrics.jsonl"
+        if not file.is_file():
+            return 0
+        fields = (key,) if isinstance(key, str) else tuple(key)
+        where = dict(where or {})
+
+        def later(record: dict) -> bool:
+            if any(record.get(k) != v for k, v in where.items()) or record.get("event") in keep:
+                return False
+            if to is None:
+                return True
+            if any(f not in record for f in fields):
+                return False
+            position = tuple(record[f] for f in fields)
+            return position > (tuple(to) if isinstance(to, tuple) else (to,))
+
+        lines = file.read_text().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # cut by a kill
+                continue
+            if line.endswith("\n") and isinstance(record, dict) and not later(record):
+                kept.append(line)
+        if len(kept) < len(lines):
+            loop.atomic_write_bytes(file, "".join(kept).encode())
+        return len(lines) - len(kept)
 
     def results(self) -> dict:
         """The current ``results.json`` (empty when the run has none yet)."""

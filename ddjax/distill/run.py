@@ -184,7 +184,11 @@ def run_distill(
     checkpoints = checkpoint_lib.Checkpoints(work.file("checkpoints"), keep=config.keep_checkpoints)
     latest = checkpoints.latest_step()
     init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    # Events logged after the restored checkpoint are redone, so dropped (once restored: a
+    # damaged checkpoint is refused with the work directory as it was). Evaluations stay:
+    # results.json keeps them and a resumed run does not redo them.
     if latest is None:
+        work.rewind(None, keep=("eval",))
         images, labels = _initial_set(
             config, dataset, method, model, done, schedule, work, prepared, init_key
         )
@@ -198,6 +202,7 @@ def run_distill(
         state = sharding.replicate(state, mesh)
     if latest is not None:
         state = checkpoints.restore(latest, state)
+        work.rewind(latest, keep=("eval",))
         print(f"resuming {work.path} at iteration {latest}")
     inner = inner_loop(config, model, batch_sharding)
     step_fn = core.make_distill_step(inner, settings, method, compiler_options=compiler_options)

@@ -106,6 +106,7 @@ def run_experts(config: ml_collections.ConfigDict, workdir: str) -> dict:
         out_dir=work.path,
         progress=True,
         log=log,
+        rewind=work.rewind,
         epoch_subset=epoch_subset,
         example_schedule=description,
         workers=config.dataset.workers,

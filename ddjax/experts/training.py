@@ -139,6 +139,7 @@ def train_experts(
     checkpoint_every: int = 5,
     progress: bool = True,
     log: Log | None = None,
+    rewind: Callable[..., Any] | None = None,
     epoch_subset: Callable[[int], np.ndarray] | None = None,
     example_schedule: dict | None = None,
     workers: int = 0,
@@ -166,6 +167,9 @@ def train_experts(
       log: called as ``log(event=..., **fields)`` after every epoch (``'expert_epoch'``:
         losses, train and test accuracies of the group) and every completed group
         (``'experts_done'``: final test accuracies, seconds), e.g. ``Workdir.log``.
+      rewind: called as ``rewind(epochs_done, key='epoch', where={'event': 'expert_epoch',
+        'experts': group})`` when a group starts or resumes, e.g. ``Workdir.rewind``: drops
+        the epochs logged after the group's checkpoint, which are trained and logged again.
       epoch_subset: ``epoch -> train indices`` the experts train on in that epoch (e.g. PAD's
         easy-to-hard schedule, :func:`ddjax.distill.pad.epoch_indices`); ``None``: all of
         them every epoch (MTT). Forgetting events count only presented examples.
@@ -254,6 +258,7 @@ def train_experts(
         settings=settings,
         progress=progress,
         log=log,
+        rewind=rewind,
     )
     budget = [math.inf if _stop_after_epochs is None else _stop_after_epochs]
     while group is not None:
@@ -301,6 +306,7 @@ class _Run(NamedTuple):
     settings: dict  # as checked by check_settings
     progress: bool
     log: Log | None
+    rewind: Callable[..., Any] | None
 
 
 def _train_group(run: _Run, group: list[int], out_dir: Path, budget: list) -> dict | None:
@@ -342,6 +348,10 @@ def _train_group(run: _Run, group: list[int], out_dir: Path, budget: list) -> di
             log(event="expert_epoch", experts=group, epoch=epoch + 1, **fields)
         return postfix
 
+    def resumed(epochs_done: int) -> None:
+        where = {"event": "expert_epoch", "experts": group}
+        run.rewind(epochs_done, key="epoch", where=where)
+
     description = f"experts {_ranges(group)} of {run.settings['num_experts']}"
     with checkpoint.Checkpoints(partial_dir / "checkpoints", keep=1) as saves:
         start = saves.latest_step() or 0
@@ -359,6 +369,7 @@ def _train_group(run: _Run, group: list[int], out_dir: Path, budget: list) -> di
             checkpoint_final=False,  # a finished group is written out at once
             progress=description if run.progress else None,
             stop_after_epochs=None if math.isinf(budget[0]) else budget[0],
+            on_resume=None if run.rewind is None else resumed,
         )
     if result is None:  # the testing hook: stopped as a kill would, saving nothing more
         return None

@@ -503,6 +503,7 @@ def train_kd(
     checkpoint_every: int = 1,
     on_epoch: OnEpoch | None = None,
     record: dict | None = None,
+    on_resume: Callable[[int], None] | None = None,
     _stop_after_epochs: int | None = None,
 ) -> tuple[train.TrainState, np.ndarray] | None:
     """Trains ``num_models`` students with the KD loss on the views and logits of ``batches``.
@@ -551,6 +552,8 @@ def train_kd(
         too); it may update ``record`` and return a dict for the progress bar.
       record: host arrays kept with the checkpoints and restored in place on resume; the
         key ``'train_loss'`` is this function's.
+      on_resume: ``on_resume(epochs_done)`` once the checkpoint is restored (0: none was);
+        see :func:`ddjax.train.train_epochs`.
       _stop_after_epochs: testing hook: return ``None`` (as if killed) after this many epochs
         of this call.
 
@@ -603,6 +606,7 @@ def train_kd(
             checkpoint_every=checkpoint_every,
             progress=progress,
             stop_after_epochs=_stop_after_epochs,
+            on_resume=on_resume,
         )
     finally:
         if saves is not None:
@@ -649,6 +653,7 @@ def evaluate_kd(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 1,
     log: Callable[..., None] | None = None,
+    rewind: Callable[..., Any] | None = None,
     **overrides: Any,
 ) -> EvalResult:
     """SRe2L's evaluation: K students trained by KD on ``synset``, tested on ``dataset``.
@@ -683,6 +688,8 @@ def evaluate_kd(
         the same arguments continues from the newest.
       checkpoint_every: save them every this many epochs (and after the last).
       log: e.g. ``Workdir.log`` (``None``: nothing logged).
+      rewind: e.g. ``Workdir.rewind``: called once the students' checkpoint is restored, to
+        drop this model's ``kd_eval`` events logged after it (they are redone).
       **overrides: recipe fields, e.g. ``epochs=100``, ``batch_size=256``, ``temperature=4``.
 
     Returns:
@@ -736,6 +743,12 @@ def evaluate_kd(
             log(event="kd_eval", model=model, epoch=epoch + 1, **means)
         return {name: f"{value:.4f}" for name, value in means.items()}
 
+    def resumed(epochs_done: int) -> None:
+        # The last epoch is scored after training, so after its checkpoint: a run resumed
+        # there scores it again.
+        where = {"event": "kd_eval", "model": model}
+        rewind(min(epochs_done, recipe.epochs - 1), key="epoch", where=where)
+
     def on_epoch(epoch: int, state: train.TrainState) -> dict | None:
         if not eval_every or (epoch + 1) % eval_every or epoch + 1 == recipe.epochs:
             return None  # the last epoch is scored below, once
@@ -755,6 +768,7 @@ def evaluate_kd(
         checkpoint_every=checkpoint_every,
         on_epoch=on_epoch,
         record=record,
+        on_resume=None if rewind is None else resumed,
     )
     result = EvalResult.of_pool(
         net, state, dataset, model=model, lr=recipe.lr, lr_source="fixed", history=history,

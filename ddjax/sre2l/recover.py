@@ -37,8 +37,8 @@ read lazily (:func:`ddjax.synfolder.open_synfolder`).
 
 from __future__ import annotations
 
-import json
 import time
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -304,7 +304,8 @@ class _InflightBatch:
                 state = {k[len(prefix) :]: f[k] for k in f.files if k.startswith(prefix)}
         except DDJaxError:
             raise
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            # A bit flip fails the zip member's CRC-32 check (BadZipFile).
             raise DDJaxError(
                 f"{self.path}: cannot read the in-batch checkpoint ({e}); delete it to restart "
                 "that batch"
@@ -327,28 +328,6 @@ class _InflightBatch:
 
 class _Stopped(Exception):
     """Raised by the ``_stop_after_iterations`` test hook: the run returns as if killed."""
-
-
-def _logged_iterations(work: Workdir) -> dict[int, int]:
-    """The last iteration of each batch in ``metrics.jsonl``.
-
-    A batch resumed from an in-batch checkpoint (or restarted) re-runs iterations that a
-    killed run may already have logged; it logs only later ones, so no (batch, iteration)
-    appears twice.
-    """
-    file = work.file("metrics.jsonl")
-    last: dict[int, int] = {}
-    if not file.is_file():
-        return last
-    for line in file.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-        if record.get("event") == "step":
-            batch = int(record["batch"])
-            last[batch] = max(last.get(batch, 0), int(record["iteration"]))
-    return last
 
 
 def run_recover(
@@ -434,7 +413,13 @@ def run_recover(
     if checkpoint is not None and done[checkpoint[0]]:  # killed before its removal
         inflight.remove()
         checkpoint = None
-    logged = _logged_iterations(work) if work.resumed else {}
+    # The restored position: the first unfinished batch (batches finish in order) at the
+    # in-batch checkpoint's iteration. Events after it are redone, so dropped from the log.
+    resume_batch = done.index(False) if False in done else len(batches)
+    resume_iteration = (
+        int(checkpoint[1].get("step", 0)) if checkpoint and checkpoint[0] == resume_batch else 0
+    )
+    work.rewind((resume_batch, resume_iteration), key=("batch", "iteration"))
     bar = loop.progress_bar(
         progress=progress,
         desc="recover",
@@ -466,8 +451,7 @@ def run_recover(
         start_state = checkpoint[1] if checkpoint and checkpoint[0] == index else None
 
         def log(iteration: int, metrics: dict, index: int = index) -> None:
-            if iteration > logged.get(index, 0):
-                work.log(event="step", batch=index, iteration=iteration, **_scalars(metrics))
+            work.log(event="step", batch=index, iteration=iteration, **_scalars(metrics))
             bar.set_postfix(batch=index, loss=f"{float(metrics['loss']):.4f}")
 
         def save_state(iteration: int, state: dict, index: int = index, batch=batch) -> None:
@@ -509,7 +493,8 @@ def run_recover(
         output.save(index, images, metrics, record)
         finished[str(index)] = record
         work.save_results(results)
-        work.log(event="batch", batch=index, **record)
+        # Positioned at the batch's last iteration, so that a redone batch drops it (rewind).
+        work.log(event="batch", batch=index, iteration=settings.iterations, **record)
         if config.checkpoint_every or start_state is not None:
             inflight.remove()
         kill.tick()

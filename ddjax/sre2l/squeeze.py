@@ -455,6 +455,7 @@ def train_teacher(
     checkpoint_dir: str | Path | None = None,
     progress: bool = False,
     log: Log | None = None,
+    rewind: Callable[..., Any] | None = None,
     workers: int = 0,
     _stop_after_epochs: int | None = None,
 ) -> SqueezeResult | None:
@@ -479,6 +480,9 @@ def train_teacher(
       progress: a progress bar over epochs (silent when stderr is not a terminal).
       log: called as ``log(event='squeeze_epoch', epoch=..., lr=..., train_loss=...,
         train_accuracy=..., [test_accuracy=...])`` after every epoch, e.g. ``Workdir.log``.
+      rewind: called as ``rewind(epochs_done, key='epoch', where={'event': 'squeeze_epoch'})``
+        once the checkpoint is restored, e.g. ``Workdir.rewind``: drops the epochs logged
+        after it, which are trained and logged again.
       _stop_after_epochs: testing hook: return ``None`` (as if killed) after this many epochs
         of this call.
 
@@ -572,6 +576,9 @@ def train_teacher(
             checkpoint_every_batches=settings.checkpoint_every_batches if saves else None,
             progress=f"squeeze {settings.model}" if progress else None,
             stop_after_epochs=_stop_after_epochs,
+            on_resume=None
+            if rewind is None
+            else lambda done: rewind(done, key="epoch", where={"event": "squeeze_epoch"}),
         )
     finally:
         if saves is not None:
@@ -645,6 +652,7 @@ def run_squeeze(
         checkpoint_dir=work.file(CHECKPOINT_DIR),
         progress=progress,
         log=work.log,
+        rewind=work.rewind,
         workers=config.dataset.workers,
         _stop_after_epochs=_stop_after_epochs,
     )

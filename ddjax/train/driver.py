@@ -164,6 +164,7 @@ def train_epochs(
     checkpoint_every_batches: int | None = None,
     progress: str | None = None,
     stop_after_epochs: int | None = None,
+    on_resume: Callable[[int], None] | None = None,
 ) -> tuple[TrainState, np.ndarray] | None:
     """Trains one model or a pool of K models for ``epochs`` epochs on ``source``'s batches.
 
@@ -223,6 +224,9 @@ def train_epochs(
         stderr is not a terminal).
       stop_after_epochs: testing hook, the kill of a test: return ``None`` after this many
         epochs of this call, after their ``on_epoch`` and checkpoint.
+      on_resume: ``on_resume(epochs_done)`` once, before the first epoch of this call, with
+        the epochs the restored checkpoint had finished (0 when none was restored): where a
+        stage drops the events it logged after that checkpoint (``Workdir.rewind``).
 
     Returns:
       ``(state, losses)``: the trained state (as given, pool-stacked or not) and the mean
@@ -262,6 +266,8 @@ def train_epochs(
         state = TrainState(*restored["state"])
         if record is not None:
             record.update(jax.tree.map(np.array, restored["record"]))  # writable host copies
+    if on_resume is not None:
+        on_resume(start)
     placed = _Placed(state, pool, mode)
     if within is not None:
         within.placed = placed
