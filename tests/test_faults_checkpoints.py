@@ -18,13 +18,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from faults import DATA, refused
 
-from ddjax import data, experts, models
+from ddjax import checkpoint, data, experts, loop, models
 from ddjax.config import load_config
-from ddjax.sre2l import recover, squeeze
+from ddjax.sre2l import squeeze
 from ddjax.sre2l import teacher as teacher_lib
 from ddjax.workdir import Workdir
 
@@ -43,20 +44,26 @@ def _largest_data_file(checkpoint: Path) -> Path:
     )
 
 
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _flip_a_bit(file: Path) -> None:
+    content = bytearray(file.read_bytes())
+    content[len(content) // 2] ^= 0x10
+    file.write_bytes(bytes(content))
+
+
 def _missing(checkpoint: Path) -> None:
     _largest_data_file(checkpoint).unlink()
 
 
 def _truncated(checkpoint: Path) -> None:
-    file = _largest_data_file(checkpoint)
-    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    _truncate(_largest_data_file(checkpoint))
 
 
 def _bit_flipped(checkpoint: Path) -> None:
-    file = _largest_data_file(checkpoint)
-    content = bytearray(file.read_bytes())
-    content[len(content) // 2] ^= 0x10
-    file.write_bytes(bytes(content))
+    _flip_a_bit(_largest_data_file(checkpoint))
 
 
 def _metadata_corrupt(checkpoint: Path) -> None:
@@ -92,19 +99,41 @@ def _config(argv: list[str]):
 # --------------------------------------------------------------------------------------------
 
 
+def _random_like(shapes, rng) -> dict:
+    """Random float32 arrays of ``shapes`` (positive, so valid as BatchNorm variances too)."""
+    return jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32), shapes)
+
+
 @pytest.fixture(scope="module")
 def experts_dir(tmp_path_factory):
+    """Two complete experts of 2 epochs (random trajectories: distill refuses before use).
+
+    ``experts.json`` holds what distill checks; the trajectories are written as ``ddjax
+    experts`` writes them (:func:`ddjax.checkpoint.save_tree`).
+    """
     out = tmp_path_factory.mktemp("experts") / "experts"
-    experts.train_experts(
-        data.load_dataset(DATA),
-        out_dir=out,
-        model=MODEL,
-        num_experts=2,
-        epochs=2,
-        experts_at_once=2,
-        test_every=2,
-        progress=False,
-    )
+    dataset = data.load_dataset(DATA)
+    meta = {
+        "format": experts.FORMAT,
+        "dataset": dataset.name,
+        "zca": False,
+        "mean": list(dataset.mean),
+        "std": list(dataset.std),
+        "image_shape": list(dataset.image_shape),
+        "num_classes": dataset.num_classes,
+        "model": MODEL,
+        "model_overrides": {},
+        "epochs": 2,
+        "num_experts": 2,
+        "completed": [0, 1],
+        "experts": {},
+    }
+    out.mkdir()
+    (out / experts.META_FILE).write_text(json.dumps(meta))
+    rng = np.random.default_rng(0)
+    for index in meta["completed"]:
+        trajectory = _random_like(experts.trajectory_shapes(meta), rng)
+        checkpoint.save_tree(experts.expert_dir(out, index), {"params": trajectory})
     return out
 
 
@@ -125,14 +154,14 @@ def _distill_args(experts_path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
+    """A BatchNorm ConvNet teacher with random variables, saved as squeeze saves one."""
     net = models.get_model("ConvNetBN", 3, (8, 8, 1), width=8, depth=2)
-    variables = models.init_variables(net, __import__("jax").random.key(0), (8, 8, 1))
     path = tmp_path_factory.mktemp("teacher") / "teacher"
     teacher_lib.save_teacher(
         path,
         model_name="ConvNetBN",
         model_overrides={"width": 8, "depth": 2},
-        variables=variables,
+        variables=_random_like(models.variable_shapes(net, (8, 8, 1)), np.random.default_rng(1)),
         dataset=data.load_dataset(DATA),
     )
     return path
@@ -163,21 +192,38 @@ SQUEEZE = _config_args(
 
 
 @pytest.fixture(scope="module")
-def killed_squeeze(tmp_path_factory):
-    """A squeeze run killed after 3 of 4 epochs: its newest checkpoint is epoch 2."""
-    workdir = tmp_path_factory.mktemp("squeeze") / "run"
-    squeeze.run_squeeze(_config(SQUEEZE), workdir, progress=False, _stop_after_epochs=3)
+def squeeze_runs(tmp_path_factory):
+    """A squeeze run killed twice, then finished: ``(killed, finished)`` work directories.
+
+    Killed after epoch 1 (before any checkpoint), then after epoch 3 of the resumed call
+    (checkpoint at 2; ``killed`` is a copy of this state), then resumed to the end.
+    """
+    root = tmp_path_factory.mktemp("squeeze")
+    workdir, config = root / "run", _config(SQUEEZE)
+    squeeze.run_squeeze(config, workdir, progress=False, _stop_after_epochs=1)
+    assert not (workdir / "checkpoints" / "2").exists()
+    squeeze.run_squeeze(config, workdir, progress=False, _stop_after_epochs=3)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]
-    return workdir
+    shutil.copytree(workdir, root / "killed")
+    squeeze.run_squeeze(config, workdir, progress=False)
+    return root / "killed", workdir
 
 
 @pytest.fixture(scope="module")
 def killed_recover(teacher_dir, tmp_path_factory):
-    """A recover run killed at iteration 3 of its one batch; ``inflight.npz`` holds 2."""
+    """A recover work directory whose one batch has an in-batch checkpoint, as a kill leaves
+    it (the arrays' values do not matter: the file is refused before they are used)."""
     workdir = tmp_path_factory.mktemp("recover") / "run"
     config = _config(_recover_args(teacher_dir, "checkpoint_every=2"))
-    recover.run_recover(config, str(workdir), progress=False, _stop_after_iterations=3)
-    assert (workdir / "inflight.npz").is_file()
+    Workdir(workdir, config, "recover")
+    rng = np.random.default_rng(2)
+    loop.atomic_savez(
+        workdir / "inflight.npz",
+        batch=np.int64(0),
+        classes=np.arange(3),
+        ipc_ids=np.zeros(3, np.int64),
+        **{"state/images": rng.normal(size=(3, 8, 8, 1)), "state/step": np.int64(2)},
+    )
     return workdir
 
 
@@ -212,27 +258,17 @@ def test_a_damaged_teacher_is_refused_before_recover_writes_anything(
 
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_resume_checkpoint_is_refused_with_the_workdir_unchanged(
-    damage, killed_squeeze, tmp_path, capsys
+    damage, squeeze_runs, tmp_path, capsys
 ):
     workdir = tmp_path / "run"
-    shutil.copytree(killed_squeeze, workdir)
+    shutil.copytree(squeeze_runs[0], workdir)
     DAMAGE[damage](workdir / "checkpoints" / "2")
     argv = ["squeeze", *SQUEEZE, "--workdir", workdir]
     line = refused(argv, capsys, str(workdir / "checkpoints" / "2"))
     assert "to start the run again from the beginning" in line
 
 
-def _inflight_truncated(file: Path) -> None:
-    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
-
-
-def _inflight_bit_flipped(file: Path) -> None:
-    content = bytearray(file.read_bytes())
-    content[len(content) // 2] ^= 0x10
-    file.write_bytes(bytes(content))
-
-
-@pytest.mark.parametrize("damage", [_inflight_truncated, _inflight_bit_flipped])
+@pytest.mark.parametrize("damage", [_truncate, _flip_a_bit])
 def test_a_damaged_in_batch_checkpoint_of_recover_is_refused(
     damage, teacher_dir, killed_recover, tmp_path, capsys
 ):
@@ -277,23 +313,15 @@ def _events(workdir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
 
 
-def test_squeeze_killed_twice_logs_every_epoch_once(killed_squeeze, tmp_path):
-    """Killed after epoch 1 (before any checkpoint), then after epoch 3 (checkpoint at 2):
-    the epochs redone after each resume replace the ones the kill lost."""
-    workdir = tmp_path / "run"
-    config = _config(SQUEEZE)
-    squeeze.run_squeeze(config, workdir, progress=False, _stop_after_epochs=1)
-    assert not (workdir / "checkpoints" / "2").exists()
-    squeeze.run_squeeze(config, workdir, progress=False, _stop_after_epochs=3)
-    assert [e["epoch"] for e in _events(workdir)] == [1, 2, 3]
-    squeeze.run_squeeze(config, workdir, progress=False)
-    events = _events(workdir)
+def test_squeeze_killed_twice_logs_every_epoch_once(squeeze_runs):
+    """The epochs redone after each resume replace the ones the kills lost."""
+    killed, finished = squeeze_runs
+    assert [e["epoch"] for e in _events(killed)] == [1, 2, 3]
+    events = _events(finished)
     assert [e["epoch"] for e in events if e["event"] == "squeeze_epoch"] == [1, 2, 3, 4]
     assert [e["event"] for e in events][-1] == "squeeze_done"
-    # The same numbers as the run killed once at epoch 3 and resumed.
-    assert events[:3] == _events(killed_squeeze)[:3]
-    # A half-deleted old step, as a kill during its deletion leaves it, is never read.
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4"]
+    # Old steps are renamed away before they are deleted: only the newest is left.
+    assert sorted(p.name for p in (finished / "checkpoints").iterdir()) == ["4"]
 
 
 def test_rewind_drops_what_comes_after_the_restored_position(tmp_path):
@@ -317,4 +345,4 @@ def test_rewind_drops_what_comes_after_the_restored_position(tmp_path):
     assert work.rewind(None, where={"batch": 0}) == 2
     assert [r["event"] for r in _events(work.path)] == ["init", "step", "eval"]
     assert work.rewind(None) == 3 and work.file("metrics.jsonl").read_text() == ""
-    np.testing.assert_equal(work.rewind(0), 0)
+    assert work.rewind(0) == 0
