@@ -5,6 +5,7 @@ tests/test_matching.py), which change float rounding, not what is computed.
 """
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -280,7 +281,7 @@ def test_killed_run_resumes_to_the_same_synthetic_set(experts_dir, tmp_path):
     from ddjax.distill.run import run_distill
     from ddjax.synset import load_synset
 
-    config = _run_config(experts_dir)
+    config = _run_config(experts_dir, log_every=1)
     whole = run_distill(config, str(tmp_path / "whole"), compiler_options=FAST_COMPILE)
     # Killed after iteration 3: the newest checkpoint is iteration 2, so iteration 3 is redone.
     run_distill(config, str(tmp_path / "killed"), compiler_options=FAST_COMPILE, _stop_after=3)
@@ -295,6 +296,11 @@ def test_killed_run_resumes_to_the_same_synthetic_set(experts_dir, tmp_path):
     assert whole["best"]["mean"] == resumed["best"]["mean"]
     for name in ("synset_best.npz", "synset.png", "curves.png", "grids/iter_000004.png"):
         assert (tmp_path / "killed" / name).exists(), name
+    # Iteration 3, logged before the kill, is logged once: the resumed run's.
+    events = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").open()]
+    steps = [e["iteration"] for e in events if e["event"] == "step"]
+    assert steps == [1, 2, 3, 4]
+    assert [e["iteration"] for e in events if e["event"] == "eval"] == [0, 4]
 
 
 def _initial_images(config):

@@ -8,11 +8,13 @@ import sys
 import textwrap
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from ddjax import augment, cli, data, experts, models, train
 from ddjax.errors import DDJaxError
+from ddjax.workdir import Workdir
 
 # 48 train images (3 classes x 16) in three batches of 16 (partial batches: tests/test_train.py).
 SPEC = "synthetic:classes=3,size=8,channels=1,train=16,test=8"
@@ -136,7 +138,9 @@ def test_forgetting_events_of_hand_written_sequences():
 
 def test_grouping_and_interruptions_do_not_change_the_experts(reference, dataset, tmp_path):
     out = tmp_path / "resumed"
-    run = dict(dataset=dataset, out_dir=out, checkpoint_every=2, **SETTINGS)
+    work = Workdir(out, ml_collections.ConfigDict({"experts": "test"}), "experts")
+    logged = dict(log=work.log, rewind=work.rewind)
+    run = dict(dataset=dataset, out_dir=out, checkpoint_every=2, **logged, **SETTINGS)
     # Killed after 2 epochs of experts 0-1 (trained two at a time): a checkpoint at epoch 2.
     experts.train_experts(experts_at_once=2, _stop_after_epochs=2, **run)
     assert experts.completed(out) == []
@@ -157,6 +161,11 @@ def test_grouping_and_interruptions_do_not_change_the_experts(reference, dataset
     for name in uninterrupted.files:
         np.testing.assert_array_equal(resumed[name], uninterrupted[name])
     assert experts.read_meta(out)["experts"] == experts.read_meta(reference)["experts"]
+    # Each epoch of each group logged once: expert 2's epoch 3, lost with the kill, was
+    # trained and logged again from its checkpoint at epoch 2.
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [(e["experts"], e["epoch"]) for e in events if e["event"] == "expert_epoch"]
+    assert epochs == [([0, 1], 1), ([0, 1], 2), ([0, 1], 3), ([2], 1), ([2], 2), ([2], 3)]
 
 
 def test_a_finished_run_does_nothing_and_other_settings_are_refused(reference, dataset):

@@ -627,6 +627,8 @@ def _step_events(workdir):
 def test_run_killed_inside_a_batch_resumes_at_its_last_checkpoint(
     teacher_dir, folder_whole, tmp_path, monkeypatch
 ):
+    import json
+
     config = _run_config(teacher_dir, **CHECKPOINTED)
     killed = tmp_path / "killed"
     # Batch 0 whole (5 iterations), then 3 of batch 1: its checkpoint is at iteration 2.
@@ -652,6 +654,10 @@ def test_run_killed_inside_a_batch_resumes_at_its_last_checkpoint(
     events = _step_events(killed)
     assert sorted(events) == sorted(_step_events(folder_whole))  # each once, none missing
     assert len(set(events)) == len(events) == 4 * 5
+    records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    checkpoints = [(r["batch"], r["iteration"]) for r in records if r["event"] == "checkpoint"]
+    assert checkpoints == [(b, i) for b in range(4) for i in (2, 4)]  # each once
+    assert [r["batch"] for r in records if r["event"] == "batch"] == [0, 1, 2, 3]
 
 
 def test_batch_killed_between_its_files_and_its_record_is_redone(
