@@ -31,7 +31,6 @@ places every array where the template's lives -- on one device, or sharded over 
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import logging
@@ -175,18 +174,15 @@ def verify(path: str | os.PathLike, *, remedy: str) -> None:
 
 @contextlib.contextmanager
 def _orbax_errors(path: Path, remedy: str, mismatch: str) -> Iterator[None]:
-    """Orbax's failures as one line; its abandoned coroutines and tasks kept off stderr.
+    """Orbax's failures as one line; its abandoned reads kept off stderr.
 
-    ``mismatch`` names what a checkpoint of another structure fails to match.
-
-    When one array of a restore fails, Orbax raises from an ``asyncio`` task; the other
-    tasks' coroutines are then collected with their own errors, which Python reports on
-    stderr ("Exception ignored in: <coroutine ...>", 60+ lines) long after the one-line error.
-    They are collected here, silently, before the error leaves.
+    When one array of a restore fails, Orbax raises from one ``asyncio`` read; the other
+    reads' coroutines are abandoned with their own errors, and when Python collects them (at
+    exit, after the one-line error) it reports each on stderr ("Exception ignored in:
+    <coroutine ...>", 60+ lines). After a failure those reports are dropped
+    (:func:`_drop_orbax_reports`). ``mismatch`` names what a checkpoint of another
+    structure fails to match.
     """
-    hook, asyncio_level = sys.unraisablehook, logging.getLogger("asyncio").level
-    sys.unraisablehook = lambda _: None
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -194,13 +190,31 @@ def _orbax_errors(path: Path, remedy: str, mismatch: str) -> Iterator[None]:
     except DDJaxError:
         raise
     except (ValueError, KeyError, TypeError) as e:
+        _drop_orbax_reports()
         raise DDJaxError(f"checkpoint {path} does not match {mismatch}: {_first_line(e)}") from None
     except Exception as e:  # TensorStore's read errors are plain Exceptions
+        _drop_orbax_reports()
         raise DDJaxError(f"checkpoint {path} cannot be read ({_first_line(e)}); {remedy}") from None
-    finally:
-        gc.collect()
-        sys.unraisablehook = hook
-        logging.getLogger("asyncio").setLevel(asyncio_level)
+
+
+def _drop_orbax_reports() -> None:
+    """From now on, Python's reports of Orbax's abandoned coroutines are dropped.
+
+    Only those: every other unraisable error still goes to the hook that was installed.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_orbax_reports", False):
+        return
+
+    def hook(unraisable) -> None:
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return
+        previous(unraisable)
+
+    hook.drops_orbax_reports = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Task exception was never retrieved"
 
 
 def _first_line(error: BaseException) -> str:
@@ -277,9 +291,37 @@ def load_tree(path: str | os.PathLike, like: Any, *, remedy: str) -> Any:
     checkpointer = ocp.StandardCheckpointer()
     try:
         with _orbax_errors(path, remedy, "the expected structure"):
+            _check_shapes(path, checkpointer.metadata(path).item_metadata, abstract, remedy)
             return checkpointer.restore(path, abstract)
     finally:
         checkpointer.close()
+
+
+def _check_shapes(path: Path, saved: Any, abstract: Any, remedy: str) -> None:
+    """Refuses a tree of dicts whose leaves or shapes differ from the saved ones, before
+    Orbax reads anything: Orbax fails on the first such array from inside its asynchronous
+    reads, and the others' failures still reach stderr at exit."""
+    saved_leaves = jax.tree_util.tree_leaves_with_path(saved)
+    wanted_leaves = jax.tree_util.tree_leaves_with_path(abstract)
+    by_dict_keys = all(
+        isinstance(k, jax.tree_util.DictKey)
+        for leaf_path, _ in saved_leaves + wanted_leaves
+        for k in leaf_path
+    )
+    if not by_dict_keys:  # other containers are named differently in Orbax's metadata
+        return
+    keystr = jax.tree_util.keystr
+    saved_shapes = {keystr(k): tuple(getattr(v, "shape", ())) for k, v in saved_leaves}
+    where = f"checkpoint {path} does not match the expected structure"
+    for key, leaf in wanted_leaves:
+        name = keystr(key)
+        if name not in saved_shapes:
+            raise DDJaxError(f"{where}: it has no {name}; {remedy}")
+        if saved_shapes[name] != tuple(leaf.shape):
+            raise DDJaxError(
+                f"{where}: {name} has shape {saved_shapes[name]}, expected {tuple(leaf.shape)}; "
+                f"{remedy}"
+            )
 
 
 # --------------------------------------------------------------------------------------------
