@@ -18,11 +18,12 @@ Two uses:
 Orbax and TensorStore read a bit-flipped data file without noticing (the values are silently
 wrong), and a missing or truncated one fails deep inside asynchronous code with a traceback of
 150 lines. A damaged checkpoint is instead one line (:class:`~ddjax.errors.DDJaxError`) naming
-the file and what to do. Hashing costs about what reading the files does (``benchmarks`` of
-issue 15: ~0.1 s for a 65 MB CIFAR-10 ConvNet expert trajectory); a directory is hashed once
-per process while its files keep their size and modification time. A checkpoint written
-before ddjax recorded hashes is read without the check, Orbax's errors still turned into one
-line.
+the file and what to do. Hashing costs about what restoring does: for a CIFAR-10 ConvNet
+expert trajectory (51 snapshots, 60 MB on disk) 0.31 s of SHA-256 beside a 0.38 s restore,
+measured on a busy 2-core CPU (SHA-256 at 280 MB/s there; CPUs with SHA extensions hash
+several times faster). A directory is hashed once per process while its files keep their size
+and modification time (later loads cost a ``stat`` per file). A checkpoint written before
+ddjax recorded hashes is read without that check, Orbax's errors still turned into one line.
 
 Restores always go through an abstract tree (``jax.ShapeDtypeStruct`` with a sharding), which
 places every array where the template's lives -- on one device, or sharded over a mesh.
