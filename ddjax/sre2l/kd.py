@@ -503,6 +503,7 @@ def train_kd(
     checkpoint_every: int = 1,
     on_epoch: OnEpoch | None = None,
     record: dict | None = None,
+    log: Callable[..., None] | None = None,
     _stop_after_epochs: int | None = None,
 ) -> tuple[train.TrainState, np.ndarray] | None:
     """Trains ``num_models`` students with the KD loss on the views and logits of ``batches``.
@@ -551,6 +552,8 @@ def train_kd(
         too); it may update ``record`` and return a dict for the progress bar.
       record: host arrays kept with the checkpoints and restored in place on resume; the
         key ``'train_loss'`` is this function's.
+      log: receives the ``skipped`` records of updates the guard refused (e.g.
+        ``Workdir.log``; :func:`ddjax.train.train_epochs`).
       _stop_after_epochs: testing hook: return ``None`` (as if killed) after this many epochs
         of this call.
 
@@ -603,6 +606,8 @@ def train_kd(
             checkpoint_every=checkpoint_every,
             progress=progress,
             stop_after_epochs=_stop_after_epochs,
+            log=log,
+            stage="KD students",
         )
     finally:
         if saves is not None:
@@ -755,6 +760,7 @@ def evaluate_kd(
         checkpoint_every=checkpoint_every,
         on_epoch=on_epoch,
         record=record,
+        log=log,
     )
     result = EvalResult.of_pool(
         net, state, dataset, model=model, lr=recipe.lr, lr_source="fixed", history=history,
