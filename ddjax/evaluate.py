@@ -43,8 +43,8 @@ import numpy as np
 
 from ddjax import augment as augment_lib
 from ddjax import data as data_lib
-from ddjax import models as models_lib
 from ddjax import guard, sharding, train
+from ddjax import models as models_lib
 from ddjax.data import Dataset
 from ddjax.errors import DDJaxError, check
 from ddjax.synset import SyntheticSet
