@@ -1,0 +1,451 @@
+"""Non-finite injections: every optimising stage under the one guard (:mod:`ddjax.guard`).
+
+What a user relies on: an update that would make the state non-finite is skipped (the old
+state kept, the skip logged with its position); a stage that cannot make progress stops
+with one line and exit 2; nothing non-finite is ever written (sets, teachers, JSON); a
+non-finite teacher is refused before any work directory exists. Each stage runs on the
+tiny generated dataset of ``tests/faults.py`` with a tiny model, for 1-3 updates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from faults import DATA, refused, run
+
+from ddjax import checkpoint, data, guard, loop, models, train
+from ddjax.errors import DDJaxError
+from ddjax.synset import SyntheticSet
+from ddjax.workdir import Workdir
+
+NUM_CLASSES, IMAGE_SHAPE = 3, (8, 8, 1)
+#: float32-finite, but one SGD step with it overflows every network here.
+HUGE_LR = 1e30
+#: XLA options that compile the distill step fast (as tests/test_distill.py).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def _strict(text: str):
+    """``json.loads`` that refuses NaN/Infinity tokens (strict JSON)."""
+
+    def refuse(token):
+        raise AssertionError(f"non-JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _records(work: Path, event: str) -> list[dict]:
+    lines = (work / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(_strict, lines) if r["event"] == event]
+
+
+def _check_outputs(work: Path) -> None:
+    """Every JSON file of ``work`` is strict JSON and every saved array is finite."""
+    for path in work.rglob("*"):
+        if path.suffix == ".json":
+            _strict(path.read_text())
+        elif path.suffix == ".npz":
+            with np.load(path) as f:
+                for name in f.files:
+                    if np.issubdtype(f[name].dtype, np.inexact):
+                        assert np.isfinite(f[name]).all(), f"{path}:{name}"
+        elif path.suffix == ".npy":
+            array = np.load(path)
+            assert not np.issubdtype(array.dtype, np.inexact) or np.isfinite(array).all(), path
+
+
+def _stopped(argv, capsys, stage: str) -> tuple[Path, str]:
+    """Runs ``ddjax ARGV``; asserts exit 2 with the one no-progress line and finite outputs.
+
+    Returns the work directory and the error line.
+    """
+    code, out, err = run(argv, capsys)
+    lines = err.splitlines()
+    assert code == 2 and "Traceback" not in err + out, err
+    assert len(lines) == 1 and lines[0].startswith(f"ddjax: error: {stage} cannot make progress")
+    work = Path(argv[argv.index("--workdir") + 1])
+    _check_outputs(work)
+    return work, lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The guard itself
+# --------------------------------------------------------------------------------------------
+
+
+def test_guard_keeps_the_old_tree_and_counts_consecutive_skips():
+    old = {"w": jnp.arange(3.0), "n": jnp.int32(4)}
+    good = {"w": jnp.arange(3.0) + 1, "n": jnp.int32(5)}
+    bad = {"w": jnp.array([1.0, jnp.inf, 2.0]), "n": jnp.int32(5)}
+    kept, accepted = guard.guard(good, old, loss=jnp.float32(1.0))
+    assert bool(accepted) and jax.tree.all(jax.tree.map(jnp.array_equal, kept, good))
+    for new, loss in ((bad, 1.0), (good, jnp.nan)):
+        kept, accepted = guard.guard(new, old, loss=jnp.float32(loss))
+        assert not bool(accepted) and jax.tree.all(jax.tree.map(jnp.array_equal, kept, old))
+    skips = guard.no_skips()
+    for accepted in (False, False, True, False):
+        skips = guard.count(skips, jnp.bool_(accepted))
+    assert (int(skips.total), int(skips.streak)) == (3, 1)
+    assert guard.finite_or_none(np.float32([1.5, np.nan, np.inf])) == [1.5, None, None]
+
+
+def test_train_step_skips_one_bad_step_and_good_steps_are_unchanged_bit_for_bit():
+    net = models.get_model("ConvNetBN", NUM_CLASSES, IMAGE_SHAPE, width=4, depth=1)
+    tx = train.sgd(0.1, momentum=0.9, weight_decay=5e-4)
+    step = jax.jit(train.make_train_step(net, tx))
+    images = jax.random.normal(jax.random.key(1), (6, *IMAGE_SHAPE))
+    labels = jnp.arange(6) % NUM_CLASSES
+    key = jax.random.key(2)
+    start = train.init_state(net, tx, jax.random.key(0), IMAGE_SHAPE)
+    first, _ = step(start, images, labels, key)
+    # A NaN pixel makes the loss and every gradient NaN: the step is skipped, state kept.
+    poisoned = images.at[0, 0, 0, 0].set(jnp.nan)
+    after_bad, loss = step(first, poisoned, labels, key)
+    assert not math.isfinite(float(loss))
+    same = jax.tree.map(np.array_equal, after_bad[:3], first[:3])
+    assert all(jax.tree.leaves(same))
+    assert (int(after_bad.skips.total), int(after_bad.skips.streak)) == (1, 1)
+    # The next good step is the one the run without the bad batch takes, bit for bit.
+    guarded, _ = step(after_bad, images, labels, key)
+    plain, _ = step(first, images, labels, key)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, guarded[:3], plain[:3])))
+    assert (int(guarded.skips.total), int(guarded.skips.streak)) == (1, 0)
+
+
+def test_json_writers_are_strict(tmp_path):
+    with pytest.raises(ValueError, match="JSON compliant"):
+        loop.atomic_write_json(tmp_path / "r.json", {"loss": float("nan")})
+    assert not (tmp_path / "r.json").exists()
+    import ml_collections
+
+    work = Workdir(tmp_path / "w", ml_collections.ConfigDict({"a": 1}), "test")
+    with pytest.raises(ValueError, match="JSON compliant"):
+        work.log(event="step", loss=float("inf"))
+    work.log(event="step", loss=guard.finite_or_none(float("inf")))
+    assert _records(work.path, "step")[0]["loss"] is None
+
+
+def test_non_finite_sets_and_teachers_are_never_written(tmp_path):
+    from ddjax.sre2l import teacher
+
+    images = np.zeros((3, *IMAGE_SHAPE), np.float32)
+    images[1, 2, 3, 0] = np.nan
+    with pytest.raises(DDJaxError, match=r"non-finite values \(NaN or inf, in images\)"):
+        SyntheticSet(images, np.arange(3), NUM_CLASSES).save(tmp_path / "s.npz")
+    assert not (tmp_path / "s.npz").exists()
+    model, variables = _bn_teacher()
+    variables["batch_stats"] = jax.tree.map(lambda x: x * jnp.inf, variables["batch_stats"])
+    with pytest.raises(DDJaxError, match="non-finite values .* in batch_stats/"):
+        teacher.save_teacher(
+            tmp_path / "t",
+            model_name="ConvNetBN",
+            model_overrides=TEACHER,
+            variables=variables,
+            dataset=data.load_dataset(DATA),
+        )
+    assert not (tmp_path / "t").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Distill: the issue's lr_img that is inf in float32; a run whose every update is skipped
+# --------------------------------------------------------------------------------------------
+
+
+def test_distill_step_skips_an_update_that_makes_the_images_non_finite():
+    """``lr_img=1e39`` is a finite float64 but inf in float32: the loss and gradients are
+    finite, the *updated* images are not -- the step must keep the old state."""
+    from ddjax.distill import core, matching
+
+    model = models.get_model("ConvNet", NUM_CLASSES, IMAGE_SHAPE, width=3, depth=1, norm="none")
+    params = models.init_variables(model, jax.random.key(0), IMAGE_SHAPE)["params"]
+    drift = [jax.tree.map(lambda p, k=k: p + 0.05 * k, params) for k in range(3)]
+    trajectories = jax.tree.map(lambda *s: jnp.stack(s)[None], *drift)  # [E=1, T+1=3, ...]
+    inner = matching.InnerLoop(model, dsa_strategy="")
+    images = jax.random.normal(jax.random.key(1), (3, *IMAGE_SHAPE))
+    config = core.StepConfig(syn_steps=1, expert_epochs=1, max_start_epoch=1, lr_img=1e39)
+    state = core.init_state(images, jnp.arange(3), 0.01, jax.random.key(2), config)
+    step = core.make_distill_step(inner, config, donate=False, compiler_options=FAST_COMPILE)
+    with np.errstate(over="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # 1e39 -> float32 overflows: the point
+        new, metrics = step(state, trajectories, jnp.int32(0))
+    assert bool(metrics["skipped"]) and bool(metrics["non_finite"])
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    np.testing.assert_array_equal(new.images, state.images)
+    assert float(new.inner_lr) == float(state.inner_lr) and int(new.step) == 1
+
+
+@pytest.fixture(scope="module")
+def experts_dir(tmp_path_factory):
+    from ddjax import experts
+
+    out = tmp_path_factory.mktemp("experts")
+    experts.train_experts(
+        data.load_dataset(DATA),
+        out_dir=out,
+        model="ConvNetD1",
+        num_experts=1,
+        epochs=2,
+        batch_size=12,
+        test_every=2,
+        progress=False,
+    )
+    return out
+
+
+def test_distill_without_an_accepted_update_stops(experts_dir, tmp_path, capsys, monkeypatch):
+    from ddjax.distill import matching
+
+    def nan_loss(*args, **kwargs):
+        loss, grads = match_loss_and_grads(*args, **kwargs)
+        return loss * jnp.nan, grads
+
+    match_loss_and_grads = matching.match_loss_and_grads
+    monkeypatch.setattr(matching, "match_loss_and_grads", nan_loss)
+    argv = [
+        "distill",
+        "--config=configs/distill/mtt.py:digits,ipc=1",
+        f"--config.dataset.name={DATA}",
+        f"--config.experts_dir={experts_dir}",
+        "--config.model=ConvNetD1",
+        "--config.syn_steps=1",
+        "--config.expert_epochs=1",
+        "--config.max_start_epoch=1",
+        "--config.iterations=2",
+        "--config.eval_every=100",  # evaluated at iteration 0 only (tiny: dc, 1 epoch)
+        "--config.eval.protocol=dc",
+        "--config.eval.epochs=1",
+        "--config.eval.num_models=1",
+        "--config.eval.models=ConvNetD1",
+        "--config.dsa=False",
+        "--workdir",
+        str(tmp_path / "run"),
+    ]
+    work, line = _stopped(argv, capsys, "distill")
+    assert "all 2 updates up to iteration 2 were skipped" in line
+    skipped = _records(work, "skipped")
+    assert [(r["iteration"], r["count"], r["loss"]) for r in skipped] == [
+        (1, 1, None),
+        (2, 1, None),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Epoch-driven stages: a huge learning rate, every update skipped, exit 2
+# --------------------------------------------------------------------------------------------
+
+SQUEEZE = [
+    "squeeze",
+    "--config=configs/squeeze/sre2l.py:digits",
+    f"--config.dataset.name={DATA}",
+    "--config.model=ConvNetBN",
+    "--config.width=4",
+    "--config.epochs=2",
+    "--config.batch_size=12",
+    "--config.augment=none",
+]
+EXPERTS = [
+    "experts",
+    "--config=configs/experts/mtt.py:digits",
+    f"--config.dataset.name={DATA}",
+    "--config.model=ConvNetD1",
+    "--config.num_experts=1",
+    "--config.epochs=2",
+    "--config.batch_size=12",
+    "--config.augment=none",
+]
+
+
+@pytest.mark.parametrize(
+    "argv, stage, kept",
+    [
+        (SQUEEZE, "squeeze", "teacher"),
+        (EXPERTS, "experts 0", "expert_0000"),
+    ],
+    ids=["squeeze", "experts"],
+)
+def test_a_diverging_epoch_stage_stops_with_one_line(argv, stage, kept, tmp_path, capsys):
+    work = tmp_path / "run"
+    argv = [*argv, f"--config.lr={HUGE_LR}", "--workdir", str(work)]
+    work, line = _stopped(argv, capsys, stage)
+    # The first update may still be finite (huge weights); the ones after it are not.
+    skipped = _records(work, "skipped")
+    assert skipped and {r["reason"] for r in skipped} == {guard.REASON}
+    assert f"up to epoch {skipped[-1]['epoch']} were skipped" in line
+    assert not (work / kept).exists()  # no teacher / expert of a diverged run
+    assert not (work / "results.json").exists()
+
+
+def test_evaluation_that_diverges_stops_with_one_line(tmp_path, capsys):
+    dataset = data.load_dataset(DATA)
+    synset = tmp_path / "set.npz"
+    SyntheticSet(dataset.x_train[:6], dataset.y_train[:6], NUM_CLASSES).save(synset)
+    argv = [
+        "evaluate",
+        "--config=configs/evaluate/digits.py",
+        f"--config.dataset.name={DATA}",
+        f"--config.synset={synset}",
+        "--config.eval.models=ConvNetD1",
+        "--config.eval.protocol=dc",
+        "--config.eval.num_models=1",
+        "--config.eval.epochs=2",
+        f"--config.eval.lr={HUGE_LR}",
+        "--workdir",
+        str(tmp_path / "run"),
+    ]
+    work, _ = _stopped(argv, capsys, "evaluation of ConvNetD1")
+    assert [r["count"] for r in _records(work, "skipped")][-1] == [1]
+
+
+def test_kd_students_with_a_nan_loss_stop(monkeypatch):
+    from ddjax.sre2l import kd
+
+    model, variables = _bn_teacher()
+    from ddjax.sre2l.teacher import Teacher
+
+    dataset = data.load_dataset(DATA)
+    synset = SyntheticSet(dataset.x_train[:4], dataset.y_train[:4], NUM_CLASSES)
+    teacher = Teacher(model, variables, {})
+    monkeypatch.setattr(kd, "kd_loss", lambda logits, targets, **_: jnp.nan * logits.sum())
+    logged = []
+    with pytest.raises(DDJaxError, match="KD students cannot make progress: all 1 updates"):
+        kd.evaluate_kd(
+            synset, dataset, teacher, recipe="cifar", model="ConvNetD1", num_models=1,
+            epochs=2, batch_size=4, log=lambda **r: logged.append(r), lr=0.0123,
+        )  # fmt: skip
+    assert [(r["event"], r["epoch"], r["count"]) for r in logged] == [("skipped", 1, 1)]
+
+
+# --------------------------------------------------------------------------------------------
+# Recover: one NaN step is skipped and logged; all NaN stops
+# --------------------------------------------------------------------------------------------
+
+TEACHER = {"width": 4, "depth": 1}
+
+
+def _bn_teacher():
+    model = models.get_model("ConvNetBN", NUM_CLASSES, IMAGE_SHAPE, **TEACHER)
+    return model, dict(models.init_variables(model, jax.random.key(0), IMAGE_SHAPE))
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """A good teacher and one whose running variance holds a NaN (written behind the guard)."""
+    from ddjax.sre2l import teacher
+
+    root = tmp_path_factory.mktemp("teachers")
+    _, variables = _bn_teacher()
+    dataset = data.load_dataset(DATA)
+    for name in ("good", "nan"):
+        teacher.save_teacher(
+            root / name,
+            model_name="ConvNetBN",
+            model_overrides=TEACHER,
+            variables=variables,
+            dataset=dataset,
+        )
+    stats = variables["batch_stats"]
+    first = jax.tree_util.tree_leaves_with_path(stats)[0][0]
+    poisoned = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.at[0].set(jnp.nan) if path == first else x, stats
+    )
+    checkpoint.save_tree(
+        root / "nan" / teacher.VARIABLES_DIR, {**variables, "batch_stats": poisoned}
+    )
+    return root / "good", root / "nan"
+
+
+def _recover(teacher_dir, work):
+    return [
+        "recover",
+        "--config=configs/recover/sre2l.py:digits",
+        f"--config.dataset.name={DATA}",
+        f"--config.teacher={teacher_dir}",
+        "--config.ipc=1",
+        "--config.batch_size=3",
+        "--config.iterations=3",
+        "--config.log_every=2",
+        "--config.crop=False",
+        "--config.flip=False",
+        "--workdir",
+        str(work),
+    ]
+
+
+def _nan_lr_at(bad_steps):
+    """A cosine schedule whose rate is NaN at the given 0-based iterations (a NaN update)."""
+    from ddjax.sre2l import recover_step
+
+    cosine = recover_step.cosine_lr
+
+    def lr(step, iterations, base):
+        bad = jnp.isin(jnp.asarray(step), jnp.asarray(bad_steps))
+        return jnp.where(bad, jnp.nan, cosine(step, iterations, base))
+
+    return lr
+
+
+def test_recover_skips_a_nan_update_and_logs_it(teachers, tmp_path, capsys, monkeypatch):
+    from ddjax.sre2l import recover_step
+
+    monkeypatch.setattr(recover_step, "cosine_lr", _nan_lr_at([1]))
+    work = tmp_path / "run"
+    code, _, err = run(_recover(teachers[0], work), capsys)
+    assert code == 0, err
+    skipped = _records(work, "skipped")
+    assert [(r["batch"], r["iteration"], r["count"]) for r in skipped] == [(0, 2, 1)]
+    _check_outputs(work)
+    with np.load(work / "synset.npz") as f:
+        assert np.isfinite(f["images"]).all()
+
+
+def test_recover_without_an_accepted_update_stops(teachers, tmp_path, capsys, monkeypatch):
+    from ddjax.sre2l import recover_step
+
+    monkeypatch.setattr(recover_step, "cosine_lr", _nan_lr_at([0, 1, 2]))
+    work, line = _stopped(_recover(teachers[0], tmp_path / "run"), capsys, "recover")
+    assert "all 3 updates up to iteration 3 of the batch were skipped" in line
+    assert [r["count"] for r in _records(work, "skipped")] == [2, 1]
+    assert not (work / "synset.npz").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# A non-finite teacher is refused before any work directory exists
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_non_finite_teacher_is_refused_by_every_stage_that_reads_one(teachers, tmp_path, capsys):
+    dataset = data.load_dataset(DATA)
+    synset = tmp_path / "set.npz"
+    SyntheticSet(dataset.x_train[:3], dataset.y_train[:3], NUM_CLASSES).save(synset)
+    bad = teachers[1]
+    message = f"teacher {bad} has non-finite values (NaN or inf, in batch_stats/"
+    cases = [
+        _recover(bad, tmp_path / "recover"),
+        [
+            "relabel",
+            "--config=configs/relabel/sre2l.py:digits",
+            f"--config.dataset.name={DATA}",
+            f"--config.synset={synset}",
+            f"--config.teacher={bad}",
+            "--workdir",
+            str(tmp_path / "relabel"),
+        ],
+        [
+            "evaluate",
+            "--config=configs/evaluate/digits.py",
+            f"--config.dataset.name={DATA}",
+            f"--config.synset={synset}",
+            f"--config.kd.teacher={bad}",
+            "--workdir",
+            str(tmp_path / "evaluate"),
+        ],
+    ]
+    for argv in cases:
+        refused(argv, capsys, message, watch=[bad])
