@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,8 +96,18 @@ def test_guard_keeps_the_old_tree_and_counts_consecutive_skips():
     assert guard.finite_or_none(np.float32([1.5, np.nan, np.inf])) == [1.5, None, None]
 
 
+class _TinyBN(nn.Module):
+    """Dense -> BatchNorm -> Dense: parameters, running statistics, fast to compile."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(4)(x.reshape(x.shape[0], -1))
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(NUM_CLASSES)(nn.relu(x))
+
+
 def test_train_step_skips_one_bad_step_and_good_steps_are_unchanged_bit_for_bit():
-    net = models.get_model("ConvNetBN", NUM_CLASSES, IMAGE_SHAPE, width=4, depth=1)
+    net = _TinyBN()
     tx = train.sgd(0.1, momentum=0.9, weight_decay=5e-4)
     step = jax.jit(train.make_train_step(net, tx))
     images = jax.random.normal(jax.random.key(1), (6, *IMAGE_SHAPE))
@@ -158,29 +168,6 @@ def test_non_finite_sets_and_teachers_are_never_written(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_distill_step_skips_an_update_that_makes_the_images_non_finite():
-    """``lr_img=1e39`` is a finite float64 but inf in float32: the loss and gradients are
-    finite, the *updated* images are not -- the step must keep the old state."""
-    from ddjax.distill import core, matching
-
-    model = models.get_model("ConvNet", NUM_CLASSES, IMAGE_SHAPE, width=3, depth=1, norm="none")
-    params = models.init_variables(model, jax.random.key(0), IMAGE_SHAPE)["params"]
-    drift = [jax.tree.map(lambda p, k=k: p + 0.05 * k, params) for k in range(3)]
-    trajectories = jax.tree.map(lambda *s: jnp.stack(s)[None], *drift)  # [E=1, T+1=3, ...]
-    inner = matching.InnerLoop(model, dsa_strategy="")
-    images = jax.random.normal(jax.random.key(1), (3, *IMAGE_SHAPE))
-    config = core.StepConfig(syn_steps=1, expert_epochs=1, max_start_epoch=1, lr_img=1e39)
-    state = core.init_state(images, jnp.arange(3), 0.01, jax.random.key(2), config)
-    step = core.make_distill_step(inner, config, donate=False, compiler_options=FAST_COMPILE)
-    with np.errstate(over="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # 1e39 -> float32 overflows: the point
-        new, metrics = step(state, trajectories, jnp.int32(0))
-    assert bool(metrics["skipped"]) and bool(metrics["non_finite"])
-    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
-    np.testing.assert_array_equal(new.images, state.images)
-    assert float(new.inner_lr) == float(state.inner_lr) and int(new.step) == 1
-
-
 @pytest.fixture(scope="module")
 def experts_dir(tmp_path_factory):
     from ddjax import experts
@@ -199,41 +186,44 @@ def experts_dir(tmp_path_factory):
     return out
 
 
-def test_distill_without_an_accepted_update_stops(experts_dir, tmp_path, capsys, monkeypatch):
-    from ddjax.distill import matching
+def test_distill_whose_updated_images_are_never_finite_stops(experts_dir, tmp_path, monkeypatch):
+    """The issue's ``lr_img=1e39``: a finite float64 that is inf in float32. The loss and the
+    gradients are finite, the *updated* images are not: every update is skipped (the images
+    stay the last good ones) and the run stops instead of saving NaNs."""
+    import optax
 
-    def nan_loss(*args, **kwargs):
-        loss, grads = match_loss_and_grads(*args, **kwargs)
-        return loss * jnp.nan, grads
+    from ddjax.config import import_config
+    from ddjax.distill import core
+    from ddjax.distill.run import run_distill
 
-    match_loss_and_grads = matching.match_loss_and_grads
-    monkeypatch.setattr(matching, "match_loss_and_grads", nan_loss)
-    argv = [
-        "distill",
-        "--config=configs/distill/mtt.py:digits,ipc=1",
-        f"--config.dataset.name={DATA}",
-        f"--config.experts_dir={experts_dir}",
-        "--config.model=ConvNetD1",
-        "--config.syn_steps=1",
-        "--config.expert_epochs=1",
-        "--config.max_start_epoch=1",
-        "--config.iterations=2",
-        "--config.eval_every=100",  # evaluated at iteration 0 only (tiny: dc, 1 epoch)
-        "--config.eval.protocol=dc",
-        "--config.eval.epochs=1",
-        "--config.eval.num_models=1",
-        "--config.eval.models=ConvNetD1",
-        "--config.dsa=False",
-        "--workdir",
-        str(tmp_path / "run"),
-    ]
-    work, line = _stopped(argv, capsys, "distill")
-    assert "all 2 updates up to iteration 2 were skipped" in line
+    # Past the config checks (which refuse 1e39 as a value), the image optimiser is the one
+    # such a learning rate makes: SGD with a float32 rate of inf.
+    make = core.make_optimizers
+    monkeypatch.setattr(
+        core,
+        "make_optimizers",
+        lambda lr_img, lr_lr, momentum: (
+            (optax.sgd(jnp.float32(jnp.inf), momentum=momentum),)
+            + make(lr_img, lr_lr, momentum)[1:]
+        ),
+    )
+    config = import_config("distill/mtt.py").mtt_fields(
+        DATA, ipc=1, syn_steps=1, expert_epochs=1, max_start_epoch=1, model="ConvNetD1",
+        iterations=2, eval_every=100, eval_epochs=1, num_eval=1,
+    )  # fmt: skip
+    config.experts_dir = str(experts_dir)
+    config.dsa = False
+    config.eval.protocol = "dc"  # the evaluation at iteration 0: tiny, no augmentation
+    work = tmp_path / "run"
+    message = "distill cannot make progress: all 2 updates up to iteration 2 were skipped"
+    with pytest.raises(DDJaxError, match=message):
+        run_distill(config, str(work), progress=False, compiler_options=FAST_COMPILE)
     skipped = _records(work, "skipped")
-    assert [(r["iteration"], r["count"], r["loss"]) for r in skipped] == [
-        (1, 1, None),
-        (2, 1, None),
-    ]
+    assert [(r["iteration"], r["count"]) for r in skipped] == [(1, 1), (2, 1)]
+    assert all(math.isfinite(r["loss"]) for r in skipped)  # the loss was fine: the state not
+    _check_outputs(work)
+    with np.load(work / "synset.npz") as f:  # written at iteration 0: the last good state
+        assert np.isfinite(f["images"]).all()
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,6 +239,7 @@ SQUEEZE = [
     "--config.epochs=2",
     "--config.batch_size=12",
     "--config.augment=none",
+    "--config.test_every=2",  # no test before the stop: nothing more to compile
 ]
 EXPERTS = [
     "experts",
