@@ -113,7 +113,7 @@ def test_train_step_skips_one_bad_step_and_good_steps_are_unchanged_bit_for_bit(
     images = jax.random.normal(jax.random.key(1), (6, *IMAGE_SHAPE))
     labels = jnp.arange(6) % NUM_CLASSES
     key = jax.random.key(2)
-    start = train.init_state(net, tx, jax.random.key(0), IMAGE_SHAPE)
+    start = jax.jit(lambda key: train.init_state(net, tx, key, IMAGE_SHAPE))(jax.random.key(0))
     first, _ = step(start, images, labels, key)
     # A NaN pixel makes the loss and every gradient NaN: the step is skipped, state kept.
     poisoned = images.at[0, 0, 0, 0].set(jnp.nan)
@@ -170,17 +170,18 @@ def test_non_finite_sets_and_teachers_are_never_written(tmp_path):
 
 @pytest.fixture(scope="module")
 def experts_dir(tmp_path_factory):
+    """tests/test_distill.py's experts (the same programs: compiled once in the suite)."""
     from ddjax import experts
 
     out = tmp_path_factory.mktemp("experts")
     experts.train_experts(
         data.load_dataset(DATA),
         out_dir=out,
-        model="ConvNetD1",
-        num_experts=1,
-        epochs=2,
-        batch_size=12,
-        test_every=2,
+        model="ConvNetW8",
+        num_experts=3,
+        epochs=3,
+        experts_at_once=3,
+        test_every=3,
         progress=False,
     )
     return out
@@ -207,13 +208,15 @@ def test_distill_whose_updated_images_are_never_finite_stops(experts_dir, tmp_pa
             + make(lr_img, lr_lr, momentum)[1:]
         ),
     )
+    # tests/test_distill.py's run (its evaluation at iteration 0 is the same program).
     config = import_config("distill/mtt.py").mtt_fields(
-        DATA, ipc=1, syn_steps=1, expert_epochs=1, max_start_epoch=1, model="ConvNetD1",
-        iterations=2, eval_every=100, eval_epochs=1, num_eval=1,
+        DATA, ipc=2, syn_steps=1, expert_epochs=1, max_start_epoch=2, lr_img=10.0, lr_lr=1e-3,
+        lr_teacher=0.01, model="ConvNetW8", iterations=2, eval_every=4, eval_epochs=2,
+        num_eval=1,
     )  # fmt: skip
     config.experts_dir = str(experts_dir)
-    config.dsa = False
-    config.eval.protocol = "dc"  # the evaluation at iteration 0: tiny, no augmentation
+    config.experts_in_memory = 2
+    config.dsa_strategy = "crop_flip"
     work = tmp_path / "run"
     message = "distill cannot make progress: all 2 updates up to iteration 2 were skipped"
     with pytest.raises(DDJaxError, match=message):
@@ -230,47 +233,50 @@ def test_distill_whose_updated_images_are_never_finite_stops(experts_dir, tmp_pa
 # Epoch-driven stages: a huge learning rate, every update skipped, exit 2
 # --------------------------------------------------------------------------------------------
 
-SQUEEZE = [
-    "squeeze",
-    "--config=configs/squeeze/sre2l.py:digits",
-    f"--config.dataset.name={DATA}",
-    "--config.model=ConvNetBN",
-    "--config.width=4",
-    "--config.epochs=2",
-    "--config.batch_size=12",
-    "--config.augment=none",
-    "--config.test_every=2",  # no test before the stop: nothing more to compile
-]
+# The data, networks and settings of tests/test_squeeze.py and tests/test_experts.py: the
+# learning rate is injected (not compiled in), so these runs reuse those tests' programs.
+SPEC = "synthetic:classes=3,size=8,channels=1,train=16,test=8"
 EXPERTS = [
     "experts",
     "--config=configs/experts/mtt.py:digits",
-    f"--config.dataset.name={DATA}",
-    "--config.model=ConvNetD1",
+    f"--config.dataset.name={SPEC}",
+    "--config.model=ConvNetW8",
     "--config.num_experts=1",
-    "--config.epochs=2",
-    "--config.batch_size=12",
-    "--config.augment=none",
+    "--config.epochs=3",
+    "--config.batch_size=16",
 ]
 
 
-@pytest.mark.parametrize(
-    "argv, stage, kept",
-    [
-        (SQUEEZE, "squeeze", "teacher"),
-        (EXPERTS, "experts 0", "expert_0000"),
-    ],
-    ids=["squeeze", "experts"],
-)
-def test_a_diverging_epoch_stage_stops_with_one_line(argv, stage, kept, tmp_path, capsys):
+def test_a_diverging_squeeze_stops_without_saving_a_teacher(tmp_path):
+    from ddjax.config import import_config
+    from ddjax.sre2l import squeeze
+
+    config = import_config("squeeze/sre2l.py").squeeze_fields(
+        SPEC, model="ConvNetBN", width=8, epochs=3, batch_size=16, augment="crop_flip",
+        lr=HUGE_LR,
+    )  # fmt: skip
     work = tmp_path / "run"
-    argv = [*argv, f"--config.lr={HUGE_LR}", "--workdir", str(work)]
-    work, line = _stopped(argv, capsys, stage)
+    with pytest.raises(DDJaxError, match="squeeze cannot make progress: all 3 updates") as e:
+        squeeze.run_squeeze(config, work, progress=False)
+    assert "\n" not in str(e.value) and str(work / "checkpoints") in str(e.value)
     # The first update may still be finite (huge weights); the ones after it are not.
     skipped = _records(work, "skipped")
     assert skipped and {r["reason"] for r in skipped} == {guard.REASON}
+    assert f"up to epoch {skipped[-1]['epoch']} were skipped" in str(e.value)
+    assert not (work / "teacher").exists() and not (work / "results.json").exists()
+    _check_outputs(work)
+
+
+def test_diverging_experts_stop_with_one_line(tmp_path, capsys):
+    work, line = _stopped(
+        [*EXPERTS, f"--config.lr={HUGE_LR}", "--workdir", str(tmp_path / "run")],
+        capsys,
+        "experts 0",
+    )
+    skipped = _records(work, "skipped")
+    assert skipped[-1]["experts"] == [0] and skipped[-1]["count"] == [3]
     assert f"up to epoch {skipped[-1]['epoch']} were skipped" in line
-    assert not (work / kept).exists()  # no teacher / expert of a diverged run
-    assert not (work / "results.json").exists()
+    assert not (work / "expert_0000").exists() and not (work / "results.json").exists()
 
 
 def test_evaluation_that_diverges_stops_with_one_line(tmp_path, capsys):
@@ -353,13 +359,15 @@ def teachers(tmp_path_factory):
 
 
 def _recover(teacher_dir, work):
+    """Three batches of two images, one class each (class-wise batching)."""
     return [
         "recover",
         "--config=configs/recover/sre2l.py:digits",
         f"--config.dataset.name={DATA}",
         f"--config.teacher={teacher_dir}",
-        "--config.ipc=1",
-        "--config.batch_size=3",
+        "--config.ipc=2",
+        "--config.batch_size=2",
+        "--config.batching=class_wise",
         "--config.iterations=3",
         "--config.log_every=2",
         "--config.crop=False",
@@ -369,41 +377,30 @@ def _recover(teacher_dir, work):
     ]
 
 
-def _nan_lr_at(bad_steps):
-    """A cosine schedule whose rate is NaN at the given 0-based iterations (a NaN update)."""
+def test_recover_skips_nan_updates_and_stops_a_batch_without_progress(
+    teachers, tmp_path, capsys, monkeypatch
+):
+    """Iteration 2 of every batch has a NaN learning rate (skipped, logged, the batch goes on);
+    the class-2 batch's loss is always NaN: that batch stops the run, the others are kept."""
     from ddjax.sre2l import recover_step
 
-    cosine = recover_step.cosine_lr
+    cosine, objective = recover_step.cosine_lr, recover_step.recover_loss
 
-    def lr(step, iterations, base):
-        bad = jnp.isin(jnp.asarray(step), jnp.asarray(bad_steps))
-        return jnp.where(bad, jnp.nan, cosine(step, iterations, base))
+    def nan_at_second_iteration(step, iterations, lr):
+        return jnp.where(step == 1, jnp.nan, cosine(step, iterations, lr))
 
-    return lr
+    def nan_for_class_2(model, variables, images, labels, **kwargs):
+        loss, parts = objective(model, variables, images, labels, **kwargs)
+        return jnp.where(labels[0] == 2, jnp.nan, loss), parts
 
-
-def test_recover_skips_a_nan_update_and_logs_it(teachers, tmp_path, capsys, monkeypatch):
-    from ddjax.sre2l import recover_step
-
-    monkeypatch.setattr(recover_step, "cosine_lr", _nan_lr_at([1]))
-    work = tmp_path / "run"
-    code, _, err = run(_recover(teachers[0], work), capsys)
-    assert code == 0, err
-    skipped = _records(work, "skipped")
-    assert [(r["batch"], r["iteration"], r["count"]) for r in skipped] == [(0, 2, 1)]
-    _check_outputs(work)
-    with np.load(work / "synset.npz") as f:
-        assert np.isfinite(f["images"]).all()
-
-
-def test_recover_without_an_accepted_update_stops(teachers, tmp_path, capsys, monkeypatch):
-    from ddjax.sre2l import recover_step
-
-    monkeypatch.setattr(recover_step, "cosine_lr", _nan_lr_at([0, 1, 2]))
+    monkeypatch.setattr(recover_step, "cosine_lr", nan_at_second_iteration)
+    monkeypatch.setattr(recover_step, "recover_loss", nan_for_class_2)
     work, line = _stopped(_recover(teachers[0], tmp_path / "run"), capsys, "recover")
     assert "all 3 updates up to iteration 3 of the batch were skipped" in line
-    assert [r["count"] for r in _records(work, "skipped")] == [2, 1]
-    assert not (work / "synset.npz").exists()
+    skipped = [(r["batch"], r["iteration"], r["count"]) for r in _records(work, "skipped")]
+    assert skipped == [(0, 2, 1), (1, 2, 1), (2, 2, 2), (2, 3, 1)]
+    assert [r["batch"] for r in _records(work, "batch")] == [0, 1]  # finished, finite, kept
+    assert sorted(_strict((work / "results.json").read_text())["batches"]) == ["0", "1"]
 
 
 # --------------------------------------------------------------------------------------------
