@@ -142,14 +142,21 @@ def check_progress(streak: Any, *, stage: str, where: str, kept: str) -> None:
     """
     longest = int(np.max(np.asarray(streak)))
     if longest >= MAX_CONSECUTIVE_SKIPS:
-        raise DDJaxError(no_progress(stage, f"{longest} consecutive updates", where, kept))
+        skipped = f"{longest} consecutive updates up to {where} were skipped"
+        raise DDJaxError(no_progress(stage, skipped, kept))
 
 
-def no_progress(stage: str, skipped: str, where: str, kept: str) -> str:
-    """The one-line message of a stage stopped because its updates were all skipped."""
+def no_progress(stage: str, skipped: str, kept: str) -> str:
+    """The one-line message of a stage stopped because its updates were all skipped.
+
+    Args:
+      stage: the stage's name.
+      skipped: which updates were skipped (``'all 3 updates of epoch 2 were skipped'``).
+      kept: what holds the last good state.
+    """
     return (
-        f"{stage} cannot make progress: {skipped} up to {where} were skipped ({REASON}; "
-        f"lower the learning rate); stopped, {kept}"
+        f"{stage} cannot make progress: {skipped} ({REASON}; lower the learning rate); "
+        f"stopped, {kept}"
     )
 
 

@@ -262,7 +262,7 @@ def test_a_diverging_squeeze_stops_without_saving_a_teacher(tmp_path):
     # The first update may still be finite (huge weights); the ones after it are not.
     skipped = _records(work, "skipped")
     assert skipped and {r["reason"] for r in skipped} == {guard.REASON}
-    assert f"up to epoch {skipped[-1]['epoch']} were skipped" in str(e.value)
+    assert f"updates of epoch {skipped[-1]['epoch']} were skipped" in str(e.value)
     assert not (work / "teacher").exists() and not (work / "results.json").exists()
     _check_outputs(work)
 
@@ -275,7 +275,7 @@ def test_diverging_experts_stop_with_one_line(tmp_path, capsys):
     )
     skipped = _records(work, "skipped")
     assert skipped[-1]["experts"] == [0] and skipped[-1]["count"] == [3]
-    assert f"up to epoch {skipped[-1]['epoch']} were skipped" in line
+    assert f"all 3 updates of epoch {skipped[-1]['epoch']} were skipped" in line
     assert not (work / "expert_0000").exists() and not (work / "results.json").exists()
 
 
@@ -396,7 +396,7 @@ def test_recover_skips_nan_updates_and_stops_a_batch_without_progress(
     monkeypatch.setattr(recover_step, "cosine_lr", nan_at_second_iteration)
     monkeypatch.setattr(recover_step, "recover_loss", nan_for_class_2)
     work, line = _stopped(_recover(teachers[0], tmp_path / "run"), capsys, "recover")
-    assert "all 3 updates up to iteration 3 of the batch were skipped" in line
+    assert "all 3 updates of the batch were skipped" in line
     skipped = [(r["batch"], r["iteration"], r["count"]) for r in _records(work, "skipped")]
     assert skipped == [(0, 2, 1), (1, 2, 1), (2, 2, 2), (2, 3, 1)]
     assert [r["batch"] for r in _records(work, "batch")] == [0, 1]  # finished, finite, kept

@@ -250,7 +250,8 @@ def run_distill(
         where = f"iteration {iteration}"
         guard.check_progress(streak, stage="distill", where=where, kept=kept)
         if iteration == config.iterations and streak == iteration - first:
-            raise DDJaxError(guard.no_progress("distill", f"all {streak} updates", where, kept))
+            skipped = f"all {streak} updates up to {where} were skipped"
+            raise DDJaxError(guard.no_progress("distill", skipped, kept))
         if loop.every(config.log_every, iteration, last=config.iterations) or kill.fired:
             seconds = window.seconds_per_iteration(iteration)
             window.reset(iteration)

@@ -608,8 +608,8 @@ def recover_batch(
         where, kept = f"iteration {iteration} of the batch", "finished batches are kept"
         guard.check_progress(streak, stage="recover", where=where, kept=kept)
         if streak >= settings.iterations:
-            skipped = f"all {settings.iterations} updates"
-            raise DDJaxError(guard.no_progress("recover", skipped, where, kept))
+            skipped = f"all {settings.iterations} updates of the batch were skipped"
+            raise DDJaxError(guard.no_progress("recover", skipped, kept))
 
     for iteration in range(first + 1, settings.iterations + 1):
         state, metrics = step(state, variables, labels)

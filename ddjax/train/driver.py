@@ -405,7 +405,9 @@ class _SkipWatch:
         where = f"epoch {epoch + 1}"
         if num_steps and (skipped >= num_steps).any():
             raise DDJaxError(
-                guard.no_progress(self.stage, f"all {num_steps} updates", where, self.kept)
+                guard.no_progress(
+                    self.stage, f"all {num_steps} updates of {where} were skipped", self.kept
+                )
             )
         guard.check_progress(skips.streak, stage=self.stage, where=where, kept=self.kept)
 
