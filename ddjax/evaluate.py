@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +43,8 @@ import numpy as np
 
 from ddjax import augment as augment_lib
 from ddjax import data as data_lib
+from ddjax import guard, sharding, train
 from ddjax import models as models_lib
-from ddjax import sharding, train
 from ddjax.data import Dataset
 from ddjax.errors import DDJaxError, check
 from ddjax.synset import SyntheticSet
@@ -305,7 +305,8 @@ class EvalResult:
             "per_class_mean": self.per_class.mean(0).tolist(),
             "learning_rate": self.learning_rate,
             "lr_source": self.lr_source,
-            "final_train_loss": self.final_train_loss.tolist(),
+            # null: a network whose last epoch had a skipped update (ddjax.guard).
+            "final_train_loss": guard.finite_or_none(self.final_train_loss),
         }
         if self.top5 is not None:
             out["top5"] = self.top5.tolist()
@@ -404,12 +405,13 @@ class EvalSettings:
         model: str,
         *,
         progress: bool = False,
+        log: Callable[..., None] | None = None,
         **protocol_overrides,
     ) -> EvalResult:
         """:func:`evaluate_synset` of ``synset`` on ``model`` under these settings.
 
         ``protocol_overrides`` replace protocol fields beyond the section's (e.g. SelMatch's
-        ``dsa_strategy``).
+        ``dsa_strategy``); ``log`` receives the skipped-update records (:mod:`ddjax.guard`).
         """
         overrides = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
         return evaluate_synset(
@@ -422,6 +424,7 @@ class EvalSettings:
             model_overrides=self.model_overrides,
             progress=progress,
             pool_mode=self.pool_mode,
+            log=log,
             **{**overrides, **protocol_overrides},
         )
 
@@ -455,6 +458,7 @@ def evaluate_synset(
     model_overrides: dict | None = None,
     progress: bool = False,
     pool_mode: str = "auto",
+    log: Callable[..., None] | None = None,
     **protocol_overrides,
 ) -> EvalResult:
     """Trains ``num_models`` fresh networks on ``synset`` and tests them on ``dataset``.
@@ -474,6 +478,9 @@ def evaluate_synset(
       pool_mode: how the K networks share the device: ``'vmap'``, ``'loop'`` or
         ``'auto'`` (vmap on accelerators, one after another on CPU; see
         ``ddjax.train.resolve_pool_mode``). The results are the same.
+      log: receives the ``skipped`` records of updates the guard refused (e.g.
+        ``Workdir.log``; :func:`ddjax.train.train_epochs`); a network that skips every
+        update of an epoch stops the evaluation with a ``DDJaxError``.
       **protocol_overrides: e.g. ``epochs=300``, ``lr=0.01``, ``batch_size=128``,
         ``dsa_strategy='crop_flip'``.
 
@@ -528,6 +535,8 @@ def evaluate_synset(
         tx=tx,
         progress=f"eval {model}" if progress else None,
         pool_mode=pool_mode,
+        log=log,
+        stage=f"evaluation of {model}",
     )
     return EvalResult.of_pool(
         net, state, dataset, model=model, lr=lr, lr_source=lr_source, history=history,

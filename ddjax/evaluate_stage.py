@@ -139,7 +139,7 @@ def evaluate_into(
         work.rewind(None, where={"event": "eval", "model": model})
         start = time.time()
         if kd is None:
-            result = settings.evaluate(synset, dataset, model, progress=progress)
+            result = settings.evaluate(synset, dataset, model, progress=progress, log=work.log)
             how, tag = f"lr {result.learning_rate:g}, {result.lr_source}", {}
         else:
             result = kd.evaluate(synset, dataset, model, settings, progress=progress, work=work)

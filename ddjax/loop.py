@@ -195,8 +195,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    """Writes ``data`` as indented JSON (``default=float`` for NumPy scalars) atomically."""
-    atomic_write_bytes(path, (json.dumps(data, indent=2, default=float) + "\n").encode())
+    """Writes ``data`` as indented JSON (``default=float`` for NumPy scalars) atomically.
+
+    Strict JSON: a NaN or inf raises ``ValueError`` instead of writing a bare ``NaN`` token
+    (a number that does not exist is ``None``; :func:`ddjax.guard.finite_or_none`).
+    """
+    text = json.dumps(data, indent=2, default=float, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def atomic_savez(path: str | os.PathLike, **arrays: Any) -> None:

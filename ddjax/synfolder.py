@@ -42,7 +42,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from ddjax import distributed, loop
+from ddjax import distributed, guard, loop
 from ddjax.errors import DDJaxError, check
 
 __all__ = [
@@ -214,6 +214,9 @@ class SynFolderWriter:
             tuple(images.shape[1:]) == tuple(index["image_shape"]),
             f"batch {batch}: images of shape {images.shape[1:]}, the folder holds "
             f"{tuple(index['image_shape'])}",
+        )
+        guard.check_finite(
+            images, f"batch {batch} of the synthetic folder {self.root}", "it is not written"
         )
         codes = to_codes(images, index["mean"], index["std"])
         files = encode_images(codes, index["image_format"], index["jpeg_quality"] or 75)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ddjax import loop
+from ddjax import guard, loop
 from ddjax.errors import DDJaxError, check
 
 
@@ -70,17 +70,28 @@ class SyntheticSet:
         return int(np.bincount(self.hard_labels, minlength=self.num_classes).max())
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Writes ``path`` (``.npz``) atomically: a killed run never leaves half a file."""
+        """Writes ``path`` (``.npz``) atomically: a killed run never leaves half a file.
+
+        Nothing non-finite is written (:mod:`ddjax.guard`): a set with a NaN or inf image,
+        label or learning rate is refused; a set without a learning rate stores none.
+
+        Raises:
+          DDJaxError: a non-finite value (nothing is written).
+        """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        loop.atomic_savez(
-            path,
-            images=np.asarray(self.images, np.float32),
-            labels=np.asarray(self.labels),
-            num_classes=np.int32(self.num_classes),
-            learning_rate=np.float64(np.nan if self.learning_rate is None else self.learning_rate),
-            meta=np.array(json.dumps(self.meta)),
+        arrays = {
+            "images": np.asarray(self.images, np.float32),
+            "labels": np.asarray(self.labels),
+            "num_classes": np.int32(self.num_classes),
+            "meta": np.array(json.dumps(self.meta, allow_nan=False)),
+        }
+        if self.learning_rate is not None:
+            arrays["learning_rate"] = np.float64(self.learning_rate)
+        guard.check_finite(
+            arrays, f"the synthetic set for {path}", "it is not written (see ddjax.guard)"
         )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        loop.atomic_savez(path, **arrays)
         return path
 
 

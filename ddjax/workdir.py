@@ -59,12 +59,17 @@ class Workdir:
         return self.path / name
 
     def log(self, **record: Any) -> None:
-        """Appends one event to ``metrics.jsonl`` (with a wall-clock timestamp; process 0 only)."""
+        """Appends one event to ``metrics.jsonl`` (with a wall-clock timestamp; process 0 only).
+
+        Strict JSON, as ``results.json``: a NaN or inf raises ``ValueError`` (log ``None``
+        for a number that does not exist: :func:`ddjax.guard.finite_or_none`).
+        """
         if not distributed.is_primary():
             return
         record = {"time": round(time.time(), 3), **record}
+        line = json.dumps(record, default=float, allow_nan=False)
         with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+            f.write(line + "\n")
 
     def rewind(
         self,

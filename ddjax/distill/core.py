@@ -22,9 +22,10 @@ the acceptance rule, per-parameter loss weights); this module knows none of them
 
 ddjax differs from the reference in two documented, optional ways:
 
-* **Guards.** A non-finite loss, gradient or new learning rate skips the update (the state
-  keeps its images, labels, α and optimiser states; the step counter and key advance) and the
-  step is reported as skipped; MTT would write NaNs into the images. A method's own rule
+* **Guards.** A non-finite loss, gradient or new state (images, labels, α, optimiser states:
+  :func:`ddjax.guard.guard`) skips the update (the state keeps its images, labels, α and
+  optimiser states; the step counter and key advance) and the step is reported as skipped;
+  MTT would write NaNs into the images. A method's own rule
   (:meth:`~ddjax.distill.method.Method.within_bounds`, e.g. DATM's threshold) skips the same
   way. With ``lr_floor`` set, α is clipped to at least that value after each update (MTT
   leaves α unconstrained and issue #16 reports negative values); off by default.
@@ -42,6 +43,7 @@ import numpy as np
 import optax
 
 from ddjax import augment as augment_lib
+from ddjax import guard
 from ddjax.distill import matching
 from ddjax.distill.method import Method
 from ddjax.errors import check
@@ -233,7 +235,7 @@ def make_distill_step(
        ``method.label_transform`` and ``method.param_weights``);
     4. the SGD-momentum updates of ``method.learnable(images)`` (merged back with
        ``method.merge``), α and — when ``method.label_optimizer()`` exists — the labels, all
-       applied only if L, the gradients, the new α and the labels are finite and
+       applied only if L, the gradients and the whole new state are finite and
        ``method.within_bounds(L)``.
 
     Args:
@@ -304,11 +306,6 @@ def make_distill_step(
             label_updates, label_opt_state = tx_labels.update(grads.labels, label_opt_state)
             labels = optax.apply_updates(state.labels, label_updates)
             finite &= jnp.all(jnp.isfinite(grads.labels))
-        # Assigned labels are a function of the expert; non-finite ones must not reach
-        # evaluation.
-        finite &= jnp.all(jnp.isfinite(labels))
-        within = method.within_bounds(loss)
-        accept = finite & within
         updated = state._replace(
             images=images,
             labels=labels,
@@ -317,8 +314,14 @@ def make_distill_step(
             lr_opt_state=lr_opt_state,
             label_opt_state=label_opt_state,
         )
+        # The shared guard: the *new* images, labels (assigned ones are a function of the
+        # expert), α and optimiser states must be finite too -- a finite gradient times a
+        # huge learning rate is not.
+        finite &= guard.all_finite(updated)
+        within = method.within_bounds(loss)
+        accept = finite & within
         # Everything learned moves only if the update is accepted; the counter and key advance.
-        new_state = jax.tree.map(lambda new, old: jnp.where(accept, new, old), updated, state)
+        new_state = guard.select(accept, updated, state)
         new_state = new_state._replace(step=state.step + 1, key=key)
         inner_lr = new_state.inner_lr
         metrics = {

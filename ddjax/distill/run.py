@@ -47,13 +47,13 @@ from tqdm.auto import tqdm
 
 from ddjax import checkpoint as checkpoint_lib
 from ddjax import data as data_lib
-from ddjax import distributed, loop, sharding
+from ddjax import distributed, guard, loop, sharding
 from ddjax import evaluate as evaluate_lib
 from ddjax import experts as experts_lib
 from ddjax import models as models_lib
 from ddjax.distill import core, matching, registry
 from ddjax.distill.method import InitContext, Method
-from ddjax.errors import check
+from ddjax.errors import DDJaxError, check
 from ddjax.evaluate_stage import evaluate_into
 from ddjax.synset import SyntheticSet, load_synset, save_grid
 from ddjax.workdir import Workdir
@@ -218,6 +218,8 @@ def run_distill(
     )
     window = _Window(iteration)  # seconds per iteration since the last log, without evaluations
     skipped = 0  # updates skipped since the last log
+    streak, first = 0, iteration  # consecutive non-finite updates (ddjax.guard)
+    kept = f"the last good state is the last checkpoint in {checkpoints.directory}"
     while iteration < config.iterations and not kill.fired:
         if method.evaluates_at(config, iteration):
             _evaluate(work, results, state, dataset, config, method, iteration, bar)
@@ -237,33 +239,41 @@ def run_distill(
         if metrics["skipped"]:
             skipped += 1
             reason = (
-                "non-finite loss/gradient/lr"
+                f"{guard.REASON} or gradient"
                 if metrics["non_finite"]
                 else f"loss above threshold {config.get('threshold')}"
             )
             work.log(
                 event="skipped",
                 iteration=iteration,
-                loss=float(metrics["loss"]),
+                count=1,
+                loss=guard.finite_or_none(metrics["loss"]),
                 start_epoch=int(metrics["start_epoch"]),
                 reason=reason,
             )
             if metrics["non_finite"]:  # threshold skips are routine in DATM: logged only
                 tqdm.write(f"iteration {iteration}: {reason}; update skipped")
+        # Only non-finite skips count towards the stop; the method's own rule does not.
+        streak = streak + 1 if metrics["non_finite"] else (0 if not metrics["skipped"] else streak)
+        where = f"iteration {iteration}"
+        guard.check_progress(streak, stage="distill", where=where, kept=kept)
+        if iteration == config.iterations and streak == iteration - first:
+            skipped = f"all {streak} updates up to {where} were skipped"
+            raise DDJaxError(guard.no_progress("distill", skipped, kept))
         if loop.every(config.log_every, iteration, last=config.iterations) or kill.fired:
             seconds = window.seconds_per_iteration(iteration)
             window.reset(iteration)
             extra = {}
             if "label_grad_norm" in metrics:
-                extra["label_grad_norm"] = float(metrics["label_grad_norm"])
+                extra["label_grad_norm"] = guard.finite_or_none(metrics["label_grad_norm"])
             work.log(
                 event="step",
                 iteration=iteration,
-                loss=float(metrics["loss"]),
+                loss=guard.finite_or_none(metrics["loss"]),
                 inner_lr=float(metrics["inner_lr"]),
                 start_epoch=int(metrics["start_epoch"]),
                 upper_bound=int(metrics["upper_bound"]),
-                grad_norm=float(metrics["grad_norm"]),
+                grad_norm=guard.finite_or_none(metrics["grad_norm"]),
                 skipped=skipped,
                 seconds_per_iteration=round(seconds, 3),
                 **extra,

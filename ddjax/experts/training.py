@@ -9,6 +9,7 @@ all checkpointed with the state so a killed group resumes bit-identically
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddjax import augment as augment_lib
-from ddjax import checkpoint, distributed, loop, sharding, train
+from ddjax import checkpoint, distributed, guard, loop, sharding, train
 from ddjax import data as data_lib
 from ddjax import evaluate as evaluate_lib
 from ddjax import models as models_lib
@@ -329,7 +330,8 @@ def _train_group(run: _Run, group: list[int], out_dir: Path, budget: list) -> di
         losses, correct = outputs
         _put(record["trajectory"], (slice(None), epoch + 1), _params_to_host(state))
         record["train_loss"][:, epoch] = losses
-        fields = {"train_loss": losses.tolist()}
+        # null: an epoch with a skipped update (ddjax.guard) has no finite mean loss.
+        fields = {"train_loss": guard.finite_or_none(losses)}
         if correct is not None:  # a stream has no per-example record: no forgetting counts
             subset = getattr(run.source, "epoch_subset", None)
             presented = None if subset is None else subset(epoch)
@@ -370,6 +372,8 @@ def _train_group(run: _Run, group: list[int], out_dir: Path, budget: list) -> di
             progress=description if run.progress else None,
             stop_after_epochs=None if math.isinf(budget[0]) else budget[0],
             on_resume=None if run.rewind is None else resumed,
+            log=None if log is None else functools.partial(log, experts=group),
+            stage=f"experts {_ranges(group)}",
         )
     if result is None:  # the testing hook: stopped as a kill would, saving nothing more
         return None
@@ -394,8 +398,11 @@ def _finish_group(
         tested = np.flatnonzero(~np.isnan(record["test_accuracy"][row]))
         meta["experts"][str(index)] = {
             "test_accuracy": {str(e + 1): float(record["test_accuracy"][row, e]) for e in tested},
-            "final_test_accuracy": float(record["test_accuracy"][row, -1]),
-            "train_loss": [round(float(x), 6) for x in record["train_loss"][row]],
+            "final_test_accuracy": guard.finite_or_none(record["test_accuracy"][row, -1]),
+            "train_loss": [
+                None if not np.isfinite(x) else round(float(x), 6)
+                for x in record["train_loss"][row]
+            ],
             "train_accuracy": [
                 None if np.isnan(x) else round(float(x), 6) for x in record["train_accuracy"][row]
             ],

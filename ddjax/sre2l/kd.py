@@ -504,6 +504,7 @@ def train_kd(
     on_epoch: OnEpoch | None = None,
     record: dict | None = None,
     on_resume: Callable[[int], None] | None = None,
+    log: Callable[..., None] | None = None,
     _stop_after_epochs: int | None = None,
 ) -> tuple[train.TrainState, np.ndarray] | None:
     """Trains ``num_models`` students with the KD loss on the views and logits of ``batches``.
@@ -554,6 +555,8 @@ def train_kd(
         key ``'train_loss'`` is this function's.
       on_resume: ``on_resume(epochs_done)`` once the checkpoint is restored (0: none was);
         see :func:`ddjax.train.train_epochs`.
+      log: receives the ``skipped`` records of updates the guard refused (e.g.
+        ``Workdir.log``; :func:`ddjax.train.train_epochs`).
       _stop_after_epochs: testing hook: return ``None`` (as if killed) after this many epochs
         of this call.
 
@@ -607,6 +610,8 @@ def train_kd(
             progress=progress,
             stop_after_epochs=_stop_after_epochs,
             on_resume=on_resume,
+            log=log,
+            stage="KD students",
         )
     finally:
         if saves is not None:
@@ -769,6 +774,7 @@ def evaluate_kd(
         on_epoch=on_epoch,
         record=record,
         on_resume=None if rewind is None else resumed,
+        log=log,
     )
     result = EvalResult.of_pool(
         net, state, dataset, model=model, lr=recipe.lr, lr_source="fixed", history=history,

@@ -48,7 +48,7 @@ import ml_collections
 import numpy as np
 
 from ddjax import data as data_lib
-from ddjax import distributed, loop
+from ddjax import distributed, guard, loop
 from ddjax.errors import DDJaxError, check
 from ddjax.sre2l import teacher as teacher_lib
 from ddjax.sre2l.contract import DataContract
@@ -458,6 +458,12 @@ def run_recover(
             inflight.save(index, batch, state)
             work.log(event="checkpoint", batch=index, iteration=iteration)
 
+        def skipped(iteration: int, count: int, index: int = index) -> None:
+            work.log(
+                event="skipped", batch=index, iteration=iteration, count=count, reason=guard.REASON
+            )
+            bar.write(f"recover batch {index}: {count} updates skipped up to iteration {iteration}")
+
         def tick() -> None:
             bar.update(1)
             kill_inside.tick()
@@ -480,6 +486,7 @@ def run_recover(
                 start_state=start_state,
                 checkpoint_every=config.checkpoint_every,
                 on_checkpoint=save_state,
+                on_skip=skipped,
             )
         except _Stopped:
             bar.close()
@@ -502,6 +509,7 @@ def run_recover(
 
     synset, summary = output.finish(config, dataset, meta)
     losses = [finished[str(i)]["loss"] for i in range(len(batches)) if str(i) in finished]
+    losses = [loss for loss in losses if loss is not None]
     results["summary"] = {
         **summary,
         "num_batches": len(batches),
@@ -513,13 +521,14 @@ def run_recover(
     return synset
 
 
-def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float | None]:
+    """The scalar metrics for JSON (``None`` for a non-finite loss of a skipped update)."""
+    return {k: guard.finite_or_none(v) for k, v in metrics.items() if np.ndim(v) == 0}
 
 
 def _batch_record(metrics: Mapping[str, Any], layer_names: Sequence[str]) -> dict:
     """A finished batch's entry of ``results.json``: its last loss parts, per BN layer too."""
-    per_layer = map(float, np.asarray(metrics["bn_layers"]))
+    per_layer = map(guard.finite_or_none, np.asarray(metrics["bn_layers"]))
     return {**_scalars(metrics), "bn_layers": dict(zip(layer_names, per_layer, strict=True))}
 
 

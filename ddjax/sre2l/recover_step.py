@@ -59,7 +59,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from ddjax import distributed, loop, sharding
+from ddjax import distributed, guard, loop, sharding
 from ddjax.errors import DDJaxError, check
 from ddjax.sre2l import crops
 
@@ -320,12 +320,14 @@ class RecoverState(NamedTuple):
         opt_state: Adam's moments (``optax.ScaleByAdamState``).
         step: iteration t (int32), which sets the cosine learning rate.
         key: PRNG key of the next iteration's augmentation.
+        skips: the :class:`ddjax.guard.Skips` counters (updates refused as non-finite).
     """
 
     images: Array
     opt_state: optax.OptState
     step: Array
     key: Array
+    skips: guard.Skips = guard.no_skips()
 
 
 def _adam() -> optax.GradientTransformation:
@@ -348,7 +350,8 @@ def init_state(key: Array, num_images: int, image_shape: Sequence[int]) -> Recov
     noise_key, run_key = jax.random.split(key)
     # float32, or float64 under ``jax_enable_x64`` (so a float64 teacher is matched in float64).
     images = jax.random.normal(noise_key, (num_images, *image_shape), jnp.result_type(float))
-    return RecoverState(images, _adam().init(images), jnp.zeros((), jnp.int32), run_key)
+    skips = guard.Skips(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    return RecoverState(images, _adam().init(images), jnp.zeros((), jnp.int32), run_key, skips)
 
 
 def cosine_lr(step: Array | int, iterations: int, lr: float | Array) -> Array:
@@ -399,7 +402,8 @@ def make_recover_step(
     One SRe2L iteration (brief §3.4): set the cosine learning rate for t = ``state.step``;
     augment the batch (:func:`multi_crop`); take the gradient of :func:`recover_loss`
     w.r.t. the images; Adam(0.5, 0.9, 1e-8) update; clip each channel to the normalised
-    [0, 1] range.
+    [0, 1] range. The update is kept only if the loss and the new images and moments are
+    finite (:mod:`ddjax.guard`; ``state.skips`` counts the others).
 
     Args:
         model: the teacher.
@@ -439,7 +443,13 @@ def make_recover_step(
         (loss, parts), grads = jax.value_and_grad(objective, has_aux=True)(state.images)
         direction, opt_state = adam.update(grads, state.opt_state)
         images = jnp.clip(state.images - lr * direction, lower, upper)
-        new_state = RecoverState(images, opt_state, state.step + 1, key)
+        # The guard: a non-finite loss or new state keeps the images and Adam's moments (the
+        # iteration, hence the learning rate, and the key advance).
+        (images, opt_state), accepted = guard.guard(
+            (images, opt_state), (state.images, state.opt_state), loss
+        )
+        skips = guard.count(state.skips, accepted)
+        new_state = RecoverState(images, opt_state, state.step + 1, key, skips)
         return new_state, {"loss": loss, "lr": lr, **parts}
 
     return jax.jit(
@@ -527,6 +537,7 @@ def recover_batch(
     start_state: Mapping[str, np.ndarray] | None = None,
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[int, dict[str, np.ndarray]], None] | None = None,
+    on_skip: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Recovers one batch: ``settings.iterations`` steps from fresh noise and a fresh Adam.
 
@@ -551,13 +562,19 @@ def recover_batch(
         checkpoint_every: call ``on_checkpoint`` every this many iterations (0: never); not
             after the last iteration (the batch is finished then).
         on_checkpoint: receives ``(iteration, state_to_host(state))``; every process calls it.
+        on_skip: receives ``(iteration, count)``: ``count`` updates were skipped as
+            non-finite (:mod:`ddjax.guard`) since the previous call; the counters are read
+            where the metrics are logged, a checkpoint is taken, and at the end (no sync per
+            iteration).
 
     Returns:
         ``(images, metrics)``: the last iterate as a host array and the last iteration's
         metrics (loss parts of the last augmented batch) as host arrays.
 
     Raises:
-        DDJaxError: a ``start_state`` of another batch, or of a finished one.
+        DDJaxError: a ``start_state`` of another batch, or of a finished one; a batch that
+            cannot make progress: :data:`ddjax.guard.MAX_CONSECUTIVE_SKIPS` consecutive
+            skipped updates where the counters are read, or every update skipped.
     """
     labels = jnp.asarray(labels, jnp.int32)
     state = init_state(key, int(labels.shape[0]), image_shape)
@@ -575,15 +592,33 @@ def recover_batch(
             sharding.put(state.opt_state, _batch_sharding_tree(state.opt_state, batch_sharding)),
             sharding.replicate(state.step, mesh),
             sharding.replicate(state.key, mesh),
+            sharding.replicate(state.skips, mesh),
         )
         labels = sharding.put(labels, batch_sharding)
         variables = sharding.replicate(variables, mesh)
     metrics: dict[str, Any] = {}
+    reported = [int(distributed.to_host(state.skips.total))]
+
+    def watch(iteration: int, skips: guard.Skips) -> None:
+        """Reports the skips since the last look; stops a batch that cannot make progress."""
+        total, streak = int(skips.total), int(skips.streak)
+        if total > reported[0] and on_skip is not None:
+            on_skip(iteration, total - reported[0])
+        reported[0] = total
+        where, kept = f"iteration {iteration} of the batch", "finished batches are kept"
+        guard.check_progress(streak, stage="recover", where=where, kept=kept)
+        if streak >= settings.iterations:
+            skipped = f"all {settings.iterations} updates of the batch were skipped"
+            raise DDJaxError(guard.no_progress("recover", skipped, kept))
+
     for iteration in range(first + 1, settings.iterations + 1):
         state, metrics = step(state, variables, labels)
-        if on_log is not None and loop.every(log_every, iteration):
+        logged = on_log is not None and loop.every(log_every, iteration)
+        if logged:
             on_log(iteration, distributed.to_host(metrics))
         due = iteration < settings.iterations and loop.every(checkpoint_every, iteration)
+        if logged or due or iteration == settings.iterations:
+            watch(iteration, distributed.to_host(state.skips))
         if on_checkpoint is not None and due:
             on_checkpoint(iteration, state_to_host(state))
         if on_step is not None:

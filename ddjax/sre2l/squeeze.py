@@ -75,7 +75,7 @@ import ml_collections
 import numpy as np
 
 from ddjax import augment as augment_lib
-from ddjax import checkpoint, distributed, sharding, train
+from ddjax import checkpoint, distributed, guard, sharding, train
 from ddjax import data as data_lib
 from ddjax import evaluate as evaluate_lib
 from ddjax import models as models_lib
@@ -540,7 +540,11 @@ def train_teacher(
         # A stream reports no per-example outputs: its train accuracy stays NaN.
         accuracy = np.nan if outputs.per_example is None else float(np.mean(outputs.per_example))
         history["train_loss"][epoch], history["train_accuracy"][epoch] = loss, accuracy
-        fields = {"lr": lr_at(epoch), "train_loss": loss, "train_accuracy": accuracy}
+        fields = {
+            "lr": lr_at(epoch),
+            "train_loss": guard.finite_or_none(loss),  # null: an update of the epoch was skipped
+            "train_accuracy": guard.finite_or_none(accuracy),
+        }
         postfix = {"loss": f"{loss:.4f}"}
         if (epoch + 1) % settings.test_every == 0 or epoch + 1 == epochs:
             pool = jax.tree.map(lambda x: x[None], state)  # a pool of one, scored as it is
@@ -579,6 +583,8 @@ def train_teacher(
             on_resume=None
             if rewind is None
             else lambda done: rewind(done, key="epoch", where={"event": "squeeze_epoch"}),
+            log=log,
+            stage="squeeze",
         )
     finally:
         if saves is not None:
@@ -661,8 +667,8 @@ def run_squeeze(
     final = float(result.test_accuracy[-1])
     summary = {
         "test_accuracy": final,
-        "train_loss": float(result.train_loss[-1]),
-        "train_accuracy": _number_or_none(result.train_accuracy[-1]),
+        "train_loss": guard.finite_or_none(result.train_loss[-1]),
+        "train_accuracy": guard.finite_or_none(result.train_accuracy[-1]),
         "epochs": settings.epochs,
         "model": settings.model,
         "model_overrides": settings.model_overrides(),
@@ -692,8 +698,3 @@ def run_squeeze(
             f"accuracy {100 * final:.2f} % -> {teacher_dir}"
         )
     return teacher_lib.load_teacher(teacher_dir)
-
-
-def _number_or_none(value) -> float | None:
-    """A float for JSON, ``None`` for NaN (not measured: a stream's train accuracy)."""
-    return None if np.isnan(value) else float(value)

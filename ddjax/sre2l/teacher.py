@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddjax import checkpoint, distributed, loop
+from ddjax import checkpoint, distributed, guard, loop
 from ddjax import models as models_lib
 from ddjax.data import Dataset
 from ddjax.errors import DDJaxError, check
@@ -226,12 +226,16 @@ def save_teacher(
       extra: JSON-serialisable numbers to keep beside (e.g. the final test accuracy).
 
     Raises:
-      DDJaxError: unknown model, variables that do not fit it, or a non-JSON ``extra``.
+      DDJaxError: unknown model, variables that do not fit it or are not finite (NaN or
+        inf: a teacher is never saved so), or a non-JSON ``extra``.
     """
     dataset_meta = {"num_classes": dataset.num_classes, "image_shape": dataset.image_shape}
     model = _build_model(model_name, model_overrides, dataset_meta)
     variables = _check_variables(
         variables, model, model_name, dataset.image_shape, "teacher variables"
+    )
+    guard.check_finite(
+        variables, f"the teacher for {path}", "it is not saved (see ddjax.guard); train again"
     )
     meta = _meta(model_name, model_overrides, model, dataset, extra)
 
@@ -288,7 +292,9 @@ def load_teacher(path: str | os.PathLike) -> Teacher:
 
     Raises:
       DDJaxError: a missing directory or ``teacher.json``, a corrupt or incomplete
-        ``variables/`` checkpoint, or variables that do not fit the recorded model.
+        ``variables/`` checkpoint, variables that do not fit the recorded model, or
+        variables with a NaN or inf (recover, relabel and KD refuse such a teacher before
+        their work directory exists).
     """
     path = Path(path).absolute()
     meta = _read_meta(path)
@@ -318,6 +324,11 @@ def load_teacher(path: str | os.PathLike) -> Teacher:
         raise DDJaxError(
             f"teacher variables in {variables_dir} cannot be read ({message}); {remedy}"
         ) from None
+    guard.check_finite(
+        variables,
+        f"teacher {path}",
+        "it cannot be used; re-create it (ddjax squeeze, e.g. with a smaller lr)",
+    )
     return Teacher(model=model, variables=dict(variables), meta={**meta, "path": str(path)})
 
 

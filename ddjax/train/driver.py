@@ -23,8 +23,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from ddjax import checkpoint, distributed, sharding
-from ddjax.errors import check
+from ddjax import checkpoint, distributed, guard, sharding
+from ddjax.errors import DDJaxError, check
 from ddjax.train.step import (
     TrainState,
     _like,
@@ -165,6 +165,8 @@ def train_epochs(
     progress: str | None = None,
     stop_after_epochs: int | None = None,
     on_resume: Callable[[int], None] | None = None,
+    log: Callable[..., None] | None = None,
+    stage: str | None = None,
 ) -> tuple[TrainState, np.ndarray] | None:
     """Trains one model or a pool of K models for ``epochs`` epochs on ``source``'s batches.
 
@@ -192,6 +194,15 @@ def train_epochs(
     equal an uninterrupted run's bit for bit. Checkpoint steps then count the batches trained so
     far (the position is stored inside), so a directory is written either with or without
     ``checkpoint_every_batches``, not both.
+
+    **Skipped updates** (:mod:`ddjax.guard`). The step keeps the old state where an update
+    is not finite and counts it in ``state.skips``; after every epoch the driver reads the
+    counters (one small sync per epoch), reports the epoch's skips through ``log`` as
+    ``log(event='skipped', epoch=e + 1, count=..., reason=...)`` (``count``: one number per
+    model for a pool) and stops with a one-line ``DDJaxError`` -- before that epoch's
+    ``on_epoch`` and checkpoint, so the last checkpoint is the last good state -- when a
+    model skipped every update of the epoch or :data:`ddjax.guard.MAX_CONSECUTIVE_SKIPS` in
+    a row.
 
     Args:
       state: a pool-stacked :class:`TrainState` (``pool=True``; from :func:`init_pool`) or one
@@ -227,6 +238,9 @@ def train_epochs(
       on_resume: ``on_resume(epochs_done)`` once, before the first epoch of this call, with
         the epochs the restored checkpoint had finished (0 when none was restored): where a
         stage drops the events it logged after that checkpoint (``Workdir.rewind``).
+      log: ``log(**record)`` receives the ``skipped`` records (e.g. ``Workdir.log``); they
+        are also printed. ``None``: printed only.
+      stage: the stage's name in those messages (``None``: ``progress`` or ``'training'``).
 
     Returns:
       ``(state, losses)``: the trained state (as given, pool-stacked or not) and the mean
@@ -239,6 +253,8 @@ def train_epochs(
         "train_epochs: a per-model source needs epoch_keys",
     )
     mode = resolve_pool_mode(pool_mode, pool)
+    # Skip counters made by default (NumPy zeros, TrainState(params, stats, opt)) as arrays.
+    state = state._replace(skips=jax.tree.map(jnp.asarray, state.skips))
     within = None
     if checkpoint_every_batches is not None:
         check(
@@ -282,13 +298,15 @@ def train_epochs(
         disable=True if progress is None else None,
         leave=False,
     )
+    skips = _SkipWatch(placed, stage or progress, checkpoints, log)
     for count, epoch in enumerate(bar, start=1):
         keys = epoch_keys(epoch) if epoch_keys is not None else None
         resumed_inside = within is not None and within.start_batch > 0
         # A resumed partial epoch had its optimiser reset before the checkpoint was taken.
         resets = () if resumed_inside else reset_optimizer_at
         placed.prepare(epoch, lr_schedule, resets, tx)
-        loss, per_example = run_epoch(epoch, keys)
+        loss, per_example, num_steps = run_epoch(epoch, keys)
+        skips.after_epoch(epoch, num_steps)
         history.append(loss)
         postfix = None
         if on_epoch is not None:
@@ -350,11 +368,54 @@ class _Placed:
                 state = state._replace(opt_state=opt_state)
             self.states[i] = state
 
+    def skips(self) -> guard.Skips:
+        """The models' skip counters on the host, ``(K,)`` int arrays (``(1,)``: one model)."""
+        counters = distributed.to_host([state.skips for state in self.states])
+        total = np.concatenate([np.atleast_1d(c.total) for c in counters])
+        streak = np.concatenate([np.atleast_1d(c.streak) for c in counters])
+        return guard.Skips(total, streak)
+
     def gathered(self) -> TrainState:
         """The state in the form it was given (a looped pool stacked again)."""
         if self.pool and self.mode == "loop":
             return _stack(self.states, self.like)
         return self.states[0]
+
+
+class _SkipWatch:
+    """The epoch driver's side of the guard: reports each epoch's skips, stops without progress."""
+
+    def __init__(self, placed: _Placed, stage: str | None, checkpoints, log):
+        self.placed, self.log = placed, log
+        self.stage = stage or "training"
+        self.kept = (
+            "the last good state is the last checkpoint"
+            if checkpoints is None
+            else f"the last good state is the last checkpoint in {checkpoints.directory}"
+        )
+        self.reported = placed.skips().total
+
+    def after_epoch(self, epoch: int, num_steps: int) -> None:
+        skips = self.placed.skips()
+        skipped = skips.total - self.reported
+        self.reported = skips.total
+        if not skipped.any():
+            return
+        count = skipped.tolist() if self.placed.pool else int(skipped[0])
+        if self.log is not None:
+            self.log(event="skipped", epoch=epoch + 1, count=count, reason=guard.REASON)
+        tqdm.write(
+            f"{self.stage}: epoch {epoch + 1}: {count} of {num_steps} updates skipped "
+            f"({guard.REASON})"
+        )
+        where = f"epoch {epoch + 1}"
+        if num_steps and (skipped >= num_steps).any():
+            raise DDJaxError(
+                guard.no_progress(
+                    self.stage, f"all {num_steps} updates of {where} were skipped", self.kept
+                )
+            )
+        guard.check_progress(skips.streak, stage=self.stage, where=where, kept=self.kept)
 
 
 class _Within:
@@ -411,7 +472,7 @@ class _Within:
 
 
 def _epoch_runner(step, source: BatchSource, placed: _Placed, within: _Within | None = None):
-    """``run(epoch, keys) -> (loss, per_example)``: one epoch of ``placed``'s models.
+    """``run(epoch, keys) -> (loss, per_example, num_steps)``: one epoch of ``placed``'s models.
 
     An :class:`ArraySource` runs as compiled whole-epoch programs; other sources feed their
     batches to the jitted step (vmapped over the pool with shared or per-model batches).
@@ -434,19 +495,21 @@ def _epoch_runner(step, source: BatchSource, placed: _Placed, within: _Within | 
         def run_arrays(epoch, keys):
             if form != "loop":
                 images, labels = beside(epoch, states[0])
+                num_steps = -(-images.shape[0] // source.batch_size)
                 one_key = keys if placed.vmapped else keys[0]
                 states[0], out = program(states[0], images, labels, one_key)
-                return _split_output(out)
+                return (*_split_output(out), num_steps)
             outputs = []
             for i, one in enumerate(states):
                 images, labels = beside(epoch, one)
+                num_steps = -(-images.shape[0] // source.batch_size)
                 key = jax.device_put(keys[i], _sharding_of(one))
                 states[i], out = program(one, images, labels, key)
                 outputs.append(_split_output(out))
             if not placed.pool:
-                return outputs[0]
+                return (*outputs[0], num_steps)
             losses, per_example = zip(*outputs, strict=True)
-            return losses, (None if per_example[0] is None else per_example)
+            return losses, (None if per_example[0] is None else per_example), num_steps
 
         return run_arrays
 
@@ -454,7 +517,7 @@ def _epoch_runner(step, source: BatchSource, placed: _Placed, within: _Within | 
     shared = not source.per_model
 
     def run_batches(epoch, keys):
-        totals, count, start_batch = 0.0, 0, 0
+        totals, count, start_batch, num_steps = 0.0, 0, 0, 0
         resume = {}
         if within is not None:
             start_batch, totals, count = within.resume_point()
@@ -482,9 +545,10 @@ def _epoch_runner(step, source: BatchSource, placed: _Placed, within: _Within | 
                 loss = jnp.stack(losses) if placed.pool else losses[0]
             totals = totals + loss * size
             count += size
+            num_steps += 1
             if within is not None:
                 within.done += 1
-        return totals / count, None
+        return totals / count, None, num_steps
 
     return run_batches
 
@@ -560,6 +624,8 @@ def fit_pool(
     tx: optax.GradientTransformation | None = None,
     progress: str | None = None,
     pool_mode: str = "auto",
+    log: Callable[..., None] | None = None,
+    stage: str | None = None,
 ) -> tuple[TrainState, np.ndarray]:
     """Trains a pool of models on in-memory arrays: :func:`train_epochs` on an :class:`ArraySource`.
 
@@ -571,7 +637,8 @@ def fit_pool(
       key: the models' keys are ``jax.random.split(fold_in(key, epoch), K)``.
       epochs: number of epochs.
       batch_size: minibatch size.
-      lr_schedule, reset_optimizer_at, tx, progress, pool_mode: as in :func:`train_epochs`.
+      lr_schedule, reset_optimizer_at, tx, progress, pool_mode, log, stage: as in
+        :func:`train_epochs`.
 
     Returns:
       The trained state and the mean training loss per epoch, shape ``(epochs, K)``.
@@ -587,6 +654,8 @@ def fit_pool(
         reset_optimizer_at=reset_optimizer_at,
         tx=tx,
         progress=progress,
+        log=log,
+        stage=stage,
     )
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ddjax import distributed, sharding
+from ddjax import distributed, guard, sharding
 from ddjax.errors import check
 
 Array = jax.Array
@@ -36,11 +36,14 @@ class TrainState(NamedTuple):
       params: the ``params`` collection.
       batch_stats: the ``batch_stats`` collection (``{}`` for models without BatchNorm).
       opt_state: the optax state.
+      skips: the :class:`ddjax.guard.Skips` counters of updates the guard refused (a step
+        whose loss or new state is not finite keeps the old state; :mod:`ddjax.guard`).
     """
 
     params: Any
     batch_stats: Any
     opt_state: Any
+    skips: Any = guard.no_skips()
 
 
 def sgd(learning_rate: float, momentum: float = 0.0, weight_decay: float = 0.0):
@@ -128,6 +131,11 @@ def make_train_step(
 ):
     """Builds the pure train step ``(state, images, labels, key) -> (state, loss)``.
 
+    **The guard** (:mod:`ddjax.guard`): the update is applied only if the loss and every
+    floating leaf of the new state (parameters, BatchNorm statistics, optimiser state) are
+    finite; otherwise the state is kept as it was and ``state.skips`` counts the skip. The
+    returned loss is the one computed (non-finite for such a step).
+
     **Gradient accumulation** (``accumulate = A > 1``): the batch of ``B`` examples (after
     ``augment``, which sees the whole batch) is cut into micro-batches of
     ``m = ceil(B / A)`` examples -- ``B // m`` full ones and, when ``m`` does not divide ``B``,
@@ -202,7 +210,13 @@ def make_train_step(
             )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        state = TrainState(params, batch_stats, opt_state)
+        # The guard: a non-finite loss or new state keeps the old one (counted as skipped).
+        kept, accepted = guard.guard(
+            (params, batch_stats, opt_state),
+            (state.params, state.batch_stats, state.opt_state),
+            loss,
+        )
+        state = TrainState(*kept, guard.count(state.skips, accepted))
         if not with_correct:
             return state, loss
         classes = labels if labels.ndim == 1 else jnp.argmax(labels, -1)
