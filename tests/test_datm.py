@@ -483,23 +483,33 @@ _DEVICE_SCRIPT = textwrap.dedent(
 
 
 def test_sharded_minibatch_gives_the_same_labels_and_images(tmp_path):
-    """The inner minibatch (4 images) split over 4 forced host devices == one device."""
+    """The inner minibatch (4 images) split over 4 forced host devices == one device.
+
+    Both in float64 (state, trajectories and student follow jax_enable_x64): the split only
+    reorders sums (~1e-16 relative; two steps with lr_img=10 and lr_y=2 grow it a hundredfold
+    at most, as they grew float32's ~1e-7 to ~1e-5, the old tolerance, which depended on the
+    CPU's instruction set), so 1e-10 is a margin of ~1e4 that still catches a real difference.
+    """
     out = str(tmp_path / "sharded.npz")
     script = _DEVICE_SCRIPT.format(tests=os.path.dirname(__file__), out=out)
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1")
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, timeout=300, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    state = _state()
-    for e in range(2):
-        state, _ = _step()(state, _trajectories(), jnp.int32(e))
+    with jax.enable_x64(True):
+        state = _state()
+        trajectories = _trajectories.__wrapped__()  # float64, not the cached float32 ones
+        for e in range(2):
+            state, _ = _step()(state, trajectories, jnp.int32(e))
+        initial = _state()
+    assert state.images.dtype == state.labels.dtype == jnp.float64
     with np.load(out) as sharded:
         for name in ("images", "labels", "inner_lr"):
-            np.testing.assert_allclose(sharded[name], getattr(state, name), rtol=1e-4, atol=1e-5)
-    assert not np.allclose(state.labels, _state().labels)
+            np.testing.assert_allclose(sharded[name], getattr(state, name), rtol=0, atol=1e-10)
+    assert not np.allclose(state.labels, initial.labels)
+    assert not np.allclose(state.images, initial.images)
 
 
 # --- the run: experts -> DATM with checkpoints and resume ----------------------------------------

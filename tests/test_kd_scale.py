@@ -296,9 +296,8 @@ def test_one_student_on_eight_devices_equals_one_device(tmp_path):
             test_kd_scale._data_parallel_student({str(tmp_path / "eight.npz")!r})
         """
     )
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     # The 8-device run and this process's 1-device run side by side.
     eight = subprocess.Popen(
         [sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True

@@ -401,9 +401,8 @@ def test_eight_devices_give_the_same_images_and_loss_as_one(tmp_path):
             test_recover._sharded_batch(pathlib.Path({str(tmp_path)!r}))
         """
     )
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     result = subprocess.run(
         [sys.executable, "-c", script], env=env, timeout=300, capture_output=True, text=True
     )

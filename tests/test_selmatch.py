@@ -63,10 +63,11 @@ def _model():
 @functools.cache
 def _trajectories(num_experts: int = 2, num_snapshots: int = 4):
     """``[E, T+1, ...]`` trajectories: each expert drifts from a random start by random steps
-    (NumPy on the parameter shapes, so that building them compiles nothing)."""
+    (NumPy on the parameter shapes, so that building them compiles nothing), in the model's
+    dtype (float64 under jax_enable_x64; cached per mode by the callers that switch)."""
     rng = np.random.default_rng(0)
     shapes = models.variable_shapes(_model(), IMAGE_SHAPE)["params"]
-    init = jax.tree.map(lambda x: 0.3 * rng.normal(size=x.shape).astype(np.float32), shapes)
+    init = jax.tree.map(lambda x: 0.3 * rng.normal(size=x.shape).astype(x.dtype), shapes)
     experts = []
     for _ in range(num_experts):
         params, snapshots = init, [init]
@@ -232,26 +233,35 @@ _DEVICE_SCRIPT = textwrap.dedent(
 
 
 def test_sharded_minibatch_gives_the_same_partial_update(tmp_path):
-    """The inner minibatch (4 images) split over 4 forced host devices == one device."""
+    """The inner minibatch (4 images) split over 4 forced host devices == one device.
+
+    Both in float64 (state, trajectories and student follow jax_enable_x64): the split only
+    reorders the BatchNorm and loss sums (~1e-16 relative; two steps with lr_img=10 grow it a
+    hundredfold at most, as they grew float32's ~1e-7 to ~1e-5, the old tolerance, which
+    depended on the CPU's instruction set), so 1e-10 is a margin of ~1e4 that still catches a
+    real difference (per-device BatchNorm statistics: > 1e-3).
+    """
     out = str(tmp_path / "sharded.npz")
     script = _DEVICE_SCRIPT.format(tests=os.path.dirname(__file__), out=out)
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1")
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, timeout=300, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
     config = STEP
-    state = _state(config)
-    for e in range(2):
-        state, _ = _step(config)(state, _trajectories(), jnp.int32(e))
+    with jax.enable_x64(True):
+        state = _state(config)
+        trajectories = _trajectories.__wrapped__()  # float64, not the cached float32 ones
+        for e in range(2):
+            state, _ = _step(config)(state, trajectories, jnp.int32(e))
+        initial = _state(config).images
+    assert state.images.dtype == jnp.float64
     with np.load(out) as sharded:
-        np.testing.assert_allclose(sharded["images"], state.images, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(sharded["inner_lr"], state.inner_lr, rtol=1e-4)
-        np.testing.assert_array_equal(
-            sharded["images"][NUM_DISTILLED:], _state(config).images[NUM_DISTILLED:]
-        )
+        assert not np.allclose(sharded["images"], initial)
+        np.testing.assert_allclose(sharded["images"], state.images, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(sharded["inner_lr"], state.inner_lr, rtol=1e-12)
+        np.testing.assert_array_equal(sharded["images"][NUM_DISTILLED:], initial[NUM_DISTILLED:])
 
 
 # --- evaluation: the combined augmentation and SelMatch's protocol ------------------------------

@@ -72,36 +72,42 @@ def test_epoch_order_depends_on_the_key():
     "name, pool_mode, aug", [("ConvNet", "vmap", "crop_flip"), ("ConvNetBN", "loop", "dsa")]
 )
 def test_pool_training_equals_training_models_one_by_one(name, pool_mode, aug):
-    # 20 examples in batches of 8: two full batches and a partial one per epoch.
-    images, labels = _data()
-    net = models.get_model(name, 3, (8, 8, 1), width=8)
-    tx = train.sgd(0.05, momentum=0.9, weight_decay=5e-4)
-    # DSA with two groups (of six), in the looped pool: the property is the pool, and DSA
-    # vmapped over a pool compiles slowly on CPU (tests/test_evaluate.py vmaps DSA's crop and
-    # flip over 8 devices).
-    aug_fn = (
-        augment.make_augment(aug, "color_rotate") if aug == "dsa" else augment.make_augment(aug)
-    )
-    step = train.make_train_step(net, tx, aug_fn)
-    key = jax.random.key(3)
-    num_models, epochs = 3, 2
+    """In float64 (the networks follow jax_enable_x64): vmap and the loop only reorder sums,
+    ~1e-16 relative, which two epochs of momentum SGD grow to ~1e-14 at most; 1e-10 is a margin
+    of ~1e4 (float32's ~1e-7 grew to ~1e-5, the old tolerance, and depended on the CPU's
+    instruction set). The pool's history is reported in float32: one rounding, 2^-23 relative.
+    """
+    with jax.enable_x64(True):
+        # 20 examples in batches of 8: two full batches and a partial one per epoch.
+        images, labels = _data()
+        net = models.get_model(name, 3, (8, 8, 1), width=8)
+        tx = train.sgd(0.05, momentum=0.9, weight_decay=5e-4)
+        # DSA with two groups (of six), in the looped pool: the property is the pool, and DSA
+        # vmapped over a pool compiles slowly on CPU (tests/test_evaluate.py vmaps DSA's crop and
+        # flip over 8 devices).
+        aug_fn = (
+            augment.make_augment(aug, "color_rotate") if aug == "dsa" else augment.make_augment(aug)
+        )
+        step = train.make_train_step(net, tx, aug_fn)
+        key = jax.random.key(3)
+        num_models, epochs = 3, 2
 
-    pool = train.init_pool(net, tx, key, (8, 8, 1), num_models)
-    pool, history = train.fit_pool(
-        pool, step, images, labels, key, epochs=epochs, batch_size=8, pool_mode=pool_mode
-    )
-    assert history.shape == (epochs, num_models)
+        pool = train.init_pool(net, tx, key, (8, 8, 1), num_models)
+        pool, history = train.fit_pool(
+            pool, step, images, labels, key, epochs=epochs, batch_size=8, pool_mode=pool_mode
+        )
+        assert history.shape == (epochs, num_models)
 
-    epoch = jax.jit(train.make_epoch(step, 8))
-    for i, init_key in enumerate(jax.random.split(key, num_models)):
-        state = train.init_state(net, tx, init_key, (8, 8, 1))
-        for e in range(epochs):
-            epoch_key = jax.random.split(jax.random.fold_in(key, e), num_models)[i]
-            state, loss = epoch(state, images, labels, epoch_key)
-            np.testing.assert_allclose(float(loss), history[e, i], rtol=1e-4, atol=1e-5)
-        one = jax.tree.map(lambda x, i=i: x[i], pool)
-        for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(state), strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+        epoch = jax.jit(train.make_epoch(step, 8))
+        for i, init_key in enumerate(jax.random.split(key, num_models)):
+            state = train.init_state(net, tx, init_key, (8, 8, 1))
+            for e in range(epochs):
+                epoch_key = jax.random.split(jax.random.fold_in(key, e), num_models)[i]
+                state, loss = epoch(state, images, labels, epoch_key)
+                np.testing.assert_allclose(float(loss), history[e, i], rtol=2**-22)
+            one = jax.tree.map(lambda x, i=i: x[i], pool)
+            for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(state), strict=True):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-13)
 
 
 def test_unknown_pool_mode_is_refused():
@@ -181,17 +187,20 @@ def test_pool_accuracy_counts_per_class(pool_mode):
 
 
 def test_fit_trains_one_model_like_a_pool_of_one():
+    # float64: a pool of one may reorder sums (~1e-16 relative, ~1e-14 after three epochs);
+    # both histories are rounded once to float32, so they agree to 2^-23 relative.
     images, labels = _data(n=16)
-    net = models.get_model("ConvNet", 3, (8, 8, 1), width=4)
-    tx = train.sgd(0.05, momentum=0.9)
-    step = train.make_train_step(net, tx)
-    key = jax.random.key(0)
-    state = train.init_state(net, tx, key, (8, 8, 1))
-    one, history = train.fit(state, step, images, labels, key, epochs=3, batch_size=8)
-    assert history.shape == (3,) and history[-1] < history[0]
-    pool = jax.tree.map(lambda x: x[None], state)
-    pool, pool_history = train.fit_pool(pool, step, images, labels, key, epochs=3, batch_size=8)
-    np.testing.assert_allclose(history, pool_history[:, 0], rtol=1e-6)
+    with jax.enable_x64(True):
+        net = models.get_model("ConvNet", 3, (8, 8, 1), width=4)
+        tx = train.sgd(0.05, momentum=0.9)
+        step = train.make_train_step(net, tx)
+        key = jax.random.key(0)
+        state = train.init_state(net, tx, key, (8, 8, 1))
+        one, history = train.fit(state, step, images, labels, key, epochs=3, batch_size=8)
+        assert history.shape == (3,) and history[-1] < history[0]
+        pool = jax.tree.map(lambda x: x[None], state)
+        pool, pool_history = train.fit_pool(pool, step, images, labels, key, epochs=3, batch_size=8)
+    np.testing.assert_allclose(history, pool_history[:, 0], rtol=2**-22)
 
 
 @pytest.mark.parametrize("form", ["scan", "loop"])
@@ -249,14 +258,18 @@ def test_driver_trains_any_batch_source_like_the_compiled_epoch(pool_mode):
     source = train.ArraySource(images, labels, 8)
     keys = train.pool_epoch_keys(jax.random.key(1), 2)
     trained = {}
-    for name, batches in (("compiled", source), ("batches", _Batches(source))):
-        pool = train.init_pool(net, tx, jax.random.key(0), (8, 8, 1), 2)
-        trained[name] = train.train_epochs(
-            pool, step, batches, epochs=2, epoch_keys=keys, pool_mode=pool_mode
-        )
+    # float64: the two forms compile to different programs that may reorder sums (~1e-16
+    # relative, ~1e-14 after two epochs); 1e-10 leaves a margin of ~1e4 on any CPU.
+    with jax.enable_x64(True):
+        for name, batches in (("compiled", source), ("batches", _Batches(source))):
+            pool = train.init_pool(net, tx, jax.random.key(0), (8, 8, 1), 2)
+            trained[name] = train.train_epochs(
+                pool, step, batches, epochs=2, epoch_keys=keys, pool_mode=pool_mode
+            )
     compiled, batches = jax.tree.leaves(trained["compiled"]), jax.tree.leaves(trained["batches"])
+    assert compiled[0].dtype == np.float64
     for a, b in zip(compiled, batches, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
 
 
 def test_driver_resumes_bit_identical_with_on_epoch_record(tmp_path):

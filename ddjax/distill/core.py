@@ -47,6 +47,7 @@ from ddjax import guard
 from ddjax.distill import matching
 from ddjax.distill.method import Method
 from ddjax.errors import check
+from ddjax.models import float_dtype
 
 __all__ = [
     "DistillState",
@@ -70,7 +71,7 @@ class DistillState(NamedTuple):
         space; with a partial update (SelMatch) the learnable ones first, the frozen ones last.
       labels: int labels ``[C·IPC]`` (fixed in MTT) or float ``[C·IPC, classes]`` (a method
         with ``float_labels``: DATM's learnable logits, TESLA's latest assignment).
-      inner_lr: the learnable student step size α (float32 scalar).
+      inner_lr: the learnable student step size α (a scalar of the state's float dtype).
       image_opt_state: the SGD-momentum state of the learnable images.
       lr_opt_state: α's SGD-momentum state.
       step: the number of iterations done (int32 scalar); the iteration of the next one.
@@ -185,7 +186,8 @@ def init_state(
       DDJaxError: if the labels do not fit the method, or nothing is learnable.
     """
     tx_img, tx_lr = make_optimizers(config.lr_img, config.lr_lr, config.momentum)
-    images = jnp.asarray(images, jnp.float32)
+    dtype = float_dtype()  # float32, or float64 under jax_enable_x64 (as the experts load)
+    images = jnp.asarray(images, dtype)
     labels = jnp.asarray(labels)
     soft = method.float_labels
     check(
@@ -195,14 +197,14 @@ def init_state(
         f"images, got {tuple(labels.shape)}",
     )
     if soft:
-        labels = labels.astype(jnp.float32)
+        labels = labels.astype(dtype)
     learnable = method.learnable(images)
     check(
         learnable.shape[0] >= 1,
         f"method {method.name!r} leaves nothing to learn among {images.shape[0]} images",
     )
     tx_labels = method.label_optimizer()
-    lr = jnp.asarray(inner_lr, jnp.float32)
+    lr = jnp.asarray(inner_lr, dtype)
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     return DistillState(

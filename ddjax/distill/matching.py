@@ -499,12 +499,19 @@ def inner_unroll(
         θ̂_N, a pytree like ``start_params``.
 
     Raises:
-        DDJaxError: unknown ``mode``/``loop``/strategy, bad ``remat_every`` or mismatched
-            shapes.
+        DDJaxError: unknown ``mode``/``loop``/strategy, bad ``remat_every``, mismatched
+            shapes, or floating inputs of different dtypes (``start_params``, ``images``,
+            float ``labels``, an array ``inner_lr``; the message names the leaf and both
+            dtypes).
     """
     check(isinstance(inner, InnerLoop), f"inner must be an InnerLoop, got {type(inner).__name__}")
     inner.validate()
     _check_shapes(images, labels, batch_indices, batch_mask)
+    # The learned inputs and θ share one float dtype (batch_mask is a weight, never learned).
+    models.check_float_dtypes(
+        "inner_unroll",
+        {"start_params": start_params, "images": images, "labels": labels, "inner_lr": inner_lr},
+    )
     augmenting = augment_key is not None and bool(augment_lib.parse_strategy(inner.dsa_strategy))
     student = _Student(
         inner.model, inner.dsa_strategy if augmenting else None, inner.batch_sharding
@@ -749,7 +756,7 @@ def match_loss(
 
     Raises:
         DDJaxError: see :func:`inner_unroll`; also if start, target and weights have
-            different structures.
+            different structures, or ``target_params`` a dtype other than the rest.
     """
     structures = [jax.tree.structure(start_params), jax.tree.structure(target_params)]
     if param_weights is not None:
@@ -759,6 +766,9 @@ def match_loss(
         "match_loss: start_params, target_params (and param_weights) must have the same "
         f"structure, got {' and '.join(map(str, structures))}",
     )
+    # Before the unroll, so that a mix is named here rather than inside lax.scan.
+    dtypes = {"start_params": start_params, "target_params": target_params, "images": images}
+    models.check_float_dtypes("match_loss", {**dtypes, "labels": labels, "inner_lr": inner_lr})
     final_params = inner_unroll(
         images,
         labels,
@@ -852,6 +862,7 @@ def from_mtt_flat(
     *,
     model: nn.Module,
     image_shape: tuple[int, int, int],
+    dtype: Any = None,
 ) -> tuple[Params, Params]:
     """Start and target ``params`` from MTT's flat expert vectors (host-side, not jittable).
 
@@ -865,16 +876,22 @@ def from_mtt_flat(
         target_vector: θ*_{t+M}, same length.
         model: the ddjax model the expert was trained as.
         image_shape: (H, W, C) of the images.
+        dtype: ``'float32'`` or ``'float64'`` for both; ``None`` (default): the wider of the
+            two vectors' own floating dtypes, at least float32 (float64 is kept under
+            ``jax_enable_x64``).
 
     Returns:
-        ``(start_params, target_params)``, ``params`` pytrees for :func:`match_loss`.
+        ``(start_params, target_params)``, ``params`` pytrees for :func:`match_loss`, of one
+        dtype.
 
     Raises:
-        DDJaxError: if a vector's length does not match the model.
+        DDJaxError: if a vector's length does not match the model, or an unsupported
+            ``dtype``.
     """
-    start = models.from_flat_vector(start_vector, model, image_shape)["params"]
-    target = models.from_flat_vector(target_vector, model, image_shape)["params"]
-    return start, target
+    start = models.from_flat_vector(start_vector, model, image_shape, dtype=dtype)["params"]
+    target = models.from_flat_vector(target_vector, model, image_shape, dtype=dtype)["params"]
+    wider = jnp.result_type(*jax.tree.leaves(start)[:1], *jax.tree.leaves(target)[:1])
+    return jax.tree.map(lambda x: x.astype(wider), (start, target))
 
 
 # --------------------------------------------------------------------------------------------

@@ -375,7 +375,8 @@ def _load_subset(experts_dir, done, members, subset_size, num_snapshots):
     ids = [int(done[m]) for m in members]
     ids += [ids[0]] * (subset_size - len(ids))
     trajectories = experts_lib.load_trajectories(experts_dir, ids)
-    return jax.tree.map(lambda a: jnp.asarray(a[:, :num_snapshots], jnp.float32), trajectories)
+    dtype = models_lib.float_dtype()  # the state's: float64 under jax_enable_x64
+    return jax.tree.map(lambda a: jnp.asarray(a[:, :num_snapshots], dtype), trajectories)
 
 
 def _synset(

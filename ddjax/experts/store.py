@@ -298,14 +298,18 @@ def check_compatible(
 
 
 def trajectory_shapes(meta: dict) -> Params:
-    """The ``params`` tree of one trajectory as ``jax.ShapeDtypeStruct`` (``[epochs+1, ...]``)."""
+    """The ``params`` tree of one trajectory as ``jax.ShapeDtypeStruct`` (``[epochs+1, ...]``).
+
+    The dtype is the model's (:func:`ddjax.models.float_dtype`): the float32 files load as
+    float64 under ``jax_enable_x64``, the dtype distillation's state then has.
+    """
     net = models_lib.get_model(
         meta["model"], meta["num_classes"], tuple(meta["image_shape"]), **meta["model_overrides"]
     )
     shapes = models_lib.variable_shapes(net, tuple(meta["image_shape"]))["params"]
     device = jax.sharding.SingleDeviceSharding(distributed.local_device())
     return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct((meta["epochs"] + 1, *s.shape), np.float32, sharding=device),
+        lambda s: jax.ShapeDtypeStruct((meta["epochs"] + 1, *s.shape), s.dtype, sharding=device),
         shapes,
     )
 

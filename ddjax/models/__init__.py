@@ -9,9 +9,10 @@ ImageNet-scale teachers and students: ResNet-50/101 (:class:`BottleneckResNet`) 
 
 Conventions every caller relies on:
 
-* **Input** is NHWC float32. The spatial size is not a field of any model: Flax infers the
-  classifier's input width from the first call, so :func:`init_variables` is where the image
-  shape enters (and where too-small images are rejected).
+* **Input** is NHWC float32 (float64 with float64 variables). The spatial size is not a field
+  of any model: Flax infers the classifier's input width from the first call, so
+  :func:`init_variables` is where the image shape enters (and where too-small images are
+  rejected).
 * **Call signature** ``model.apply(variables, images, train=False, features_only=False)``. It
   returns logits ``(N, num_classes)``, or, with ``features_only=True``, the vector the classifier
   sees ``(N, F)`` (herding and k-center selection embed images with it). For flattening heads
@@ -34,6 +35,9 @@ Conventions every caller relies on:
   BatchNorm layer also stores the batch mean and biased variance of its *input* (over N, H, W)
   in ``'bn_inputs'``, laid out exactly like ``'batch_stats'``; under ``jit`` with a sharded batch
   these are statistics of the whole batch.
+* **Dtype.** Every variable a model creates is :func:`float_dtype`: float32, or float64 when
+  ``jax_enable_x64`` is on (the weights drawn in float32 and cast, so both start alike);
+  :func:`check_float_dtypes` is the loss functions' refusal of a float32/float64 mix.
 * **Initialisation** is PyTorch's default, so accuracies are comparable with the published
   numbers: conv and linear weights and biases ~ U(±1/√fan_in) (``kaiming_uniform(a=√5)``),
   normalisation γ = 1, β = 0, running mean 0 and variance 1. ``conv_init='torchvision'``
@@ -77,7 +81,7 @@ Adding an architecture: one module with the Flax class, one registry line, and i
 
 from ddjax.models.conv import CONV_GRADS, conv_nhwc
 from ddjax.models.convnet import ConvNet
-from ddjax.models.layers import BatchNorm
+from ddjax.models.layers import BatchNorm, check_float_dtypes, float_dtype
 from ddjax.models.mobilenet import MobileNetV2
 from ddjax.models.registry import (
     MODEL_NAMES,
@@ -111,8 +115,10 @@ __all__ = [
     "ResNet18",
     "VGG11",
     "Variables",
+    "check_float_dtypes",
     "conv_nhwc",
     "count_params",
+    "float_dtype",
     "from_flat_vector",
     "from_torch_state_dict",
     "get_model",

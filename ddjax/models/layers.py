@@ -15,7 +15,7 @@ that name ``Owner.field``, the value and what is valid.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -35,11 +35,66 @@ NORMS = ("instance", "batch", "layer", "group", "none")
 POOLS = ("avg", "max", "none")
 
 
+def float_dtype() -> jnp.dtype:
+    """The dtype of every variable a model creates: float32, or float64 under ``jax_enable_x64``.
+
+    Read when a model is initialised, so one switch gives a network that is float64 throughout
+    (Flax's own default would leave convolutions float32 next to float64 BatchNorm leaves).
+    """
+    return jnp.result_type(float)
+
+
+def check_float_dtypes(where: str, inputs: Mapping[str, Any]) -> None:
+    """Raises :class:`DDJaxError` unless every floating leaf of ``inputs`` has one dtype.
+
+    A float32 leaf among float64 ones (or the reverse) would otherwise fail deep inside
+    ``lax.scan`` ("scan carry input and output must have equal types") or silently compute
+    part of a loss, or its gradient, at float32 accuracy. Integer leaves and weakly typed
+    scalars (Python floats such as a learning rate) take any dtype and are not checked.
+
+    Args:
+        where: the function named in the message, e.g. ``'match_loss'``.
+        inputs: argument name -> array or pytree, in the order the message should follow.
+    """
+    first = None
+    for name, tree in inputs.items():
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            if isinstance(leaf, int | float) or getattr(leaf, "weak_type", False):
+                continue
+            dtype = np.dtype(getattr(leaf, "dtype", None) or np.asarray(leaf).dtype)
+            if not np.issubdtype(dtype, np.floating):
+                continue
+            leaf_name = name + jax.tree_util.keystr(path)
+            if first is None:
+                first = (leaf_name, dtype)
+            check(
+                dtype == first[1],
+                f"{where}: {leaf_name} is {dtype} but {first[0]} is {first[1]}; give every "
+                "floating input one dtype (float64 needs jax_enable_x64; the converters take "
+                "dtype='float64', e.g. from_torch_state_dict, from_mtt_flat)",
+            )
+
+
+def _drawn_in_float32(init: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """``init`` drawn in float32 and then cast: a float64 network starts from the float32 values.
+
+    So a float64 run (``jax_enable_x64``) and a float32 run of the same seed start from the
+    same weights, up to float32's rounding of the float64 ones, which the draw never had.
+    """
+
+    def cast(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        return init(key, shape, jnp.float32).astype(dtype)
+
+    return cast
+
+
 def _uniform(bound: float) -> Callable[..., jax.Array]:
     """U(-bound, bound): PyTorch's default for conv/linear weights and biases at 1/√fan_in."""
 
     def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+        return jax.random.uniform(key, shape, jnp.float32, minval=-bound, maxval=bound).astype(
+            dtype
+        )
 
     return init
 
@@ -71,7 +126,7 @@ def conv2d(
         # torchvision's ResNet and MobileNetV2: kaiming_normal_(mode='fan_out'), gain √2. The
         # fan-out of PyTorch's (out, in/groups, k, k) weight is out·k·k, as Flax computes it
         # from the HWIO kernel, grouped or not.
-        kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        kernel_init = _drawn_in_float32(nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
     else:
         kernel_init = _uniform(bound)
     return nn.Conv(
@@ -83,6 +138,7 @@ def conv2d(
         feature_group_count=groups,
         kernel_init=kernel_init,
         bias_init=_uniform(bound),
+        param_dtype=float_dtype(),
         conv_general_dilated=conv_general_dilated(conv_grad),
         name=name,
     )(x)
@@ -98,8 +154,15 @@ def dense(x: jax.Array, features: int, *, name: str, normal_std: float | None = 
         bound = 1.0 / math.sqrt(x.shape[-1])
         kernel_init, bias_init = _uniform(bound), _uniform(bound)
     else:
-        kernel_init, bias_init = nn.initializers.normal(normal_std), nn.initializers.zeros
-    return nn.Dense(features, kernel_init=kernel_init, bias_init=bias_init, name=name)(x)
+        kernel_init = _drawn_in_float32(nn.initializers.normal(normal_std))
+        bias_init = nn.initializers.zeros
+    return nn.Dense(
+        features,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        param_dtype=float_dtype(),
+        name=name,
+    )(x)
 
 
 def flatten_chw(x: jax.Array) -> jax.Array:
@@ -143,10 +206,11 @@ class BatchNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalises ``x`` (..., C) per channel; see the class docstring for the statistics."""
         channels = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (channels,))
-        bias = self.param("bias", nn.initializers.zeros, (channels,))
-        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,))
-        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,))
+        dtype = float_dtype()
+        scale = self.param("scale", nn.initializers.ones, (channels,), dtype)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), dtype)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), dtype)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), dtype)
 
         record_inputs = not self.is_initializing() and self.is_mutable_collection("bn_inputs")
         if not self.use_running_average or record_inputs:
@@ -189,11 +253,16 @@ def norm_layer(x: jax.Array, kind: str, *, train: bool, name: str) -> jax.Array:
             reduction_axes=axes,
             feature_axes=axes,
             use_fast_variance=False,
+            param_dtype=float_dtype(),
             name=name,
         )(x)
     groups = x.shape[-1] if kind == "instance" else 4
     return nn.GroupNorm(
-        num_groups=groups, epsilon=NORM_EPSILON, use_fast_variance=False, name=name
+        num_groups=groups,
+        epsilon=NORM_EPSILON,
+        use_fast_variance=False,
+        param_dtype=float_dtype(),
+        name=name,
     )(x)
 
 

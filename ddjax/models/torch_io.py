@@ -6,7 +6,10 @@ torchvision's for ResNet-18 with ``key_style='torchvision'``; always torchvision
 and MobileNet-V2, which MTT never had) in ``named_parameters`` order, and are inverse to each
 other; :func:`to_flat_vector` / :func:`from_flat_vector` use the flat vector
 of MTT's ``ReparamModule``, the format of MTT's expert buffers. A missing, unexpected or
-mis-shaped tensor is a one-line :class:`~ddjax.errors.DDJaxError` naming the key.
+mis-shaped tensor is a one-line :class:`~ddjax.errors.DDJaxError` naming the key. Every
+converter keeps the floating dtype it is given (float32, or float64 from ``net.double()`` or
+``jax_enable_x64``; narrower floats become float32) or takes ``dtype='float32'|'float64'``, in
+both directions; JAX arrays are float64 only with ``jax_enable_x64`` on.
 """
 
 from __future__ import annotations
@@ -225,8 +228,7 @@ def _set(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _to_torch(array: Any, axes: tuple[int, ...] | None) -> np.ndarray:
-    array = np.asarray(array, dtype=np.float32)
+def _to_torch(array: np.ndarray, axes: tuple[int, ...] | None) -> np.ndarray:
     return array if axes is None else np.ascontiguousarray(np.transpose(array, axes))
 
 
@@ -239,7 +241,7 @@ def _torch_shape(shape: Sequence[int], axes: tuple[int, ...] | None) -> tuple[in
 
 
 def to_torch_state_dict(
-    variables: Mapping[str, Any], model: nn.Module, *, key_style: str = "mtt"
+    variables: Mapping[str, Any], model: nn.Module, *, key_style: str = "mtt", dtype: Any = None
 ) -> dict[str, np.ndarray]:
     """Converts ddjax variables to the PyTorch ``state_dict`` of the same network.
 
@@ -259,18 +261,25 @@ def to_torch_state_dict(
         variables: ``{'params': ..., 'batch_stats': ...}`` of ``model``.
         model: the ddjax model the variables belong to.
         key_style: ``'mtt'`` or ``'torchvision'`` (ResNet18, BottleneckResNet, MobileNetV2).
+        dtype: ``'float32'`` or ``'float64'`` for every tensor; ``None`` (default): the widest
+            floating dtype among the variables, at least float32 (float64 variables stay
+            float64, for a ``net.double()``).
 
     Returns:
-        An ordered dict of float32 numpy arrays (int64 for ``num_batches_tracked``).
+        An ordered dict of numpy arrays of that dtype (int64 for ``num_batches_tracked``).
 
     Raises:
-        DDJaxError: the variables lack a tensor the model needs.
+        DDJaxError: the variables lack a tensor the model needs, or an unsupported ``dtype``.
     """
-    state_dict: dict[str, np.ndarray] = {}
+    values = {}
     for key, path, leaf in _tensors(model, key_style):
         collection = _get(variables, (leaf.collection,), "variables")
         value = _get(collection, (*path, leaf.flax_name), f"variables[{leaf.collection!r}]")
-        state_dict[key] = _to_torch(value, leaf.to_torch_axes)
+        values[key] = _as_numpy(value, f"variables[{leaf.collection!r}] at {'/'.join(path)}")
+    dtype = _variable_dtype(dtype, values.values())
+    state_dict: dict[str, np.ndarray] = {}
+    for key, _, leaf in _tensors(model, key_style):
+        state_dict[key] = _to_torch(values[key].astype(dtype, copy=False), leaf.to_torch_axes)
         if leaf.flax_name == "var":
             state_dict[key.replace("running_var", "num_batches_tracked")] = np.array(0, np.int64)
     return state_dict
@@ -283,8 +292,8 @@ def _strip_data_parallel(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     return state_dict
 
 
-def _as_numpy(value: Any, what: str, dtype: Any = np.float32) -> np.ndarray:
-    """``value`` as a numpy array of ``dtype``; ``dtype=None`` keeps a floating value's own."""
+def _as_numpy(value: Any, what: str) -> np.ndarray:
+    """``value`` as a numpy array of its own floating dtype (float32 for anything else)."""
     try:
         array = np.asarray(value)
     except (TypeError, ValueError, RuntimeError) as error:
@@ -292,12 +301,12 @@ def _as_numpy(value: Any, what: str, dtype: Any = np.float32) -> np.ndarray:
             f"{what} is not convertible to a numpy array ({error}); pass CPU tensors "
             "(detached) or numpy arrays"
         ) from error
-    if dtype is None:
-        dtype = array.dtype if array.dtype.kind == "f" else np.float32
+    if array.dtype.kind == "f":
+        return array
     try:
-        return array.astype(dtype, copy=False)
+        return array.astype(np.float32)
     except (TypeError, ValueError) as error:
-        raise DDJaxError(f"{what} has dtype {array.dtype}, not convertible to {dtype}") from error
+        raise DDJaxError(f"{what} has dtype {array.dtype}, not convertible to float32") from error
 
 
 # The float types variables may have: float32 (ddjax's default) and float64 (with
@@ -372,9 +381,7 @@ def from_torch_state_dict(
     check(not missing, f"state_dict for {name} is missing keys: {_some(missing)}")
     check(not unexpected, f"state_dict for {name} has unexpected keys: {_some(unexpected)}")
 
-    arrays = {
-        key: _as_numpy(state_dict[key], f"state_dict[{key!r}]", None) for key in expected_keys
-    }
+    arrays = {key: _as_numpy(state_dict[key], f"state_dict[{key!r}]") for key in expected_keys}
     dtype = _variable_dtype(dtype, arrays.values())
     variables: Variables = {}
     for key, path, leaf in expected:
@@ -391,7 +398,9 @@ def from_torch_state_dict(
     return variables
 
 
-def to_flat_vector(variables: Mapping[str, Any], model: nn.Module) -> np.ndarray:
+def to_flat_vector(
+    variables: Mapping[str, Any], model: nn.Module, *, dtype: Any = None
+) -> np.ndarray:
     """MTT's flat parameter vector: ``torch.cat([p.reshape(-1) for p in net.parameters()])``.
 
     This is the layout of MTT's ``ReparamModule`` and of the parameter lists in MTT's expert
@@ -401,22 +410,32 @@ def to_flat_vector(variables: Mapping[str, Any], model: nn.Module) -> np.ndarray
     Args:
         variables: variables of ``model`` (only ``'params'`` is read).
         model: the ddjax model.
+        dtype: ``'float32'`` or ``'float64'``; ``None`` (default): the widest floating dtype
+            of the parameters, at least float32.
 
     Returns:
-        A float32 vector of length ``count_params(variables)``.
+        A vector of length ``count_params(variables)`` of that dtype.
+
+    Raises:
+        DDJaxError: the variables lack a parameter the model needs, or an unsupported ``dtype``.
     """
     pieces = [
         _to_torch(
-            _get(variables["params"], (*path, leaf.flax_name), "variables['params']"),
+            _as_numpy(
+                _get(variables["params"], (*path, leaf.flax_name), "variables['params']"),
+                f"variables['params'] at {'/'.join(path)}",
+            ),
             leaf.to_torch_axes,
         ).reshape(-1)
         for _, path, leaf in _tensors(model, "mtt")
         if leaf.collection == "params"
     ]
-    return np.concatenate(pieces)
+    return np.concatenate(pieces).astype(_variable_dtype(dtype, pieces), copy=False)
 
 
-def from_flat_vector(vector: Any, model: nn.Module, image_shape: tuple[int, int, int]) -> Variables:
+def from_flat_vector(
+    vector: Any, model: nn.Module, image_shape: tuple[int, int, int], *, dtype: Any = None
+) -> Variables:
     """Inverse of :func:`to_flat_vector`: MTT's flat parameter vector to ddjax variables.
 
     BatchNorm models also get fresh running statistics (mean 0, variance 1), which is what
@@ -426,15 +445,20 @@ def from_flat_vector(vector: Any, model: nn.Module, image_shape: tuple[int, int,
         vector: 1-D array (numpy, JAX or a CPU tensor) of all parameters.
         model: the ddjax model.
         image_shape: (H, W, C) of the inputs.
+        dtype: ``'float32'`` or ``'float64'`` for every variable (the fresh running statistics
+            too); ``None`` (default): the vector's own, at least float32. JAX keeps float64
+            only with ``jax_enable_x64`` on.
 
     Returns:
         ``{'params': ...}`` plus ``'batch_stats'`` for BatchNorm models.
 
     Raises:
-        DDJaxError: the vector is not 1-D or its length is not the model's parameter count.
+        DDJaxError: the vector is not 1-D, its length is not the model's parameter count, or
+            an unsupported ``dtype``.
     """
     template = variable_shapes(model, image_shape)
     vector = _as_numpy(vector, "the flat parameter vector")
+    vector = vector.astype(_variable_dtype(dtype, [vector]), copy=False)
     expected = count_params(template)
     check(
         vector.ndim == 1 and vector.size == expected,
@@ -454,16 +478,16 @@ def from_flat_vector(vector: Any, model: nn.Module, image_shape: tuple[int, int,
         array = jnp.asarray(_from_torch(piece, leaf.to_torch_axes))
         _set(variables["params"], (*path, leaf.flax_name), array)
     if "batch_stats" in template:
-        variables["batch_stats"] = _fresh_batch_stats(template["batch_stats"])
+        variables["batch_stats"] = _fresh_batch_stats(template["batch_stats"], vector.dtype)
     return variables
 
 
-def _fresh_batch_stats(shapes: Mapping[str, Any]) -> dict[str, Any]:
+def _fresh_batch_stats(shapes: Mapping[str, Any], dtype: np.dtype) -> dict[str, Any]:
     """PyTorch's initial running statistics (mean 0, variance 1) shaped like ``shapes``."""
     fresh: dict[str, Any] = {}
     for name, node in shapes.items():
         if isinstance(node, Mapping):
-            fresh[name] = _fresh_batch_stats(node)
+            fresh[name] = _fresh_batch_stats(node, dtype)
         else:
-            fresh[name] = (jnp.ones if name == "var" else jnp.zeros)(node.shape, node.dtype)
+            fresh[name] = jnp.asarray((np.ones if name == "var" else np.zeros)(node.shape, dtype))
     return fresh

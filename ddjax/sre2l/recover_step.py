@@ -59,7 +59,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from ddjax import distributed, guard, loop, sharding
+from ddjax import distributed, guard, loop, models, sharding
 from ddjax.errors import DDJaxError, check
 from ddjax.sre2l import crops
 
@@ -170,9 +170,14 @@ def recover_loss(
         (:func:`bn_layer_names`), ``parts['bn_mean']`` / ``parts['bn_var']`` their two halves.
 
     Raises:
-        DDJaxError: the teacher has no BatchNorm layers.
+        DDJaxError: the teacher has no BatchNorm layers, or its ``params``, ``batch_stats``
+            and ``images`` are not all one float dtype (the leaf and both dtypes are named).
     """
     _check_teacher_variables(variables)
+    models.check_float_dtypes(
+        "recover_loss",
+        {"images": images, "params": variables["params"], "batch_stats": variables["batch_stats"]},
+    )
     teacher = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     logits, state = model.apply(teacher, images, train=False, mutable=["bn_inputs"])
     layers = list(_bn_layers(state.get("bn_inputs", {})))

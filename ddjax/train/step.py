@@ -88,7 +88,8 @@ def init_state(
     """Initialises a network (PyTorch-default init) and its optimiser state.
 
     ``dtype`` (e.g. ``jnp.float64``): the floating-point parameters and BatchNorm statistics
-    are cast to it before the optimiser state is made (``None``: the model's own, float32).
+    are cast to it before the optimiser state is made (``None``: the model's own, float32 or,
+    under ``jax_enable_x64``, float64; see :func:`ddjax.models.float_dtype`).
     """
     variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     params = variables["params"]
