@@ -48,7 +48,7 @@ import ml_collections
 import numpy as np
 
 from ddjax import data as data_lib
-from ddjax import distributed, loop
+from ddjax import distributed, loop, validate
 from ddjax.errors import DDJaxError, check
 from ddjax.sre2l import teacher as teacher_lib
 from ddjax.sre2l.contract import DataContract
@@ -392,6 +392,7 @@ def run_recover(
         DDJaxError: bad config, a teacher that does not fit the data or has no BatchNorm, or a
             work directory holding another run; all before anything is written.
     """
+    validate.check_config(config)
     _check_config(config)
     teacher = teacher_lib.load_teacher(config.teacher)
     if config.dataset.name:

@@ -20,11 +20,12 @@ from pathlib import Path
 import ml_collections
 
 from ddjax import data as data_lib
+from ddjax import loop, validate
 from ddjax import models as models_lib
 from ddjax.errors import check
 from ddjax.evaluate import EvalSettings
 from ddjax.evaluate_stage import KDTrainer, evaluate_into
-from ddjax.sre2l import kd
+from ddjax.sre2l import kd, label_store
 from ddjax.sre2l import teacher as teacher_lib
 from ddjax.sre2l.contract import DataContract
 from ddjax.sre2l.label_store import STORE_DIR, open_store, predict_storage, write_store
@@ -64,6 +65,7 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
     Raises:
       DDJaxError: bad config values, missing files, or a teacher/synset of other data.
     """
+    validate.check_config(config)
     check(
         config.labels in ("stored", "online"),
         f"config.labels={config.labels!r} is not known; valid: ['stored', 'online']",
@@ -89,6 +91,8 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
     if config.dataset.name:
         dataset = data_lib.open_from_config(config.dataset, stage="relabel")
         teacher_lib.check_teacher(teacher, dataset)
+        if config.evaluate:
+            validate.check_test_split(dataset, "relabel (config.evaluate)")
     else:
         check(
             not config.evaluate,
@@ -124,8 +128,25 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
                 f"relabel: {len(synset.labels)} images x {recipe.epochs} epochs of "
                 f"{dataset.num_classes} fp16 logits: {_size(predicted)} of labels"
             )
+    # The inputs' fingerprints, recorded with the results: a re-run on a set or teacher that
+    # changed since is refused rather than resumed with labels and students of the old ones.
+    inputs = {
+        "synset": label_store.synset_fingerprint(synset),
+        "teacher": label_store.teacher_fingerprint(teacher.model, teacher.variables),
+    }
+    previous = Path(workdir) / "results.json"
+    if previous.is_file():
+        validate.check_unchanged(
+            loop.read_json(previous, what=f"the work directory {workdir}"),
+            inputs,
+            {
+                "synset": f"config.synset {config.synset}",
+                "teacher": f"config.teacher {config.teacher}",
+            },
+        )
     work = Workdir(workdir, config, "relabel")
     results = work.results()
+    results["inputs"] = inputs
 
     store = None
     if config.labels == "stored":
