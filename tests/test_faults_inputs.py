@@ -19,7 +19,9 @@ import pytest
 from faults import DATA, refused, run
 
 from ddjax import data, models
+from ddjax.sre2l import label_store, views
 from ddjax.sre2l import teacher as teacher_lib
+from ddjax.synset import load_synset
 
 CLASSES, SHAPE = 3, (8, 8, 1)
 SMALL = "ConvNetW8"
@@ -109,6 +111,7 @@ def inputs(tmp_path_factory):
         epochs=2,
         experts_at_once=1,
         test_every=2,
+        augment="none",  # no DSA to compile: the rows need experts, not good ones
         progress=False,
     )
     model = models.get_model("ConvNetBN", CLASSES, SHAPE, width=8, depth=2)
@@ -121,6 +124,18 @@ def inputs(tmp_path_factory):
         variables=variables,
         dataset=dataset,
     )
+    # A label store of the good set, which the KD row pairs with another set.
+    paths["store"] = str(root / "labels")
+    label_store.write_store(
+        paths["store"],
+        load_synset(paths["good"]),
+        teacher_lib.load_teacher(paths["teacher"]),
+        dataset,
+        spec=views.AugmentSpec(),
+        epochs=1,
+        batch_size=6,
+    )
+    paths["other"] = str(_write_set(root / "other.npz", images=np.zeros((6, *SHAPE), np.float32)))
     return paths
 
 
@@ -214,6 +229,18 @@ ROWS = [
     ("temperature_zero", "relabel", ["--config.recipe.temperature=0.0"], "temperature=0.0 must"),
     ("num_models_zero", "quickstart", ["--num-models=0"], "--num-models=0 must be an integer"),
     ("epochs_negative", "quickstart", ["--epochs=-5"], "--epochs=-5 must be an integer >= 1"),
+    (
+        "datm_init_too_few_correct",
+        "datm",
+        ["--config.ipc=4"],
+        "are classified correctly by the final snapshot",
+    ),
+    (
+        "kd_store_of_another_set",
+        "evaluate",
+        ["--config.synset={other}", "--config.kd.teacher={teacher}", "--config.kd.store={store}"],
+        "was made for another synthetic set",
+    ),
     # --- synthetic sets ---
     ("nan_pixels", "evaluate", ["--config.synset={nan}"], "1 of 384 pixels are not finite"),
     ("inf_pixels", "evaluate", ["--config.synset={inf}"], "pixels are not finite"),
@@ -287,7 +314,12 @@ def test_evaluate_recomputes_results_of_a_synthetic_set_replaced_in_place(inputs
     workdir = tmp_path / "run"
     argv = _argv(
         "evaluate",
-        [f"--config.synset={synset}", "--config.eval.epochs=1", "--config.eval.num_models=1"],
+        [
+            f"--config.synset={synset}",
+            "--config.eval.protocol=dc",  # no augmentation to compile
+            "--config.eval.epochs=1",
+            "--config.eval.num_models=1",
+        ],
         inputs,
         workdir,
     )
