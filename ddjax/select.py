@@ -482,12 +482,22 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> SyntheticSet:
         # Read the scores now: a missing or mismatched scores file is refused before the
         # work directory is created.
         check("scores" in config, "config lacks the difficulty fields (select.difficulty_fields)")
-        difficulty_lib.scores_from_source(
+        scores = difficulty_lib.scores_from_source(
             config.scores,
             higher=config.scores_higher,
             train_labels=dataset.y_train,
             experts_dir=config.experts_dir,
         )
+        if config.method == "window":
+            # Every window the run takes (config.beta, or each of config.betas) must fit in
+            # every class; ranking the scores costs nothing next to the search.
+            betas = tuple(config.betas)
+            check(
+                len(set(betas)) == len(betas),
+                f"config.betas={list(betas)} repeats a value; give each β once",
+            )
+            for beta in betas or (config.beta,):
+                _difficulty_indices(dataset, "window", config.ipc, scores, config.end, beta)
     work = Workdir(workdir, config, "select")
     synset_file = work.file("synset.npz")
     if synset_file.exists():

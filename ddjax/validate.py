@@ -33,6 +33,8 @@ from ddjax.errors import DDJaxError, check
 
 #: float32's largest finite value: the optimising steps compute in float32.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: The largest integer config value: seeds become JAX PRNG keys, counts step counters.
+INT32_MAX = 2**31 - 1
 
 
 def _is_int(value: Any) -> bool:
@@ -81,13 +83,21 @@ def momentum(field: str, value: Any) -> None:
 
 
 def count(field: str, value: Any) -> None:
-    """A positive integer (sizes, epochs, iterations, numbers of models)."""
-    check(_is_int(value) and value >= 1, f"{field}={value!r} must be an integer >= 1")
+    """A positive integer (sizes, epochs, iterations, numbers of models) that fits int32."""
+    _integer(field, value, 1)
 
 
 def index(field: str, value: Any) -> None:
-    """An integer >= 0 (seeds, epochs that may be zero)."""
-    check(_is_int(value) and value >= 0, f"{field}={value!r} must be an integer >= 0")
+    """An integer >= 0 (seeds, epochs that may be zero) that fits int32."""
+    _integer(field, value, 0)
+
+
+def _integer(field: str, value: Any, low: int) -> None:
+    check(_is_int(value) and value >= low, f"{field}={value!r} must be an integer >= {low}")
+    check(
+        value <= INT32_MAX,
+        f"{field}={value!r} must be <= {INT32_MAX} (int32: JAX's PRNG seeds and step counters)",
+    )
 
 
 def each(rule: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
@@ -155,7 +165,6 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     **dict.fromkeys(
         (
             "alpha",
-            "beta",
             "warmup_start_factor",
             "recipe.warmup_start",
             "recipe.min_scale",
@@ -166,7 +175,10 @@ RULES: dict[str, Callable[[str, Any], None]] = {
         ),
         probability,
     ),
-    "betas": each(probability),
+    # SelMatch's window start floor(ipc * beta) in the hardest-first ranking: beta >= 0 (it may
+    # exceed 1 when a class has many more images than ipc; the data decides the upper end).
+    "beta": non_negative,
+    "betas": each(non_negative),
     "crop_scale": each(probability),
     **dict.fromkeys(("momentum", "momentum_y", "recipe.momentum"), momentum),
     **dict.fromkeys(

@@ -178,6 +178,9 @@ BASE = {
     "quickstart": ["quickstart"],
 }  # fmt: skip
 
+#: SelMatch's sliding window over the experts' forgetting scores.
+WINDOW = ["--config.method=window", "--config.experts_dir={experts}"]
+
 #: (id, stage, the row's arguments, a part of the expected error line).
 ROWS = [
     # --- config values: finite in float32, in range ---
@@ -206,7 +209,9 @@ ROWS = [
     ("ipc_zero", "select", ["--config.ipc=0"], "config.ipc=0 must be"),
     ("eval_lr_negative", "select", ["--config.eval.lr=-1.0"], "config.eval.lr=-1.0 must be"),
     ("beta_negative", "select", ["--config.method=window", "--config.beta=-0.5"], "beta=-0.5"),
-    ("betas_above_one", "select", ["--config.method=window", "--config.betas=0.5,1.5"], "betas[1]"),
+    ("beta_beyond_the_class", "select", [*WINDOW, "--config.beta=100.0"], "lower beta"),
+    ("betas_repeated", "select", [*WINDOW, "--config.betas=0.5,0.5"], "repeats a value"),
+    ("betas_negative", "select", ["--config.method=window", "--config.betas=0.5,-1.5"], "betas[1]"),
     (
         "unknown_feature_model",
         "select",
@@ -215,6 +220,8 @@ ROWS = [
     ),
     ("lr_inf", "experts", ["--config.lr=1e400"], "config.lr=inf is not finite"),
     ("epochs_zero", "experts", ["--config.epochs=0"], "config.epochs=0 must be"),
+    ("epochs_beyond_int32", "experts", ["--config.epochs=10000000000"], "must be <= 2147483647"),
+    ("seed_beyond_int32", "experts", ["--config.seed=99999999999999999999"], "must be <= 21474"),
     ("weight_decay_negative", "experts", ["--config.weight_decay=-1e-4"], "must be >= 0"),
     ("lr_overflow", "squeeze", ["--config.lr=1e39"], "config.lr=1e+39 is not finite in float32"),
     ("lr_negative", "squeeze", ["--config.lr=-0.1"], "config.lr=-0.1 must be positive"),
