@@ -217,8 +217,7 @@ def _kd_trainer(
     overrides = {k: kd_config.get(k) for k in fields if kd_config.get(k) is not None}
     recipe = kd_lib.get_recipe(kd_config.recipe, **overrides)
     store = label_store.open_store(kd_config.store) if kd_config.store else None
-    if store is not None:
-        label_store.check_store(store, synset=synset, teacher=teacher, dataset=dataset)
+    kd_lib.check_kd_inputs(synset, dataset, teacher, recipe, store)
     return KDTrainer(
         teacher,
         recipe,

@@ -248,6 +248,12 @@ ROWS = [
         ["--config.synset={other}", "--config.kd.teacher={teacher}", "--config.kd.store={store}"],
         "was made for another synthetic set",
     ),
+    (
+        "kd_batch_size_not_the_stores",
+        "evaluate",
+        ["--config.kd.teacher={teacher}", "--config.kd.store={store}", "--config.kd.batch_size=3"],
+        "differs from the relabel store's batch size 6",
+    ),
     # --- synthetic sets ---
     ("nan_pixels", "evaluate", ["--config.synset={nan}"], "1 of 384 pixels are not finite"),
     ("inf_pixels", "evaluate", ["--config.synset={inf}"], "pixels are not finite"),
