@@ -29,6 +29,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from ddjax import loop
 from ddjax.errors import DDJaxError, check
 
 #: float32's largest finite value: the optimising steps compute in float32.
@@ -380,3 +381,20 @@ def check_unchanged(results: dict, digests: Mapping[str, str], files: Mapping[st
             f"{names} changed since the results in this work directory were computed; "
             "use a new --workdir"
         )
+
+
+def check_workdir_inputs(
+    workdir: str | os.PathLike, digests: Mapping[str, str], names: Mapping[str, Any]
+) -> None:
+    """:func:`check_unchanged` against ``WORKDIR/results.json``, if there is one (run before
+    :class:`ddjax.workdir.Workdir`, which creates the directory).
+
+    Args:
+      workdir: the run's work directory (it may not exist).
+      digests: the inputs' current fingerprints, which the stage records in
+        ``results['inputs']``.
+      names: ``{name: what the message calls it}``.
+    """
+    file = Path(workdir) / "results.json"
+    if file.is_file():
+        check_unchanged(loop.read_json(file, what=f"the work directory {workdir}"), digests, names)

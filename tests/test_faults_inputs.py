@@ -169,7 +169,7 @@ BASE = {
     "teacher": ["teacher", "--config", "configs/teacher/torchvision.py:resnet18"],
     "recover": [
         "recover", "--config", "configs/recover/sre2l.py:digits", _data(),
-        "--config.teacher={teacher}",
+        "--config.teacher={teacher}", "--config.batch_size=3", "--config.ipc=1",
     ],
     "relabel": [
         "relabel", "--config", "configs/relabel/sre2l.py:digits", _data(),
@@ -278,6 +278,7 @@ ROWS = [
     ("no_test_split", "experts", [_data("{no_test}")], "has no test images"),
     ("no_test_split", "squeeze", [_data("{no_test}")], "has no test images"),
     ("no_test_split", "distill", [_data("{no_test}")], "has no test images"),
+    ("no_test_split", "relabel", [_data("{no_test}")], "has no test images"),
     # --- experts of other training data ---
     ("train_limit_differs", "distill", ["--config.dataset.train_limit=12"], "train_limit must"),
 ]
@@ -311,13 +312,23 @@ def test_a_refusal_leaves_an_existing_workdir_untouched(inputs, tmp_path, capsys
     assert (workdir / "notes.txt").read_text() == "mine"
 
 
-def test_a_relabel_whose_set_changed_since_its_results_is_refused(inputs, tmp_path, capsys):
-    """relabel records its inputs' fingerprints; other ones than recorded are refused."""
+@pytest.mark.parametrize(
+    ("stage", "recorded", "named"),
+    [
+        ("relabel", {"synset": "0", "teacher": "0"}, ["config.synset", "config.teacher"]),
+        ("recover", {"teacher": "0"}, ["config.teacher"]),
+    ],
+)
+def test_a_rerun_on_inputs_changed_since_its_results_is_refused(
+    stage, recorded, named, inputs, tmp_path, capsys
+):
+    """relabel and recover record their inputs' fingerprints; other ones than recorded (a set
+    or teacher replaced in place) are refused, naming the input, and the workdir is kept."""
     workdir = tmp_path / "run"
     workdir.mkdir()
-    (workdir / "results.json").write_text(json.dumps({"inputs": {"synset": "0", "teacher": "0"}}))
-    line = refused(_argv("relabel", [], inputs, workdir), capsys, "changed since the results")
-    assert "config.synset" in line and "config.teacher" in line
+    (workdir / "results.json").write_text(json.dumps({"inputs": recorded}))
+    line = refused(_argv(stage, [], inputs, workdir), capsys, "changed since the results")
+    assert all(name in line for name in named), line
 
 
 def test_evaluate_recomputes_results_of_a_synthetic_set_replaced_in_place(inputs, tmp_path, capsys):

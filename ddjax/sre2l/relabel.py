@@ -20,8 +20,8 @@ from pathlib import Path
 import ml_collections
 
 from ddjax import data as data_lib
-from ddjax import loop, validate
 from ddjax import models as models_lib
+from ddjax import validate
 from ddjax.errors import check
 from ddjax.evaluate import EvalSettings
 from ddjax.evaluate_stage import KDTrainer, evaluate_into
@@ -90,9 +90,9 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
     teacher = teacher_lib.load_teacher(config.teacher)
     if config.dataset.name:
         dataset = data_lib.open_from_config(config.dataset, stage="relabel")
-        teacher_lib.check_teacher(teacher, dataset)
         if config.evaluate:
             validate.check_test_split(dataset, "relabel (config.evaluate)")
+        teacher_lib.check_teacher(teacher, dataset)
     else:
         check(
             not config.evaluate,
@@ -134,19 +134,16 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
         "synset": label_store.synset_fingerprint(synset),
         "teacher": label_store.teacher_fingerprint(teacher.model, teacher.variables),
     }
-    previous = Path(workdir) / "results.json"
-    if previous.is_file():
-        validate.check_unchanged(
-            loop.read_json(previous, what=f"the work directory {workdir}"),
-            inputs,
-            {
-                "synset": f"config.synset {config.synset}",
-                "teacher": f"config.teacher {config.teacher}",
-            },
-        )
+    names = {
+        "synset": f"config.synset {config.synset}",
+        "teacher": f"config.teacher {config.teacher}",
+    }
+    validate.check_workdir_inputs(workdir, inputs, names)
     work = Workdir(workdir, config, "relabel")
     results = work.results()
-    results["inputs"] = inputs
+    if results.get("inputs") != inputs:
+        results["inputs"] = inputs
+        work.save_results(results)
 
     store = None
     if config.labels == "stored":
