@@ -233,6 +233,7 @@ ROWS = [
     ("r_bn_negative", "recover", ["--config.r_bn=-0.01"], "config.r_bn=-0.01 must be >= 0"),
     ("crop_scale_above_one", "recover", ["--config.crop_scale=0.08,2.0"], "crop_scale[1]"),
     ("recipe_lr_negative", "relabel", ["--config.recipe.lr=-0.01"], "recipe.lr=-0.01 must be"),
+    ("pool_mode_unknown", "relabel", ["--config.eval.pool_mode=bogus"], "pool_mode='bogus'"),
     ("temperature_zero", "relabel", ["--config.recipe.temperature=0.0"], "temperature=0.0 must"),
     ("num_models_zero", "quickstart", ["--num-models=0"], "--num-models=0 must be an integer"),
     ("epochs_negative", "quickstart", ["--epochs=-5"], "--epochs=-5 must be an integer >= 1"),

@@ -21,7 +21,7 @@ import ml_collections
 
 from ddjax import data as data_lib
 from ddjax import models as models_lib
-from ddjax import validate
+from ddjax import train, validate
 from ddjax.errors import check
 from ddjax.evaluate import EvalSettings
 from ddjax.evaluate_stage import KDTrainer, evaluate_into
@@ -117,6 +117,7 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
         )
         for name in config.eval.models:
             models_lib.get_model(name, dataset.num_classes, dataset.image_shape, **model_overrides)
+        train.resolve_pool_mode(config.eval.get("pool_mode", "auto"))
     predicted = None
     if config.labels == "stored":
         predicted = predict_storage(
