@@ -161,6 +161,10 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     With ``config.kd.teacher`` the students learn the teacher's soft labels by KD (SRe2L's
     evaluation, :func:`ddjax.sre2l.kd.evaluate_kd`: stored labels from ``config.kd.store`` or
     the teacher online) instead of training on the set's labels with ``config.eval.protocol``.
+
+    Every input is checked before the work directory is created (:mod:`ddjax.validate`). The
+    SHA-256 of the input files (set, teacher, label store index) is kept in ``results.json``;
+    a re-run after one of them changed says so and recomputes every architecture.
     """
     validate.check_config(config)
     check(bool(config.synset), "config.synset is empty; pass --config.synset=PATH/TO/synset.npz")
