@@ -187,6 +187,9 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         settings.check_models(dataset)
     else:
         settings.validate(dataset, synset)
+        if settings.get_protocol().lr is None and synset.learning_rate is not None:
+            # The protocol trains with the set's learned lr (MTT's).
+            validate.check_learning_rate(synset.learning_rate, f"config.synset={config.synset}")
     digests = validate.input_digests(inputs)
     work = Workdir(workdir, config, "evaluate")
     _forget_if_stale(work, digests, inputs)

@@ -104,9 +104,7 @@ def load_synset(path: str | os.PathLike) -> SyntheticSet:
         )
     else:
         synset = _load_npz(path)
-    validate.check_synset_values(
-        synset.images, synset.labels, synset.num_classes, synset.learning_rate, str(path)
-    )
+    validate.check_synset_values(synset.images, synset.labels, synset.num_classes, str(path))
     return synset
 
 

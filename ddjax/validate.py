@@ -234,17 +234,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def check_synset_values(
-    images: np.ndarray,
-    labels: np.ndarray,
-    num_classes: int,
-    learning_rate: float | None,
-    source: str,
+    images: np.ndarray, labels: np.ndarray, num_classes: int, source: str
 ) -> None:
     """Refuses a synthetic set that no stage can train on (``source`` names it).
 
     An empty set, non-finite pixels, hard labels outside ``0 .. num_classes - 1`` or not
-    integers, soft labels of another width than ``num_classes`` or not finite, and a stored
-    learning rate that is not a positive float32 number.
+    integers, and soft labels of another width than ``num_classes`` or not finite. The stored
+    learning rate is checked where it is used (:func:`check_learning_rate`).
     """
     check(
         _is_int(num_classes) and num_classes >= 1,
@@ -270,12 +266,15 @@ def check_synset_values(
             "classes",
         )
         check(bool(np.all(np.isfinite(labels))), f"{source}: soft labels are not all finite")
-    if learning_rate is not None:
-        check(
-            math.isfinite(learning_rate) and 0 < learning_rate <= FLOAT32_MAX,
-            f"{source}: the stored learning rate {learning_rate!r} must be a positive number, "
-            "finite in float32",
-        )
+
+
+def check_learning_rate(learning_rate: float, source: str) -> None:
+    """Refuses a set's stored (learned) learning rate that training cannot use."""
+    check(
+        math.isfinite(learning_rate) and 0 < learning_rate <= FLOAT32_MAX,
+        f"{source}: the stored learning rate {learning_rate!r} must be a positive number, "
+        "finite in float32 (or set --config.eval.lr)",
+    )
 
 
 def check_fits(synset, dataset, source: str) -> None:
