@@ -61,8 +61,10 @@ def finite(field: str, value: Any) -> None:
 
 def positive(field: str, value: Any) -> None:
     """A positive number, finite in float32 (learning rates, temperatures)."""
-    finite(field, value)
-    check(value > 0, f"{field}={value!r} must be positive")
+    check(
+        _is_number(value) and math.isfinite(value) and 0 < value <= FLOAT32_MAX,
+        f"{field}={value!r} must be a positive number, finite in float32 (<= {FLOAT32_MAX:.4g})",
+    )
 
 
 def non_negative(field: str, value: Any) -> None:
@@ -218,14 +220,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       DDJaxError: naming the field, its value and what would be valid.
     """
     for field, value in _leaves(config):
+        rule = RULES.get(field)
+        if rule is not None and value is not None:
+            rule(f"config.{field}", value)  # each rule also requires a finite float32 value
+            continue
         values = value if isinstance(value, tuple | list) else (value,)
         for i, item in enumerate(values):
             if _is_number(item) and not _is_int(item):
-                name = f"config.{field}" if value is item else f"config.{field}[{i}]"
-                finite(name, item)
-        rule = RULES.get(field)
-        if rule is not None and value is not None:
-            rule(f"config.{field}", value)
+                finite(f"config.{field}" if value is item else f"config.{field}[{i}]", item)
 
 
 # --------------------------------------------------------------------------------------------
