@@ -12,8 +12,11 @@ float32, so ``1e39`` (finite in float64, ``inf`` in float32) is refused like ``1
 name means: learning rates are positive, counts are positive integers, probabilities lie in
 [0, 1], momenta in [0, 1). A field a stage's config lacks is simply not checked.
 
-:func:`check_unchanged` is the stale-results guard: a stage records the SHA-256 of its input
-files with its results and, on a re-run, learns whether an input changed since.
+Stale results: a stage records its inputs' fingerprints (SHA-256 of the files, or of the
+arrays) in ``results.json['inputs']`` and, on a re-run, compares them (:func:`changed_inputs`):
+``ddjax evaluate`` says which input changed and recomputes; ``ddjax recover`` and ``ddjax
+relabel``, whose outputs mix with the old ones, refuse before touching the work directory
+(:func:`check_workdir_inputs`).
 """
 
 from __future__ import annotations
