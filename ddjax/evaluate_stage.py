@@ -19,12 +19,15 @@ This module sits above ``ddjax.evaluate`` rather than inside it because the KD t
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import ml_collections
 
 from ddjax import data as data_lib
+from ddjax import validate
 from ddjax.errors import check
 from ddjax.evaluate import EvalResult, EvalSettings
 from ddjax.sre2l import kd as kd_lib
@@ -161,32 +164,70 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     With ``config.kd.teacher`` the students learn the teacher's soft labels by KD (SRe2L's
     evaluation, :func:`ddjax.sre2l.kd.evaluate_kd`: stored labels from ``config.kd.store`` or
     the teacher online) instead of training on the set's labels with ``config.eval.protocol``.
+
+    Every input is checked before the work directory is created (:mod:`ddjax.validate`). The
+    SHA-256 of the input files (set, teacher, label store index) is kept in ``results.json``;
+    a re-run after one of them changed says so and recomputes every architecture.
     """
+    validate.check_config(config)
     check(bool(config.synset), "config.synset is empty; pass --config.synset=PATH/TO/synset.npz")
     dataset = data_lib.open_from_config(config.dataset, stage="evaluate")
+    validate.check_test_split(dataset, "evaluate")
     synset = load_synset(config.synset)
+    validate.check_fits(synset, dataset, f"config.synset={config.synset}")
     settings = EvalSettings.from_config(config.eval)
     kd_config = config.get("kd")
     kd = None
+    inputs = {"synset": config.synset}
     if kd_config is not None and kd_config.teacher:
-        kd = _kd_trainer(kd_config, dataset)
+        kd = _kd_trainer(kd_config, dataset, synset)
+        # The store's index names its labels' files and fingerprints: hashing it, not the
+        # (possibly large) label files, tells a store made anew.
+        store_index = Path(kd_config.store) / label_store.INDEX_FILE if kd_config.store else None
+        inputs.update(teacher=kd_config.teacher, store=store_index)
         # The KD trainer ignores the protocol (the recipe replaces it).
         check(settings.num_models >= 1, f"config.eval.num_models={settings.num_models} < 1")
         settings.check_models(dataset)
     else:
         settings.validate(dataset, synset)
+        if settings.get_protocol().lr is None and synset.learning_rate is not None:
+            # The protocol trains with the set's learned lr (MTT's).
+            validate.check_learning_rate(synset.learning_rate, f"config.synset={config.synset}")
+    digests = validate.input_digests(inputs)
     work = Workdir(workdir, config, "evaluate")
+    _forget_if_stale(work, digests, inputs)
     return evaluate_into(work, synset, dataset, settings, kd=kd)
 
 
-def _kd_trainer(kd_config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> KDTrainer:
-    """``config.kd``'s trainer, its teacher checked against ``dataset``."""
+def _forget_if_stale(work: Workdir, digests: dict, inputs: dict) -> None:
+    """Drops results (and KD students) computed from input files that have changed since.
+
+    ``results.json`` records the SHA-256 of every input file (the set, the teacher, the label
+    store); a set replaced in place is evaluated anew instead of keeping the old numbers.
+    """
+    results = work.results()
+    changed = validate.changed_inputs(results, digests)
+    if changed:
+        names = ", ".join(f"{n} {inputs[n]}" for n in changed)
+        print(f"evaluate: {names} changed since the results in {work.path}; recomputing them")
+        work.log(event="inputs_changed", inputs=changed)
+        shutil.rmtree(work.file(STUDENTS_DIR), ignore_errors=True)
+        results = {}
+    if results.get("inputs") != digests:
+        work.save_results({**results, "inputs": digests})
+
+
+def _kd_trainer(
+    kd_config: ml_collections.ConfigDict, dataset: data_lib.Dataset, synset: SyntheticSet
+) -> KDTrainer:
+    """``config.kd``'s trainer, its teacher (and label store) checked against the inputs."""
     teacher = teacher_lib.load_teacher(kd_config.teacher)
     teacher_lib.check_teacher(teacher, dataset)
     fields = ("epochs", "batch_size", "accumulate")
     overrides = {k: kd_config.get(k) for k in fields if kd_config.get(k) is not None}
     recipe = kd_lib.get_recipe(kd_config.recipe, **overrides)
     store = label_store.open_store(kd_config.store) if kd_config.store else None
+    kd_lib.check_kd_inputs(synset, dataset, teacher, recipe, store)
     return KDTrainer(
         teacher,
         recipe,

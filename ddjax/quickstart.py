@@ -15,6 +15,7 @@ import ml_collections
 
 from ddjax import data as data_lib
 from ddjax import select as select_lib
+from ddjax import validate
 from ddjax.config import load_config
 from ddjax.distill.run import run_distill
 from ddjax.evaluate import EvalSettings
@@ -45,6 +46,9 @@ def quickstart(
     relabel}/digits.py``). Writes one picture per set, ``results.json`` and ``table.md``;
     prints the table. Resumable: finished rows are not recomputed.
     """
+    # The options, checked before any work (training the feature net alone takes a while).
+    validate.count("--epochs", epochs)
+    validate.count("--num-models", num_models)
     config = ml_collections.ConfigDict(
         {"stage": "quickstart", "epochs": epochs, "num_models": num_models, "dataset": "digits"}
     )

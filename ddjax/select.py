@@ -43,7 +43,7 @@ from ddjax import augment as augment_lib
 from ddjax import data as data_lib
 from ddjax import difficulty as difficulty_lib
 from ddjax import models as models_lib
-from ddjax import train
+from ddjax import train, validate
 from ddjax.data import Dataset, check_ipc
 from ddjax.difficulty import DifficultyScores
 from ddjax.errors import check
@@ -463,22 +463,41 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> SyntheticSet:
     see :func:`select_from_config`. The config, the data, the ``eval`` section and the
     difficulty scores are checked before the work directory is written.
     """
+    validate.check_config(config)
     check_method(config.method)
     dataset = data_lib.load_from_config(config.dataset, stage="select")
     check_ipc(dataset, config.ipc)
     settings = EvalSettings.from_config(config.eval)
     if config.evaluate or tuple(config.get("betas", ())):
         settings.validate(dataset)
+        validate.check_test_split(dataset, "select (config.evaluate or config.betas)")
+    if config.method in ("herding", "kcenter"):
+        check(
+            config.features in FEATURES,
+            f"config.features={config.features!r} is not known; valid: {list(FEATURES)}",
+        )
+        if config.features != "pixels":
+            models_lib.get_model(config.feature_model, dataset.num_classes, dataset.image_shape)
     if config.method in DIFFICULTY_METHODS:
         # Read the scores now: a missing or mismatched scores file is refused before the
         # work directory is created.
         check("scores" in config, "config lacks the difficulty fields (select.difficulty_fields)")
-        difficulty_lib.scores_from_source(
+        scores = difficulty_lib.scores_from_source(
             config.scores,
             higher=config.scores_higher,
             train_labels=dataset.y_train,
             experts_dir=config.experts_dir,
         )
+        if config.method == "window":
+            # Every window the run takes (config.beta, or each of config.betas) must fit in
+            # every class; ranking the scores costs nothing next to the search.
+            betas = tuple(config.betas)
+            check(
+                len(set(betas)) == len(betas),
+                f"config.betas={list(betas)} repeats a value; give each β once",
+            )
+            for beta in betas or (config.beta,):
+                _difficulty_indices(dataset, "window", config.ipc, scores, config.end, beta)
     work = Workdir(workdir, config, "select")
     synset_file = work.file("synset.npz")
     if synset_file.exists():

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ddjax import guard, loop
+from ddjax import guard, loop, validate
 from ddjax.errors import DDJaxError, check
 
 
@@ -107,27 +107,47 @@ def load_synset(path: str | os.PathLike) -> SyntheticSet:
         from ddjax import synfolder  # noqa: PLC0415 -- only folder sets need it
 
         folder = synfolder.open_synfolder(path)
-        return SyntheticSet(
+        synset = SyntheticSet(
             images=folder.all_images(),
             labels=folder.labels,
             num_classes=folder.num_classes,
             meta={**folder.meta, "folder": str(path)},
         )
+    else:
+        synset = _load_npz(path)
+    validate.check_synset_values(synset.images, synset.labels, synset.num_classes, str(path))
+    return synset
+
+
+def _load_npz(path: Path) -> SyntheticSet:
     check(path.is_file(), f"synthetic set file {path} does not exist")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = {"images", "labels", "num_classes"} - set(f.files)
             check(not missing, f"{path}: not a ddjax synthetic set (missing {sorted(missing)})")
+            # NaN is how save() writes "no learned lr"; inf or a negative value is kept, and
+            # refused by the checks of load_synset.
             lr = float(f["learning_rate"]) if "learning_rate" in f.files else float("nan")
             meta = json.loads(str(f["meta"])) if "meta" in f.files else {}
+            images, labels = f["images"], f["labels"]
+            check(
+                np.issubdtype(images.dtype, np.number) and images.ndim == 4,
+                f"{path}: images must be a 4-d (N, H, W, C) number array, got {images.dtype} "
+                f"of shape {images.shape}",
+            )
+            check(
+                np.issubdtype(labels.dtype, np.number) and labels.ndim in (1, 2),
+                f"{path}: labels must be (N,) class indices or (N, C) probabilities, got "
+                f"{labels.dtype} of shape {labels.shape}",
+            )
             return SyntheticSet(
-                images=f["images"].astype(np.float32),
-                labels=f["labels"],
+                images=images.astype(np.float32),
+                labels=labels,
                 num_classes=int(f["num_classes"]),
                 learning_rate=None if np.isnan(lr) else lr,
                 meta=meta,
             )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError, json.JSONDecodeError) as e:
         if isinstance(e, DDJaxError):
             raise
         raise DDJaxError(f"{path}: cannot read synthetic set ({e})") from None

@@ -74,7 +74,7 @@ def test_select_then_evaluate_writes_the_work_directory(tmp_path, capsys):
         (["--config.ipc=three"], "--config.ipc='three': expected int"),
         (["--config.dataset.name=nope"], "nope"),
         (["--config.eval.protocol=fast"], "protocol='fast'"),
-        (["--config.dataset.train_limit=0"], "train_limit must be a positive integer"),
+        (["--config.dataset.train_limit=0"], "train_limit=0 must be an integer >= 1"),
         (["--config.eval=3"], "'eval' is a section, not a value"),
     ],
 )

@@ -199,6 +199,7 @@ def test_two_processes_distill_like_one(experts_one, tmp_path):
     args = [
         "--config=configs/distill/mtt.py:digits,ipc=1",
         f"--config.experts_dir={experts_one}",
+        "--config.dataset.train_limit=200",  # the experts' (checked)
         "--config.iterations=1",
         "--config.syn_steps=1",
         "--config.expert_epochs=1",

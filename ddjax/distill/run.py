@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ddjax import checkpoint as checkpoint_lib
 from ddjax import data as data_lib
-from ddjax import distributed, guard, loop, sharding
+from ddjax import distributed, guard, loop, sharding, validate
 from ddjax import evaluate as evaluate_lib
 from ddjax import experts as experts_lib
 from ddjax import models as models_lib
@@ -139,10 +139,12 @@ def run_distill(
     Returns:
       ``results.json``'s content.
     """
+    validate.check_config(config)
     method_class = _check_config(config)
     settings = step_config(config)
     dataset = data_lib.load_from_config(config.dataset, stage="distill")
     data_lib.check_ipc(dataset, config.ipc)
+    validate.check_test_split(dataset, "distill")
     meta = experts_lib.read_meta(config.experts_dir)
     done = experts_lib.completed(config.experts_dir)
     check(bool(done), f"{config.experts_dir} holds no finished expert trajectory yet")
@@ -162,6 +164,7 @@ def run_distill(
         mean=dataset.mean,
         std=dataset.std,
     )
+    validate.check_experts_data(meta, dataset)
     # Every trajectory the run will load, checked now: a damaged file is one line before the
     # work directory exists, not a traceback after the first subset is loaded.
     experts_lib.verify_trajectories(config.experts_dir, done)
@@ -176,22 +179,35 @@ def run_distill(
         models_lib.get_model(name, dataset.num_classes, dataset.image_shape)
     evaluate_lib.get_protocol(config.eval.protocol, epochs=config.eval.epochs)
 
-    work = Workdir(workdir, config, "distill")
-    mesh, batch_sharding = _mesh(config)
     schedule = core.ExpertSchedule(
         len(done), min(config.experts_in_memory, len(done)), seed=config.seed
     )
+    init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    # A new run's initial set is made before the work directory exists, since making it can
+    # refuse the input (DATM: too few images that the experts classify correctly); its log
+    # records and files are written once the directory is there.
+    pending = _Pending()
+    initial = None
+    if not _has_checkpoints(Path(workdir) / "checkpoints"):
+        initial = _initial_set(
+            config, dataset, method, model, done, schedule, pending, prepared, init_key
+        )
+    work = Workdir(workdir, config, "distill")
+    mesh, batch_sharding = _mesh(config)
     checkpoints = checkpoint_lib.Checkpoints(work.file("checkpoints"), keep=config.keep_checkpoints)
     latest = checkpoints.latest_step()
-    init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
     # Events logged after the restored checkpoint are redone, so dropped (once restored: a
     # damaged checkpoint is refused with the work directory as it was). Evaluations stay:
     # results.json keeps them and a resumed run does not redo them.
     if latest is None:
         work.rewind(None, keep=("eval",))
-        images, labels = _initial_set(
-            config, dataset, method, model, done, schedule, work, prepared, init_key
-        )
+    pending.flush(work)
+    if latest is None:
+        if initial is None:  # a started run whose checkpoints are all unreadable
+            initial = _initial_set(
+                config, dataset, method, model, done, schedule, work, prepared, init_key
+            )
+        images, labels = initial
     else:  # only the structure is needed: the checkpoint replaces every value
         num_images = dataset.num_classes * config.ipc
         images = np.zeros((num_images, *dataset.image_shape), np.float32)
@@ -336,12 +352,12 @@ def _initial_set(
     model,
     done,
     schedule: core.ExpertSchedule,
-    work: Workdir,
+    work: Workdir | _Pending,
     prepared,
     init_key,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The method's initial images and labels (its ``initial_set`` hook, with the run's
-    data, experts and logging)."""
+    data, experts and logging into ``work``, or held by a :class:`_Pending` until it exists)."""
     finals = {}
 
     def final_params(position: int):
@@ -360,10 +376,42 @@ def _initial_set(
         # as DATM's buffer[0][-1] is the first expert of the first buffer file it loads.
         label_expert=int(schedule.subset(0)[1][0]),
         log=lambda **record: work.log(event="init", **record),
-        save_npz=lambda name, **arrays: loop.atomic_savez(work.file(name), **arrays),
+        save_npz=_npz_writer(work),
         prepared=prepared,
     )
     return method.initial_set(context, init_key)
+
+
+class _Pending:
+    """Log records and ``.npz`` files of a run's start, held until its work directory exists."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+        self.arrays: dict[str, dict] = {}
+
+    def log(self, **record) -> None:
+        self.records.append(record)
+
+    def save_npz(self, name: str, **arrays) -> None:
+        self.arrays[name] = arrays
+
+    def flush(self, work: Workdir) -> None:
+        for name, arrays in self.arrays.items():
+            _npz_writer(work)(name, **arrays)
+        for record in self.records:
+            work.log(**record)
+
+
+def _npz_writer(work: Workdir | _Pending):
+    """``save_npz(name, **arrays)``: into ``work`` atomically, or held by a :class:`_Pending`."""
+    if isinstance(work, _Pending):
+        return work.save_npz
+    return lambda name, **arrays: loop.atomic_savez(work.file(name), **arrays)
+
+
+def _has_checkpoints(directory: Path) -> bool:
+    """Whether ``directory`` holds a numbered checkpoint (complete or not) of a started run."""
+    return directory.is_dir() and any(p.name.split(".")[0].isdigit() for p in directory.iterdir())
 
 
 def _load_subset(experts_dir, done, members, subset_size, num_snapshots):

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from ddjax import data as data_lib
-from ddjax import difficulty
+from ddjax import difficulty, validate
 from ddjax.distill import pad
 from ddjax.errors import check
 from ddjax.experts import store, training
@@ -85,7 +85,9 @@ def run_experts(config: ml_collections.ConfigDict, workdir: str) -> dict:
     per epoch and per finished group of experts) and ``results.json`` (the summary). Returns
     the experts' metadata.
     """
+    validate.check_config(config)
     dataset = data_lib.open_from_config(config.dataset, stage="experts")
+    validate.check_test_split(dataset, "experts")
     settings = {name: config[name] for name in EXPERT_SETTINGS}
     store.check_settings(dataset, model_overrides=None, **settings)
     epoch_subset, description = example_schedule(config.example_schedule, dataset)

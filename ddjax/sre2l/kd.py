@@ -712,15 +712,12 @@ def evaluate_kd(
         f"eval_every={eval_every!r} must be an integer >= 0 (0: only at the end)",
     )
     spec = recipe.augment_spec(dataset)
+    if store is not None and not isinstance(store, label_store.LabelStore):
+        store = label_store.open_store(store)
+    check_kd_inputs(synset, dataset, teacher, recipe, store)
     if store is not None:
-        if not isinstance(store, label_store.LabelStore):
-            store = label_store.open_store(store)
-        label_store.check_store(store, synset=synset, teacher=teacher, dataset=dataset)
-        _check_recipe_fits_store(recipe, spec, store)
         batches = stored_batches(store, synset.images)
     else:
-        check(teacher is not None, "online KD needs a teacher (or pass store= for stored labels)")
-        views_lib.check_teacher_fits(teacher, dataset)
         batches = online_batches(
             teacher,
             synset.images,
@@ -790,6 +787,27 @@ def evaluate_kd(
             scores["top5"] = record["top5"][epoch].tolist()
         by_epoch[int(epoch) + 1] = scores
     return dataclasses.replace(result, by_epoch=by_epoch)
+
+
+def check_kd_inputs(
+    synset: SyntheticSet,
+    dataset: Dataset,
+    teacher: Any | None,
+    recipe: Recipe,
+    store: label_store.LabelStore | None,
+) -> None:
+    """Refuses KD inputs that do not go together (a stage runs this before its work directory).
+
+    Raises:
+      DDJaxError: a store made for another set, teacher or dataset, or whose batch size, views
+        or epochs differ from the recipe's; without a store, no teacher or one of other data.
+    """
+    if store is not None:
+        label_store.check_store(store, synset=synset, teacher=teacher, dataset=dataset)
+        _check_recipe_fits_store(recipe, recipe.augment_spec(dataset), store)
+    else:
+        check(teacher is not None, "online KD needs a teacher (or pass store= for stored labels)")
+        views_lib.check_teacher_fits(teacher, dataset)
 
 
 def _check_recipe_fits_store(

@@ -48,8 +48,9 @@ import ml_collections
 import numpy as np
 
 from ddjax import data as data_lib
-from ddjax import distributed, guard, loop
+from ddjax import distributed, guard, loop, validate
 from ddjax.errors import DDJaxError, check
+from ddjax.sre2l import label_store
 from ddjax.sre2l import teacher as teacher_lib
 from ddjax.sre2l.contract import DataContract
 from ddjax.sre2l.recover_step import (
@@ -371,6 +372,7 @@ def run_recover(
         DDJaxError: bad config, a teacher that does not fit the data or has no BatchNorm, or a
             work directory holding another run; all before anything is written.
     """
+    validate.check_config(config)
     _check_config(config)
     teacher = teacher_lib.load_teacher(config.teacher)
     if config.dataset.name:
@@ -392,6 +394,11 @@ def run_recover(
     settings = settings_from_config(config, dataset)
     batches = plan_batches(dataset.num_classes, config.ipc, config.batch_size, config.batching)
     layer_names = bn_layer_names(teacher.model, teacher.variables, dataset.image_shape)
+    # The teacher's fingerprint, recorded with the results: a re-run with a teacher that changed
+    # since (e.g. squeezed again into the same directory) is refused, not resumed with images of
+    # two teachers.
+    inputs = {"teacher": label_store.teacher_fingerprint(teacher.model, teacher.variables)}
+    validate.check_workdir_inputs(workdir, inputs, {"teacher": f"config.teacher {config.teacher}"})
 
     work = Workdir(workdir, config, "recover")
     meta = _meta(config, dataset, teacher)
@@ -400,6 +407,9 @@ def run_recover(
     else:
         output = _NpzOutput(work, batches, layer_names)
     results = work.results()
+    if results.get("inputs") != inputs:
+        results["inputs"] = inputs
+        work.save_results(results)
     finished = results.setdefault("batches", {})
     done = []
     for index in range(len(batches)):

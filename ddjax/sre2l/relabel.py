@@ -21,10 +21,11 @@ import ml_collections
 
 from ddjax import data as data_lib
 from ddjax import models as models_lib
+from ddjax import train, validate
 from ddjax.errors import check
 from ddjax.evaluate import EvalSettings
 from ddjax.evaluate_stage import KDTrainer, evaluate_into
-from ddjax.sre2l import kd
+from ddjax.sre2l import kd, label_store
 from ddjax.sre2l import teacher as teacher_lib
 from ddjax.sre2l.contract import DataContract
 from ddjax.sre2l.label_store import STORE_DIR, open_store, predict_storage, write_store
@@ -64,6 +65,7 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
     Raises:
       DDJaxError: bad config values, missing files, or a teacher/synset of other data.
     """
+    validate.check_config(config)
     check(
         config.labels in ("stored", "online"),
         f"config.labels={config.labels!r} is not known; valid: ['stored', 'online']",
@@ -88,6 +90,8 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
     teacher = teacher_lib.load_teacher(config.teacher)
     if config.dataset.name:
         dataset = data_lib.open_from_config(config.dataset, stage="relabel")
+        if config.evaluate:
+            validate.check_test_split(dataset, "relabel (config.evaluate)")
         teacher_lib.check_teacher(teacher, dataset)
     else:
         check(
@@ -113,6 +117,7 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
         )
         for name in config.eval.models:
             models_lib.get_model(name, dataset.num_classes, dataset.image_shape, **model_overrides)
+        train.resolve_pool_mode(config.eval.get("pool_mode", "auto"))
     predicted = None
     if config.labels == "stored":
         predicted = predict_storage(
@@ -124,8 +129,22 @@ def run_relabel(config: ml_collections.ConfigDict, workdir: str, *, progress: bo
                 f"relabel: {len(synset.labels)} images x {recipe.epochs} epochs of "
                 f"{dataset.num_classes} fp16 logits: {_size(predicted)} of labels"
             )
+    # The inputs' fingerprints, recorded with the results: a re-run on a set or teacher that
+    # changed since is refused rather than resumed with labels and students of the old ones.
+    inputs = {
+        "synset": label_store.synset_fingerprint(synset),
+        "teacher": label_store.teacher_fingerprint(teacher.model, teacher.variables),
+    }
+    names = {
+        "synset": f"config.synset {config.synset}",
+        "teacher": f"config.teacher {config.teacher}",
+    }
+    validate.check_workdir_inputs(workdir, inputs, names)
     work = Workdir(workdir, config, "relabel")
     results = work.results()
+    if results.get("inputs") != inputs:
+        results["inputs"] = inputs
+        work.save_results(results)
 
     store = None
     if config.labels == "stored":

@@ -75,7 +75,7 @@ import ml_collections
 import numpy as np
 
 from ddjax import augment as augment_lib
-from ddjax import checkpoint, distributed, guard, sharding, train
+from ddjax import checkpoint, distributed, guard, sharding, train, validate
 from ddjax import data as data_lib
 from ddjax import evaluate as evaluate_lib
 from ddjax import models as models_lib
@@ -641,11 +641,13 @@ def run_squeeze(
     Raises:
       DDJaxError: bad config values, ImageNet-1K, or a work directory of another config.
     """
+    validate.check_config(config)
     check_squeezable(config.dataset.name)
     check(not config.dataset.zca, _NO_ZCA)  # before loading: a ZCA fit is not free
     settings = settings_from_config(config)
     dataset = data_lib.open_from_config(config.dataset, stage="squeeze")
     check_settings(settings, dataset)
+    validate.check_test_split(dataset, "squeeze")
     work = Workdir(workdir, config, "squeeze")
     teacher_dir = work.file(TEACHER_DIR)
     if (teacher_dir / teacher_lib.META_FILE).is_file() and work.results().get("teacher"):

@@ -26,6 +26,7 @@ from pathlib import Path
 import ml_collections
 
 from ddjax import models as models_lib
+from ddjax import validate
 from ddjax.data import NORMALISATION
 from ddjax.errors import DDJaxError, check
 from ddjax.sre2l import teacher as teacher_lib
@@ -116,6 +117,7 @@ def run_teacher_import(config: ml_collections.ConfigDict, workdir: str | Path):
         state_dict or one of another network (its keys or shapes named), or a work directory of
         another config or source file; all before anything is written.
     """
+    validate.check_config(config)
     path = _check_config(config)
     contract = _contract(config)
     overrides = config.model_overrides.to_dict()
