@@ -19,6 +19,7 @@ This module sits above ``ddjax.evaluate`` rather than inside it because the KD t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -97,7 +98,8 @@ class KDTrainer:
             checkpoint_dir=None if work is None else work.file(STUDENTS_DIR) / model,
             checkpoint_every=self.checkpoint_every,
             log=None if work is None else work.log,
-            rewind=None if work is None else work.rewind,
+            # Events of an earlier input (before inputs_changed) are history, kept.
+            rewind=None if work is None else functools.partial(work.rewind, since="inputs_changed"),
         )
 
     def describe(self) -> str:
@@ -139,7 +141,7 @@ def evaluate_into(
         if model in done:
             continue
         # An evaluation logged but not saved in results.json (killed in between) is redone.
-        work.rewind(None, where={"event": "eval", "model": model})
+        work.rewind(None, where={"event": "eval", "model": model}, since="inputs_changed")
         start = time.time()
         if kd is None:
             result = settings.evaluate(synset, dataset, model, progress=progress, log=work.log)

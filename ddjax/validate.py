@@ -340,8 +340,17 @@ def check_experts_data(meta: dict, dataset) -> None:
 
 
 def digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, or of a folder's files (their relative names and contents)."""
+    """SHA-256 of a file, or of a folder's files (their relative names and contents).
+
+    A synthetic folder (:mod:`ddjax.synfolder`: 50,000 JPEGs at ImageNet scale) is not read:
+    its fingerprint over the SHA-256s recorded when its batches were written stands for it
+    (every image read is checked against those).
+    """
     path = Path(path)
+    from ddjax import synfolder  # imports JAX: only when a folder is given
+
+    if path.is_dir() and synfolder.is_synfolder(path):
+        return "synfolder:" + synfolder.open_synfolder(path).fingerprint
     sha = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:

@@ -78,6 +78,7 @@ class Workdir:
         key: str | tuple[str, ...] = "iteration",
         where: Mapping[str, Any] | None = None,
         keep: Collection[str] = (),
+        since: str | None = None,
     ) -> int:
         """Drops from ``metrics.jsonl`` the events logged after the state a resumed run restored.
 
@@ -96,6 +97,8 @@ class Workdir:
             others are kept.
           keep: event names kept whatever their position: work whose result the run keeps
             in ``results.json`` and does not redo (distill's evaluations).
+          since: consider only events after the last one of this name (``'inputs_changed'``:
+            what was logged for an earlier input is history, not redone work).
 
         Returns:
           The number of lines dropped.
@@ -117,14 +120,22 @@ class Workdir:
             return position > (tuple(to) if isinstance(to, tuple) else (to,))
 
         lines = file.read_text().splitlines(keepends=True)
-        kept = []
+        records = []
         for line in lines:
             try:
-                record = json.loads(line)
+                record = json.loads(line) if line.endswith("\n") else None
             except json.JSONDecodeError:  # cut by a kill
-                continue
-            if line.endswith("\n") and isinstance(record, dict) and not later(record):
-                kept.append(line)
+                record = None
+            records.append(record if isinstance(record, dict) else None)
+        first = 0
+        if since is not None:
+            marks = [i for i, r in enumerate(records) if r is not None and r.get("event") == since]
+            first = marks[-1] + 1 if marks else 0
+        kept = [
+            line
+            for i, (line, record) in enumerate(zip(lines, records, strict=True))
+            if record is not None and (i < first or not later(record))
+        ]
         if len(kept) < len(lines):
             loop.atomic_write_bytes(file, "".join(kept).encode())
         return len(lines) - len(kept)

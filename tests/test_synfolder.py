@@ -67,6 +67,20 @@ def test_png_is_lossless_in_the_uint8_codes(tmp_path):
     np.testing.assert_array_equal(folder.all_images(), expected.astype(np.float32))
 
 
+def test_a_folders_input_digest_is_its_recorded_fingerprint(tmp_path):
+    """Results record a folder input by the SHA-256s written with its batches (nothing of
+    50,000 images is read again); another image in one batch is another fingerprint."""
+    from ddjax import validate
+
+    batches, _ = _batches()
+    _write(tmp_path / "a", batches=batches)
+    labels, ipc_ids, images = batches[0]
+    _write(tmp_path / "b", batches=[(labels, ipc_ids, images[::-1]), *batches[1:]])
+    first = validate.digest(tmp_path / "a")
+    assert first == "synfolder:" + synfolder.open_synfolder(tmp_path / "a").fingerprint
+    assert validate.digest(tmp_path / "b") != first
+
+
 def test_damage_and_misuse_are_one_line_errors(tmp_path):
     batches, _ = _batches()
     _write(tmp_path / "part", batches=batches[:2])

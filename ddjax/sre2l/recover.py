@@ -406,6 +406,9 @@ def run_recover(
         output = _FolderOutput(work, batches, config, dataset, meta)
     else:
         output = _NpzOutput(work, batches, layer_names)
+    # Read first, so that a damaged in-batch checkpoint is refused with nothing written.
+    inflight = _InflightBatch(work)
+    checkpoint = inflight.load(batches)
     results = work.results()
     if results.get("inputs") != inputs:
         results["inputs"] = inputs
@@ -418,8 +421,6 @@ def run_recover(
         # A kill between a batch's output and results.json: its numbers are in the output.
         if record is not None and str(index) not in finished:
             finished[str(index)] = record
-    inflight = _InflightBatch(work)
-    checkpoint = inflight.load(batches)
     if checkpoint is not None and done[checkpoint[0]]:  # killed before its removal
         inflight.remove()
         checkpoint = None

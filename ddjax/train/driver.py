@@ -253,9 +253,6 @@ def train_epochs(
         "train_epochs: a per-model source needs epoch_keys",
     )
     mode = resolve_pool_mode(pool_mode, pool)
-    # Skip counters made by default (NumPy zeros, TrainState(params, stats, opt)) as arrays.
-    state = state._replace(skips=jax.tree.map(jnp.asarray, state.skips))
-    within = None
     if checkpoint_every_batches is not None:
         check(
             checkpoints is not None
@@ -270,6 +267,10 @@ def train_epochs(
             f"train_epochs: checkpoint_every_batches needs a source that can start an epoch at "
             f"a batch (epoch_batches(epoch, key, start_batch)); {type(source).__name__} cannot",
         )
+    # Skip counters made by default (NumPy zeros, TrainState(params, stats, opt)) as arrays.
+    state = state._replace(skips=jax.tree.map(jnp.asarray, state.skips))
+    within = None
+    if checkpoint_every_batches is not None:
         within = _Within(checkpoint_every_batches, checkpoints, state, pool, record)
     start = 0
     if checkpoints is not None and checkpoints.latest_step() is not None:

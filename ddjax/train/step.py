@@ -99,7 +99,9 @@ def init_state(
             lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
             (params, batch_stats),
         )
-    return TrainState(params, batch_stats, tx.init(params))
+    # The counters as arrays, like the step's output: a jitted step compiles once.
+    skips = guard.Skips(*jnp.zeros((2,), jnp.int32))
+    return TrainState(params, batch_stats, tx.init(params), skips)
 
 
 def init_pool(
