@@ -207,6 +207,7 @@ def test_two_processes_distill_like_one(experts_one, tmp_path):
         "--config.eval_every=1",
         "--config.eval.epochs=1",
         "--config.eval.num_models=2",
+        "--config.eval.protocol=dc",  # no DSA to compile for the evaluations
         "--config.checkpoint_every=1",
     ]
     _run_one("distill", args, tmp_path / "one", x64=True)
