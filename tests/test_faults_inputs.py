@@ -344,13 +344,15 @@ def test_a_refusal_leaves_an_existing_workdir_untouched(inputs, tmp_path, capsys
     [
         ("relabel", {"synset": "0", "teacher": "0"}, ["config.synset", "config.teacher"]),
         ("recover", {"teacher": "0"}, ["config.teacher"]),
+        ("distill", {"experts": "0"}, ["config.experts_dir"]),
     ],
 )
 def test_a_rerun_on_inputs_changed_since_its_results_is_refused(
     stage, recorded, named, inputs, tmp_path, capsys
 ):
-    """relabel and recover record their inputs' fingerprints; other ones than recorded (a set
-    or teacher replaced in place) are refused, naming the input, and the workdir is kept."""
+    """relabel, recover and distill record their inputs' fingerprints; other ones than recorded
+    (a set, teacher or experts replaced in place) are refused, naming the input, and the workdir
+    is kept."""
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "results.json").write_text(json.dumps({"inputs": recorded}))

@@ -168,6 +168,13 @@ def run_distill(
     # Every trajectory the run will load, checked now: a damaged file is one line before the
     # work directory exists, not a traceback after the first subset is loaded.
     experts_lib.verify_trajectories(config.experts_dir, done)
+    # The experts' fingerprint, recorded with the results: a run resumed on experts that
+    # changed since (trained again, or more of them finished) is refused, not continued on
+    # other trajectories than it started with.
+    inputs = {"experts": experts_lib.fingerprint(config.experts_dir, done)}
+    validate.check_workdir_inputs(
+        workdir, inputs, {"experts": f"config.experts_dir {config.experts_dir}"}
+    )
     method = method_class.from_config(config, dataset.num_classes)
     # Data-dependent checks (e.g. SelMatch's scores and windows) before the work directory.
     prepared = method.prepare(config, dataset)
@@ -225,6 +232,9 @@ def run_distill(
     num_snapshots = config.max_start_epoch + config.expert_epochs + 1
 
     results = work.results()
+    if results.get("inputs") != inputs:
+        results["inputs"] = inputs
+        work.save_results(results)
     results.setdefault("evals", {})
     loaded, trajectories = None, None
     iteration = int(state.step)

@@ -212,6 +212,31 @@ def verify_trajectories(out_dir: str | os.PathLike, indices: Sequence[int]) -> N
         checkpoint.verify(expert_dir(out_dir, index), remedy=damage_remedy(out_dir, index))
 
 
+def fingerprint(out_dir: str | os.PathLike, indices: Sequence[int]) -> str:
+    """SHA-256 standing for the trajectories of experts ``indices`` (what a run used).
+
+    Built from each checkpoint's record of its files' SHA-256s (:data:`ddjax.checkpoint
+    .MANIFEST`, written when it was saved), so nothing of the trajectories is read; an expert
+    saved before such records existed counts by its file sizes. An expert trained again with
+    other values, or another set of experts, gives another fingerprint.
+    """
+    sha = hashlib.sha256()
+    for index in indices:
+        directory = Path(expert_dir(out_dir, index))
+        record = directory / checkpoint.MANIFEST
+        if record.is_file():
+            content = record.read_bytes()
+        else:
+            sizes = sorted(
+                (str(f.relative_to(directory)), f.stat().st_size)
+                for f in directory.rglob("*")
+                if f.is_file()
+            )
+            content = json.dumps(sizes).encode()
+        sha.update(f"{index}\0".encode() + content + b"\0")
+    return sha.hexdigest()
+
+
 def _write_meta(out_dir: Path, meta: dict) -> None:
     write_json(out_dir / META_FILE, {k: v for k, v in meta.items() if k != "path"})
 
