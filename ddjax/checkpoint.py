@@ -39,7 +39,7 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -242,8 +242,36 @@ def save_tree(path: str | os.PathLike, tree: Any) -> Path:
     directory, which replaces ``path`` by renames once complete (an old ``path`` is renamed
     away before it is deleted). A kill leaves the old checkpoint, the new one or none.
     """
+
+    def write(staging: Path) -> None:
+        checkpointer = ocp.StandardCheckpointer()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            checkpointer.save(staging, _savable(tree), force=True)
+            checkpointer.wait_until_finished()
+        checkpointer.close()
+
+    return replace_directory(path, write, finish=_write_manifest)
+
+
+def replace_directory(
+    path: str | os.PathLike,
+    write: Callable[[Path], None],
+    *,
+    finish: Callable[[Path], None] | None = None,
+) -> Path:
+    """Writes the directory ``path`` whole: a kill leaves the old one, the new one or none.
+
+    ``write(staging)`` fills a hidden sibling directory (in every process of a multi-process
+    run: Orbax saves together); ``finish(staging)`` then runs on process 0, which renames the
+    sibling into place -- an old ``path`` is renamed away first and deleted after. Leftovers
+    of killed writes are removed first. (:func:`save_tree`; teachers, which add a file.)
+
+    Returns:
+      ``path``, absolute.
+    """
     path = Path(path).absolute()
-    pid = distributed.shared_pid()  # every process of a multi-process run saves together
+    pid = distributed.shared_pid()  # every process of a multi-process run writes together
     staging = path.parent / f".{path.name}.writing-{pid}"
     retired = path.parent / f".{path.name}.replaced-{pid}"
 
@@ -254,7 +282,8 @@ def save_tree(path: str | os.PathLike, tree: Any) -> Path:
                 shutil.rmtree(leftover)
 
     def swap():
-        _write_manifest(staging)
+        if finish is not None:
+            finish(staging)
         if path.exists():
             os.replace(path, retired)
         os.replace(staging, path)
@@ -262,12 +291,7 @@ def save_tree(path: str | os.PathLike, tree: Any) -> Path:
             shutil.rmtree(retired)
 
     distributed.on_primary(f"stage {staging}", clear)
-    checkpointer = ocp.StandardCheckpointer()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        checkpointer.save(staging, _savable(tree), force=True)
-        checkpointer.wait_until_finished()
-    checkpointer.close()
+    write(staging)
     distributed.on_primary(f"replace {path}", swap)
     return path
 

@@ -31,7 +31,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -239,29 +238,12 @@ def save_teacher(
     )
     meta = _meta(model_name, model_overrides, model, dataset, extra)
 
-    path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pid = distributed.shared_pid()  # every process of a multi-process run saves together
-    staging = path.parent / f".{path.name}.writing-{pid}"
-    retired = path.parent / f".{path.name}.replaced-{pid}"
+    def write(staging: Path) -> None:
+        checkpoint.save_tree(staging / VARIABLES_DIR, variables)
+        write_json(staging / META_FILE, meta)
 
-    def clear():
-        for leftover in (staging, retired):
-            if leftover.exists():
-                shutil.rmtree(leftover)
-        staging.mkdir()
-
-    def swap():
-        if path.exists():
-            os.replace(path, retired)
-        os.replace(staging, path)
-        if retired.exists():
-            shutil.rmtree(retired)
-
-    distributed.on_primary(f"stage {staging}", clear)
-    checkpoint.save_tree(staging / VARIABLES_DIR, variables)
-    write_json(staging / META_FILE, meta)
-    distributed.on_primary(f"replace {path}", swap)
+    # The whole teacher replaces an old one at once (variables and teacher.json together).
+    checkpoint.replace_directory(path, write)
 
 
 def _read_meta(path: Path) -> dict:
