@@ -115,8 +115,9 @@ def mtt_fields(
     config.soft_labels = "none"  # none: hard labels | tesla: TESLA's soft-label assignment
     config.mode = "remat"  # remat | unroll | tesla
     config.remat_every = ml_collections.config_dict.placeholder(int)
-    # auto: unrolled on CPU (XLA:CPU runs rolled loops of conv steps slowly), rolled elsewhere
-    # (compile time independent of N); or unrolled | rolled | a chunk length such as '5'.
+    # auto: rolled (compile time independent of N), except unrolled on CPU for mode=unroll or a
+    # student whose convolutions are not all on ddjax's fast CPU gradient
+    # (ddjax.distill.matching.resolve_loop); or unrolled | rolled | a chunk length such as '5'.
     config.loop = "auto"
     # CPU convolution gradients: fast (ddjax's conv_nhwc VJP, 1.4-1.6x faster first- and
     # second-order ConvNet gradients on XLA:CPU) | xla (XLA's own); no effect on GPU/TPU.

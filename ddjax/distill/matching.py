@@ -39,24 +39,22 @@ Gradient modes (``mode``):
 * ``'tesla'``: TESLA's estimator as published: it drops the cross-step terms and so is **not**
   the exact gradient for N > 1 (see :func:`inner_unroll`).
 
-Loop forms (``loop``): ``'unrolled'`` (default: every step in straight-line code,
-``lax.scan(..., unroll=0)``), ``'rolled'`` (a plain ``lax.scan``) or an int k (a rolled scan
-whose body is k unrolled steps). Unrolled is the default because XLA:CPU compiles the
-convolutions of a rolled loop to naive loop nests. Its fast convolution kernels (Eigen,
-YNNPACK) take only NHWC inputs with HWIO kernels, and the pass that transposes other
-convolutions into that form visits the entry computation only, not while-loop bodies; the
-backward and second-order convolutions that autodiff emits (kernels in OIHW-like or
-batch/feature-swapped orders) therefore stay slow inside a loop body. Measured on this
-project's 2-core CPU (width-128 ConvNet-3, 100 images of 28×28, DSA, ``'unroll'``): one step
-run as a one-trip while loop took 74-89 s against 8.3 s in straight-line code, with the same
-loss and gradients (``benchmarks/results/memory_speed_fashion_mnist_cpu.md``, "XLA:CPU loop
-forms: findings"); with a width-32 ConvNet-3, 50 images and N = 4, a rolled loop ran 6x
-(``'remat'``) to 9x (``'unroll'``) slower than the unrolled one. That is also why
-``'unrolled'`` asks ``lax.scan`` for ``unroll=0``: ``unroll=True`` becomes ``unroll=length``,
-which for N = 1 is a rolled while loop. Compile time of the unrolled form grows with N (≈ 3-5
-s per step for that net). Rolled loops compile in time independent of N, so they are the form
-for ahead-of-time memory checks at large N and worth trying on GPU; an int k bounds the
-unrolled code at k steps (k >= N is fully unrolled).
+Loop forms (``loop``): ``'auto'`` (the default, :func:`resolve_loop`), ``'unrolled'`` (every
+step in straight-line code, ``lax.scan(..., unroll=0)``), ``'rolled'`` (a plain ``lax.scan``)
+or an int k (a rolled scan whose body is k unrolled steps). A rolled loop compiles in time
+independent of N; an unrolled one takes ≈ 3-5 s per step for a width-128 ConvNet-3. XLA:CPU
+runs convolutions on its fast kernels (YNNPACK/Eigen) only in the forward layout (NHWC input,
+HWIO kernel); the pass that rewrites other convolutions into it visits the entry computation,
+not while-loop bodies, and its simplifier swaps the operands of a convolution whose window
+exceeds its input into a form no fast kernel takes. The gradients autodiff writes for
+``lax.conv_general_dilated`` are in other layouts, so inside a rolled loop they used to run as
+naive loop nests (6-10x slower; ``benchmarks/results/memory_speed_fashion_mnist_cpu.md``,
+"XLA:CPU loop forms: findings"). The models' stride-1 convolutions now differentiate through
+:func:`ddjax.models.conv_nhwc`, whose derivatives of every order are forward-layout
+convolutions, so on CPU a rolled loop runs as fast as the unrolled one and ``'auto'`` picks it
+wherever every convolution of the student takes that path (:func:`resolve_loop`). The
+``'unrolled'`` form asks ``lax.scan`` for ``unroll=0``, not ``unroll=True``: that becomes
+``unroll=length``, which for N = 1 is a rolled while loop.
 
 Memory: ``'remat'`` and ``'tesla'`` are flat in N in every loop form (one parameter copy per
 step on top of one step's working set); ``'unroll'`` grows by one step's activations per step.
@@ -90,6 +88,7 @@ __all__ = [
     "inner_unroll",
     "match_loss",
     "match_loss_and_grads",
+    "resolve_loop",
 ]
 
 Array = jax.Array
@@ -97,7 +96,7 @@ Params = Any  # a pytree of arrays: the model's 'params' collection
 Loop = str | int
 
 MODES = ("unroll", "remat", "tesla")
-LOOPS = ("unrolled", "rolled", "<positive int>")
+LOOPS = ("auto", "unrolled", "rolled", "<positive int>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +111,8 @@ class InnerLoop:
         model: the student network (a ddjax Linen model; the experts' architecture).
         mode: the gradient mode, ``'unroll'`` | ``'remat'`` | ``'tesla'`` (module docstring).
         remat_every: block size k for nested checkpointing; ``mode='remat'`` only.
-        loop: ``'unrolled'`` | ``'rolled'`` | a positive int (module docstring).
+        loop: ``'auto'`` | ``'unrolled'`` | ``'rolled'`` | a positive int (module docstring;
+            :func:`resolve_loop` says what ``'auto'`` picks).
         dsa_strategy: DSA groups joined by ``'_'`` (MTT's ``dsa_strategy``); used only when a
             step is given an augmentation key.
         batch_sharding: where each step's minibatch lives, e.g.
@@ -123,7 +123,7 @@ class InnerLoop:
     model: nn.Module
     mode: str = "remat"
     remat_every: int | None = None
-    loop: Loop = "unrolled"
+    loop: Loop = "auto"
     dsa_strategy: str = augment_lib.DEFAULT_STRATEGY
     batch_sharding: jax.sharding.Sharding | None = None
 
@@ -432,6 +432,40 @@ def _run_steps(
 # --------------------------------------------------------------------------------------------
 
 
+def resolve_loop(inner: InnerLoop, params: Params, batch_images: Array) -> Loop:
+    """The loop form of ``inner``: ``inner.loop``, or for ``'auto'`` the fastest measured one.
+
+    ``'auto'`` is ``'rolled'`` (a ``lax.scan`` while loop: compile time independent of N)
+    except on the CPU backend for ``mode='unroll'``, or for a student with a convolution left
+    to XLA's own gradient (e.g. a strided one, or ``conv_grad='xla'``): XLA:CPU runs those
+    gradients on its fast kernels only in straight-line code, so there it is ``'unrolled'``.
+    Measured on 2 CPU cores (width-128 ConvNet-3, 100 images of 28x28, DSA, N = 4; CPU seconds
+    per iteration, rolled against unrolled): ``remat`` 13.2 / 13.5, ``tesla`` 11.0 / 11.4,
+    ``unroll`` 14.2 / 12.0 (a rolled ``unroll`` stacks every step's activations with dynamic
+    updates); compile time rolled 12-15 s at every N, unrolled 27-33 s at N = 4 and growing
+    with N (``benchmarks/results/vs_pytorch_*``).
+
+    Args:
+      inner: the inner loop's settings.
+      params: the student's parameters (arrays or ``jax.ShapeDtypeStruct``).
+      batch_images: one inner minibatch, or its ``jax.ShapeDtypeStruct``.
+    """
+    if inner.loop != "auto":
+        return inner.loop
+    if jax.default_backend() != "cpu":
+        return "rolled"
+    if inner.mode == "unroll":
+        return "unrolled"
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, batch_images)
+    )
+
+    def forward(params: Params, images: Array) -> Array:
+        return inner.model.apply({"params": params}, images, train=True, mutable=["batch_stats"])
+
+    return "rolled" if models.xla_gradient_convolutions(forward, *abstract) == 0 else "unrolled"
+
+
 def inner_unroll(
     images: Array,
     labels: Array,
@@ -517,7 +551,8 @@ def inner_unroll(
         inner.model, inner.dsa_strategy if augmenting else None, inner.batch_sharding
     )
     inner_lr = _as_learning_rate(inner_lr)
-    loop = inner.loop
+    batch = jax.ShapeDtypeStruct((batch_indices.shape[1], *images.shape[1:]), images.dtype)
+    loop = resolve_loop(inner, start_params, batch)
     if inner.mode == "tesla":
         config = _TeslaConfig(student, loop, labels_differentiable=_is_float(labels))
         return _tesla_unroll(
@@ -933,12 +968,12 @@ def _check_positive_int(field: str, value: Any) -> None:
 
 def _check_config(mode: str, remat_every: int | None, loop: Loop) -> None:
     check(mode in MODES, f"mode={mode!r}: expected one of {', '.join(map(repr, MODES))}")
-    valid_loop = loop in ("unrolled", "rolled") or (
+    valid_loop = loop in ("auto", "unrolled", "rolled") or (
         isinstance(loop, numbers.Integral) and not isinstance(loop, bool) and loop > 0
     )
     check(
         valid_loop,
-        f"loop={loop!r}: expected 'unrolled', 'rolled' or a positive integer chunk length",
+        f"loop={loop!r}: expected 'auto', 'unrolled', 'rolled' or a positive integer chunk length",
     )
     if remat_every is not None:
         check(

@@ -82,13 +82,11 @@ def step_config(config: ml_collections.ConfigDict) -> core.StepConfig:
 def inner_loop(config: ml_collections.ConfigDict, model, batch_sharding=None) -> matching.InnerLoop:
     """The :class:`~ddjax.distill.matching.InnerLoop` of a distill config.
 
-    ``loop='auto'`` is decided here, once: unrolled on CPU (XLA:CPU runs rolled loops of
-    convolution steps slowly), rolled elsewhere (compile time independent of N).
+    ``loop='auto'`` is resolved by :func:`ddjax.distill.matching.resolve_loop` when the step is
+    traced (rolled wherever that is as fast as unrolled: compile time independent of N).
     """
     loop_form = config.loop
-    if loop_form == "auto":
-        loop_form = "unrolled" if jax.default_backend() == "cpu" else "rolled"
-    elif isinstance(loop_form, str) and loop_form.isdigit():
+    if isinstance(loop_form, str) and loop_form.isdigit():
         loop_form = int(loop_form)
     return matching.InnerLoop(
         model=model,

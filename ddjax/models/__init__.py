@@ -46,11 +46,13 @@ Conventions every caller relies on:
 * **Counting**: ``count_params(variable_shapes(model, image_shape))`` counts trainable
   parameters without allocating or compiling anything.
 * **Convolution gradients on CPU.** Stride-1 convolutions differentiate through
-  :func:`conv_nhwc`, whose backward pass is written as a forward-layout convolution (input
-  gradient) and per-tap matrix products (kernel gradient). The forward pass is XLA's convolution
+  :func:`conv_nhwc`, whose backward pass is written as forward-layout convolutions (input
+  gradient; kernel gradient with batch and channels swapped, :func:`kernel_gradient`), at every
+  order of derivative and inside loop bodies. The forward pass is XLA's convolution
   unchanged; on GPUs and TPUs every convolution is XLA's. Every model has a ``conv_grad`` field
   (``get_model(..., conv_grad=...)``): ``'fast'`` (the default) or ``'xla'`` for XLA's own
-  gradient everywhere (:data:`CONV_GRADS`).
+  gradient everywhere (:data:`CONV_GRADS`). :func:`xla_gradient_convolutions` counts the
+  convolutions of a function left to XLA's gradient (0: all on the fast path).
 * **PyTorch interchange** (numpy only; torch is never imported): :func:`to_torch_state_dict` /
   :func:`from_torch_state_dict` use the exact ``state_dict`` key names of MTT's ``networks.py``
   (or torchvision's for ResNet-18 with ``key_style='torchvision'``, and always for ResNet-50/101
@@ -79,7 +81,7 @@ Adding an architecture: one module with the Flax class, one registry line, and i
 ``registry._feature_map_size`` and ``torch_io._torch_layers``.
 """
 
-from ddjax.models.conv import CONV_GRADS, conv_nhwc
+from ddjax.models.conv import CONV_GRADS, conv_nhwc, kernel_gradient, xla_gradient_convolutions
 from ddjax.models.convnet import ConvNet
 from ddjax.models.layers import BatchNorm, check_float_dtypes, float_dtype
 from ddjax.models.mobilenet import MobileNetV2
@@ -123,7 +125,9 @@ __all__ = [
     "from_torch_state_dict",
     "get_model",
     "init_variables",
+    "kernel_gradient",
     "to_flat_vector",
     "to_torch_state_dict",
     "variable_shapes",
+    "xla_gradient_convolutions",
 ]

@@ -2,9 +2,10 @@
 
 XLA:CPU lowers the transposed convolutions of a convolution's gradient to slow generic kernels.
 :func:`conv_nhwc` keeps XLA's forward convolution and writes its backward pass as a
-forward-layout convolution (input gradient) and per-tap matrix products (kernel gradient); its
-own gradient is again a :func:`conv_nhwc`, so second-order gradients (trajectory matching) stay
-on the fast path. Values agree with XLA's to float rounding (float64: 1e-15).
+forward-layout convolution (input gradient) and a forward-layout convolution with the batch and
+channel axes swapped (kernel gradient, :func:`kernel_gradient`); their own gradients are again
+made of these, so second-order gradients (trajectory matching) stay on the fast path, inside
+``lax.scan`` bodies too. Values agree with XLA's to float rounding (float64: 1e-15).
 
 Promise: :func:`conv_general_dilated` returns, for a ``conv_grad`` value of :data:`CONV_GRADS`,
 the function ``nn.Conv`` calls in place of ``lax.conv_general_dilated``; ``'fast'`` uses
@@ -39,7 +40,7 @@ def conv_nhwc(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], .
     Forward: ``lax.conv_general_dilated`` (cross-correlation, as PyTorch). Backward: the input
     gradient is the stride-1 convolution of the output gradient with the spatially flipped,
     in/out-swapped kernel (itself a :func:`conv_nhwc`, so second-order gradients stay on the fast
-    path); the kernel gradient is one ``(C_in, C_out)`` matrix product per kernel tap.
+    path); the kernel gradient is :func:`kernel_gradient`.
 
     Args:
       x: ``(N, H, W, C_in)``.
@@ -54,23 +55,57 @@ def _conv_nhwc_fwd(x, kernel, padding):
     return conv_nhwc(x, kernel, padding), (x, kernel)
 
 
-def _conv_nhwc_bwd(padding, residuals, dy):
-    x, kernel = residuals
+def _input_gradient(dy: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+    """The gradient w.r.t. a stride-1 convolution's input: a :func:`conv_nhwc` of ``dy``."""
     kh, kw = kernel.shape[:2]
     (top, bottom), (left, right) = padding
     flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
-    dx = conv_nhwc(dy, flipped, ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)))
+    return conv_nhwc(
+        dy, flipped, ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right))
+    )
+
+
+def _conv_nhwc_bwd(padding, residuals, dy):
+    x, kernel = residuals
+    return _input_gradient(dy, kernel, padding), kernel_gradient(x, dy, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def kernel_gradient(x: jax.Array, dy: jax.Array, padding: tuple[tuple[int, int], ...]) -> jax.Array:
+    """The kernel gradient of ``conv_nhwc(x, kernel, padding)`` for the output cotangent ``dy``.
+
+    ``dk[i, j, c, o] = sum_{n,h,w} x_padded[n, h + i, w + j, c] dy[n, h, w, o]`` is itself a
+    forward-layout convolution once the batch and channel axes trade places: ``x`` as a batch of
+    ``C_in`` images with ``N`` channels, ``dy`` as an ``(H_out, W_out, N, C_out)`` kernel. That
+    is the form XLA:CPU gives its own kernel gradient when it canonicalises it outside loops;
+    writing it out keeps it on the fast kernels inside ``lax.scan`` bodies too. Its gradient is
+    again made of :func:`conv_nhwc` (input: the input gradient for kernel ``g``; ``dy``: the
+    forward convolution of ``x`` with ``g``), so every order of derivative stays fast.
+    """
+    # Padded here rather than by the convolution: XLA's simplifier swaps the operands of a
+    # convolution whose window (H_out) exceeds its unpadded input, and the swapped form has no
+    # fast kernel (e.g. MTT's first layer on 28x28 images, padded by 3).
+    (top, bottom), (left, right) = padding
     zero = jnp.zeros((), x.dtype)
-    xp = jax.lax.pad(x, zero, ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
-    ho, wo = dy.shape[1], dy.shape[2]
-    taps = [
-        jnp.einsum("nhwc,nhwo->co", xp[:, i : i + ho, j : j + wo, :], dy)
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return dx, jnp.stack(taps).reshape(kernel.shape)
+    x = jax.lax.pad(x, zero, ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+    batch_as_channels = jnp.transpose(x, (3, 1, 2, 0))  # (C_in, H_padded, W_padded, N)
+    dy_as_kernel = jnp.transpose(dy, (1, 2, 0, 3))  # (H_out, W_out, N, C_out)
+    dk = jax.lax.conv_general_dilated(
+        batch_as_channels, dy_as_kernel, (1, 1), ((0, 0), (0, 0)), dimension_numbers=_NHWC
+    )
+    return jnp.transpose(dk, (1, 2, 0, 3))  # (kh, kw, C_in, C_out)
 
 
+def _kernel_gradient_fwd(x, dy, padding):
+    return kernel_gradient(x, dy, padding), (x, dy)
+
+
+def _kernel_gradient_bwd(padding, residuals, g):
+    x, dy = residuals
+    return _input_gradient(dy, g, padding), conv_nhwc(x, g, padding)
+
+
+kernel_gradient.defvjp(_kernel_gradient_fwd, _kernel_gradient_bwd)
 conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
 
 
@@ -119,3 +154,29 @@ def conv_general_dilated(conv_grad: str) -> Callable[..., jax.Array]:
     valid = list(CONV_GRADS)
     check(conv_grad in CONV_GRADS, f"conv_grad must be one of {valid}, got {conv_grad!r}")
     return _fast_cpu_conv_general_dilated if conv_grad == "fast" else jax.lax.conv_general_dilated
+
+
+def xla_gradient_convolutions(fn: Callable[..., object], *args: object) -> int:
+    """How many convolutions of ``fn(*args)`` would be differentiated by XLA's own gradient.
+
+    Counts the ``conv_general_dilated`` operations of ``fn``'s jaxpr outside :func:`conv_nhwc`
+    and :func:`kernel_gradient` (whose gradients are fast forward-layout convolutions). On the
+    CPU backend a count of 0 means every convolution gradient of ``fn`` runs on XLA:CPU's fast
+    kernels inside loop bodies too; ``args`` may be ``jax.ShapeDtypeStruct`` values.
+    """
+
+    def count(jaxpr: jax.extend.core.Jaxpr) -> int:
+        found = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                found += 1
+            elif "custom_vjp" not in eqn.primitive.name:
+                for value in eqn.params.values():
+                    for sub in value if isinstance(value, (tuple, list)) else (value,):
+                        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                            found += count(sub.jaxpr)
+                        elif isinstance(sub, jax.extend.core.Jaxpr):
+                            found += count(sub)
+        return found
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
