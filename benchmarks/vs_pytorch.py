@@ -321,8 +321,29 @@ def _time_iterations(
     }
 
 
+def _measure(row: dict, iteration, opts: dict, started: float, peak) -> dict:
+    """``row`` with the timing of ``iteration`` and the peak memory ``peak()`` reports."""
+    row = {
+        **row,
+        **_time_iterations(
+            iteration,
+            warmup=opts["warmup"],
+            repeats=opts["repeats"],
+            budget_s=opts["budget_s"],
+            started=started,
+        ),
+    }
+    peak_bytes, kind = peak()
+    return {
+        **row,
+        "peak_bytes": peak_bytes,
+        "peak_kind": kind,
+        "host_peak_bytes": _host_peak_bytes(),
+    }
+
+
 def _jax_fits(memory: dict) -> dict:
-    """Whether a compiled ddjax program fits beside what is in use now, from its buffer sizes."""
+    """Whether a compiled ddjax program fits beside what is in use now (``skipped`` if not)."""
     import jax
 
     needed = memory["temp_bytes"] + memory["argument_bytes"] + memory["output_bytes"]
@@ -331,7 +352,9 @@ def _jax_fits(memory: dict) -> dict:
         available = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
     else:
         available = _mem_available_bytes()
-    return {"predicted_bytes": needed, "available_bytes": available}
+    fit = {"predicted_bytes": needed, "available_bytes": available}
+    reason = _not_fitting(needed, available)
+    return {**fit, "skipped": reason} if reason else fit
 
 
 def _not_fitting(predicted: float, available: float | None) -> str | None:
@@ -466,17 +489,13 @@ def worker_mtt_official(opts: dict) -> dict:
             "layouts_restored": layouts_restored[0],
         }
 
-    row.update(
-        _time_iterations(
-            lambda: iteration(opts["n"], dsa=True),
-            warmup=opts["warmup"],
-            repeats=opts["repeats"],
-            budget_s=opts["budget_s"],
-            started=started,
-        )
+    row = _measure(
+        row,
+        lambda: iteration(opts["n"], dsa=True),
+        opts,
+        started,
+        lambda: _torch_peak(torch, device),
     )
-    peak, kind = _torch_peak(torch, device)
-    row.update(peak_bytes=peak, peak_kind=kind, host_peak_bytes=_host_peak_bytes())
     return {**row, "layouts_restored": layouts_restored[0]}
 
 
@@ -537,24 +556,13 @@ def worker_mtt_ddjax(opts: dict) -> dict:
         np.savez(check, images=images, inner_lr=np.asarray(grads.inner_lr))
         return {**row, "loss": float(loss)}
     row.update(_jax_fits(row))
-    reason = _not_fitting(row["predicted_bytes"], row["available_bytes"])
-    if reason:
-        return {**row, "skipped": reason}
+    if "skipped" in row:
+        return row
 
     def iteration():
         return jax.block_until_ready(compiled(*args, augment_key=key))
 
-    row.update(
-        _time_iterations(
-            iteration,
-            warmup=opts["warmup"],
-            repeats=opts["repeats"],
-            budget_s=opts["budget_s"],
-            started=started,
-        )
-    )
-    peak, kind = peak_memory_bytes()
-    return {**row, "peak_bytes": peak, "peak_kind": kind, "host_peak_bytes": _host_peak_bytes()}
+    return _measure(row, iteration, opts, started, peak_memory_bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,17 +673,7 @@ def worker_recover_official(opts: dict) -> dict:
         _torch_sync(torch, device)
         state["iteration"] = it + 1
 
-    row.update(
-        _time_iterations(
-            iteration,
-            warmup=opts["warmup"],
-            repeats=opts["repeats"],
-            budget_s=opts["budget_s"],
-            started=started,
-        )
-    )
-    peak, kind = _torch_peak(torch, device)
-    return {**row, "peak_bytes": peak, "peak_kind": kind, "host_peak_bytes": _host_peak_bytes()}
+    return _measure(row, iteration, opts, started, lambda: _torch_peak(torch, device))
 
 
 def _recover_ddjax_setup(opts: dict):
@@ -752,26 +750,15 @@ def worker_recover_ddjax(opts: dict) -> dict:
     row["compile_s"] = time.perf_counter() - start
     row.update(compiled_memory(compiled))
     row.update(_jax_fits(row))
-    reason = _not_fitting(row["predicted_bytes"], row["available_bytes"])
-    if reason:
-        return {**row, "skipped": reason}
+    if "skipped" in row:
+        return row
     current = [state]
 
     def iteration():
         current[0], metrics = compiled(current[0], variables, labels)  # the state is donated
         jax.block_until_ready(current[0])
 
-    row.update(
-        _time_iterations(
-            iteration,
-            warmup=opts["warmup"],
-            repeats=opts["repeats"],
-            budget_s=opts["budget_s"],
-            started=started,
-        )
-    )
-    peak, kind = peak_memory_bytes()
-    return {**row, "peak_bytes": peak, "peak_kind": kind, "host_peak_bytes": _host_peak_bytes()}
+    return _measure(row, iteration, opts, started, peak_memory_bytes)
 
 
 WORKERS = {
