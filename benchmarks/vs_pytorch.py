@@ -842,7 +842,8 @@ def _run_check(part: str, base: dict, tmp: Path, names, timeout_s: float) -> dic
     ddjax_opts = {**base, "check": paths[1], "mode": "unroll"}
     ddjax = _spawn(f"{part}-ddjax", ddjax_opts, timeout_s)
     record = compare_check(official, ddjax, paths, names)
-    what = f"{part} sanity check (no augmentation{f', N = {CHECK_N}' if part == 'mtt' else ''})"
+    what = f"{part} sanity check (no augmentation{f', N = {CHECK_N}' if part == 'mtt' else ''}"
+    what += f"; official code on torch's {official.get('device', '?')})"
     print(f"{what}: {_check_line(record)}", flush=True)
     return record
 
@@ -864,10 +865,10 @@ def predict_official_peak(points: list[tuple[int, int]], n: int) -> float:
 
 def _row_line(row: dict, label: str) -> str:
     if row.get("s_per_iter") is not None:
-        peak = row.get("peak_bytes")
+        cpu_s = _seconds(row.get("cpu_s_per_iter"))
         return (
-            f"{label}: {_seconds(row['s_per_iter'])} s/iter (CPU {_seconds(row['cpu_s_per_iter'])}"
-            f" s), peak {_gib(peak)} GiB"
+            f"{label}: {_seconds(row['s_per_iter'])} s/iter (CPU {cpu_s} s), peak "
+            f"{_gib(row.get('peak_bytes'))} GiB"
             + (f", compile {row['compile_s']:.1f} s" if row.get("compile_s") is not None else "")
             + (f", ratio {row['time_ratio']:.2f}x time" if row.get("time_ratio") else "")
             + (f" {row['memory_ratio']:.2f}x memory" if row.get("memory_ratio") else "")
@@ -1026,9 +1027,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     env = environment()
     print(
-        f"JAX: {env['device']} ({backend}); torch: "
-        + ("cuda" if backend == "gpu" else f"cpu with {os.cpu_count()} threads")
-        + f"; {env['cpu_model']}",
+        f"ddjax on JAX's default backend: {env['device']}; CPU {env['cpu_model']} "
+        f"({os.cpu_count()} cores); the official code on torch's CUDA if available, else the "
+        "CPU with a thread per core (each worker says which)",
         flush=True,
     )
     started = time.perf_counter()
@@ -1058,8 +1059,6 @@ def main(argv: list[str] | None = None) -> int:
             "max_seconds_per_config": args.max_seconds_per_config,
             "fit_margin": FIT_MARGIN,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "torch_device": "cuda" if backend == "gpu" else "cpu",
-            "torch_threads": None if backend == "gpu" else os.cpu_count(),
         },
         "notes": args.note,
     }
@@ -1073,6 +1072,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed = failed or not report[part]["check"]["ok"]
     rows = [r for part in ("mtt", "recover") for r in report.get(part, {}).get("rows", [])]
     report["settings"]["torchvision_compat"] = any(r.get("torchvision_compat") for r in rows)
+    torch_device = next((r["device"] for r in rows if r.get("device")), "unknown")
+    report["settings"]["torch_device"] = torch_device
+    report["settings"]["torch_threads"] = os.cpu_count() if torch_device == "cpu" else None
     probe = report.get("mtt", {}).get("probe", {})
     report["settings"]["official_layout_copies"] = sum(
         r.get("layouts_restored", 0) for r in [*rows, probe]
@@ -1271,6 +1273,17 @@ def plot(report: dict, path: Path) -> None:
             xs = [r[key] for r in sub]
             ax_time.plot(xs, [r["s_per_iter"] for r in sub], styles[code], label=label)
             ax_memory.plot(xs, [r["peak_bytes"] / 2**30 for r in sub], styles[code], label=label)
+        unfit = [r for r in rows if r.get("skipped") and r.get("predicted_bytes")]
+        if unfit and part == "mtt":
+            ax_memory.plot(
+                [r[key] for r in unfit],
+                [r["predicted_bytes"] / 2**30 for r in unfit],
+                "kx",
+                mfc="none",
+                ms=10,
+                alpha=0.5,
+                label="predicted, not run (does not fit)",
+            )
         x_label = "inner steps N" if part == "mtt" else "batch size"
         ax_time.set(xlabel=x_label, ylabel="seconds per iteration", title=f"{part}: time")
         ax_memory.set(xlabel=x_label, ylabel="peak GiB", title=f"{part}: peak memory")

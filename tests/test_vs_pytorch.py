@@ -93,6 +93,35 @@ def test_predicts_that_a_configuration_does_not_fit(vs):
     assert vs._not_fitting(100 * gib, None) is None  # nothing known: run it
 
 
+def test_mtt_driver_runs_the_official_code_only_where_it_fits(vs, tmp_path, monkeypatch):
+    gib = 2**30
+    spawned = []
+
+    def fake_spawn(kind, opts, timeout_s):
+        """Workers as they would answer: official peak 0.6 GiB + 0.3 GiB per inner step."""
+        spawned.append((kind, opts.get("n"), opts.get("mode")))
+        if opts.get("check"):
+            np.savez(opts["check"], images=np.ones(3))
+            return {"loss": 1.0, "device": "cpu"}
+        if opts.get("probe"):
+            points = [{"n": n, "peak_bytes": (0.6 + 0.3 * n) * gib} for n in opts["probe"]]
+            return {"points": points, "peak_kind": "RSS", "device_total_bytes": 10 * gib}
+        peak = (0.6 + 0.3 * opts["n"]) * gib if kind == "mtt-official" else gib
+        return {"s_per_iter": 2.0 if kind == "mtt-official" else 1.0, "peak_bytes": peak}
+
+    monkeypatch.setattr(vs, "_spawn", fake_spawn)
+    args = argparse.Namespace(preset="fashion_mnist", ns=[10, 40], modes=["remat"])
+    section = vs.run_mtt(args, {"mtt": "/m"}, tmp_path / "p.npz", tmp_path, {"timeout_s": 1})
+    assert section["check"]["ok"]
+    official_10, remat_10, official_40, remat_40 = section["rows"]
+    assert official_10["s_per_iter"] == 2.0 and remat_10["time_ratio"] == 0.5
+    assert remat_10["memory_ratio"] == pytest.approx(1 / 3.6)
+    # 12.6 GiB predicted at N = 40 against 90% of 10 GiB: reported, not run.
+    assert official_40["skipped"] == "does not fit in 10.0 GiB available (predicted 12.6 GiB)"
+    assert ("mtt-official", 40, None) not in spawned and ("mtt-ddjax", 40, "remat") in spawned
+    assert remat_40["s_per_iter"] == 1.0 and "time_ratio" not in remat_40
+
+
 def test_time_budget_stops_repeating_after_one_timed_iteration(vs):
     calls = []
     timing = vs._time_iterations(
@@ -117,6 +146,7 @@ def test_report_gives_ratios_and_unfit_configurations(vs, tmp_path):
     vs._ratios(remat, official)
     assert remat["time_ratio"] == pytest.approx(0.8) and remat["memory_ratio"] == 0.25
     unfit = {"n": 80, "side": "official", "skipped": "does not fit in 22.0 GiB available"}
+    unfit["predicted_bytes"] = 24.6 * gib
     check = {"ok": True, "official": {"loss": 1.0}, "ddjax": {"loss": 1.0}}
     check["relative_difference"] = {"loss": 0.0}
     env = {"device": "cpu: cpu", "cpu_model": "x", "cpu_count": 2, "python": "3"}
