@@ -788,8 +788,9 @@ def _spawn(kind: str, opts: dict, timeout_s: float) -> dict:
         row["error"] = f"killed after {timeout_s:.0f} s"
     else:
         for line in done.stderr.splitlines():
-            if "torchvision::nms" in line:
-                print(f"  [{kind}] {line}", flush=True)
+            if "torchvision::nms" in line and not _spawn.compat_said:
+                print(line, flush=True)  # once per run; every row records it
+                _spawn.compat_said = True
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or not lines:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
@@ -799,6 +800,9 @@ def _spawn(kind: str, opts: dict, timeout_s: float) -> dict:
     row["worker_wall_s"] = time.perf_counter() - start
     row["load_after"] = list(os.getloadavg())
     return row
+
+
+_spawn.compat_said = False
 
 
 def _relative_difference(a, b) -> float:
