@@ -21,7 +21,11 @@ second-order backprop like the official code; ``remat``: exact, checkpointed; ``
 estimator) with ``InnerLoop``'s default loop form (recorded). Both start from the same images,
 labels, learning rate and start/target parameters: a PyTorch-default initialisation drawn once by
 ddjax and a perturbed copy (θ* + 0.01·ε·(|θ*| + 0.01)) as MTT's flat vector, read by the official
-code directly and by ddjax through :func:`~ddjax.distill.matching.from_mtt_flat`.
+code directly and by ddjax through :func:`~ddjax.distill.matching.from_mtt_flat`. The one change to the official
+loop: DiffAugment's crop returns 1-channel batches with channels-last strides, which the official
+ConvNet's ``out.view(...)`` rejects under torch 2.x, so such a batch is copied to the standard
+layout (counted in the JSON). ddjax's iteration is the loss and its gradients; the official one
+also applies its two SGD steps (on 100 images and a scalar: negligible).
 
 **SRe2L recover** (Yin et al., NeurIPS 2023), as ``recover_cifar.py`` does it: torchvision's
 ``resnet18`` with the small-image stem (``conv1`` a 3×3 stride-1 convolution, ``maxpool`` the
@@ -49,8 +53,10 @@ available (``MemAvailable`` on CPU, the device's memory on GPU): for the officia
 probe at N = 1 and 4 (the graph of every inner step is kept, so its memory grows linearly in N;
 refined by every configuration measured), for ddjax from the compiled program's
 ``memory_analysis()``. A configuration that cannot fit is reported as such, with the predicted
-figure, and not run. ``--max-seconds-per-config`` bounds a configuration: it stops repeating once
-the budget is spent (at least one timed iteration) and is killed at three times the budget.
+figure, and not run. ``--max-seconds-per-config`` (default 1200) bounds a configuration: it
+stops repeating once the budget is spent (at least one timed iteration) and is killed at three
+times the budget. The full CPU run (N up to 80, three modes, 5 repeats) takes about two hours on
+a 2-core machine, most of it ddjax at N = 40 and 80; ``--repeats 3`` saves about a third.
 
   PYTHONPATH=$PWD:/work/ext/site python benchmarks/vs_pytorch.py \
       --mtt /work/ext/mtt-distillation --sre2l /work/ext/SRe2L              # CPU: Fashion-MNIST
