@@ -21,11 +21,12 @@ second-order backprop like the official code; ``remat``: exact, checkpointed; ``
 estimator) with ``InnerLoop``'s default loop form (recorded). Both start from the same images,
 labels, learning rate and start/target parameters: a PyTorch-default initialisation drawn once by
 ddjax and a perturbed copy (θ* + 0.01·ε·(|θ*| + 0.01)) as MTT's flat vector, read by the official
-code directly and by ddjax through :func:`~ddjax.distill.matching.from_mtt_flat`. The one change to the official
-loop: DiffAugment's crop returns 1-channel batches with channels-last strides, which the official
-ConvNet's ``out.view(...)`` rejects under torch 2.x, so such a batch is copied to the standard
-layout (counted in the JSON). ddjax's iteration is the loss and its gradients; the official one
-also applies its two SGD steps (on 100 images and a scalar: negligible).
+code directly and by ddjax through :func:`~ddjax.distill.matching.from_mtt_flat`. The one
+change to the official loop: DiffAugment's crop returns 1-channel batches with channels-last
+strides, which the official ConvNet's ``out.view(...)`` rejects under torch 2.x, so such a batch
+is copied to the standard layout (counted in the JSON). ddjax's iteration is the loss and its
+gradients; the official one also applies its two SGD steps (on 100 images and a scalar:
+negligible).
 
 **SRe2L recover** (Yin et al., NeurIPS 2023), as ``recover_cifar.py`` does it: torchvision's
 ``resnet18`` with the small-image stem (``conv1`` a 3×3 stride-1 convolution, ``maxpool`` the
