@@ -53,11 +53,13 @@ time and memory; the load averages before and after each configuration.
 available (``MemAvailable`` on CPU, the device's memory on GPU): for the official MTT code from a
 probe at N = 1 and 4 (the graph of every inner step is kept, so its memory grows linearly in N;
 refined by every configuration measured), for ddjax from the compiled program's
-``memory_analysis()``. A configuration that cannot fit is reported as such, with the predicted
-figure, and not run. ``--max-seconds-per-config`` (default 1200) bounds a configuration: it
-stops repeating once the budget is spent (at least one timed iteration) and is killed at three
-times the budget. The full CPU run (N up to 80, three modes, 5 repeats) takes about two hours on
-a 2-core machine, most of it ddjax at N = 40 and 80; ``--repeats 3`` saves about a third.
+``memory_analysis()`` (for ``unroll``, whose memory grows with N, first from the same program with
+a rolled loop, which compiles in seconds at any N). A configuration that cannot fit is reported
+as such, with the predicted figure, and not run. ``--max-seconds-per-config`` (default 1200)
+bounds a configuration: it stops repeating once the budget is spent (at least one timed
+iteration) and is killed at three times the budget. The full CPU run (N up to 80, three modes,
+5 repeats) takes about two hours on a 2-core machine, most of it ddjax at N = 40 and 80
+(compiling an unrolled loop there takes minutes); ``--repeats 3`` saves about a fifth.
 
   PYTHONPATH=$PWD:/work/ext/site python benchmarks/vs_pytorch.py \
       --mtt /work/ext/mtt-distillation --sre2l /work/ext/SRe2L              # CPU: Fashion-MNIST
@@ -74,6 +76,7 @@ Writes ``benchmarks/results/vs_pytorch_<preset>_<backend>.{json,md,png}`` (or ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -349,7 +352,7 @@ def _measure(row: dict, iteration, opts: dict, started: float, peak) -> dict:
     }
 
 
-def _jax_fits(memory: dict) -> dict:
+def _jax_fits(memory: dict, source: str = "") -> dict:
     """Whether a compiled ddjax program fits beside what is in use now (``skipped`` if not)."""
     import jax
 
@@ -360,16 +363,17 @@ def _jax_fits(memory: dict) -> dict:
     else:
         available = _mem_available_bytes()
     fit = {"predicted_bytes": needed, "available_bytes": available}
-    reason = _not_fitting(needed, available)
+    reason = _not_fitting(needed, available, source)
     return {**fit, "skipped": reason} if reason else fit
 
 
-def _not_fitting(predicted: float, available: float | None) -> str | None:
+def _not_fitting(predicted: float, available: float | None, source: str = "") -> str | None:
+    """The reason a configuration is not run, or None if it is predicted to fit."""
     if available is None or predicted <= FIT_MARGIN * available:
         return None
     return (
         f"does not fit in {available / 2**30:.1f} GiB available "
-        f"(predicted {predicted / 2**30:.1f} GiB)"
+        f"(predicted {predicted / 2**30:.1f} GiB{source})"
     )
 
 
@@ -552,6 +556,16 @@ def worker_mtt_ddjax(opts: dict) -> dict:
         "conv_grad": model.conv_grad,
         "dsa_strategy": inner.dsa_strategy,
     }
+    if opts["mode"] == "unroll" and inner.loop != "rolled" and not check:
+        # unroll's memory grows with N, and an unrolled loop compiles in minutes at large N; a
+        # rolled loop compiles in seconds with about the same memory (memory_speed.py), so it
+        # decides first whether the configuration can fit at all.
+        rolled = dataclasses.replace(inner, loop="rolled")
+        lowered = matching.match_loss_and_grads.lower(*args, inner=rolled, augment_key=key)
+        fit = _jax_fits(compiled_memory(lowered.compile()), " by a rolled loop's compile")
+        row["rolled_predicted_bytes"] = fit["predicted_bytes"]
+        if "skipped" in fit:
+            return {**row, **fit}
     start = time.perf_counter()
     compiled = matching.match_loss_and_grads.lower(*args, inner=inner, augment_key=key).compile()
     row["compile_s"] = time.perf_counter() - start
