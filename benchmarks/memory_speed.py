@@ -41,12 +41,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+# The benchmarks' helpers (a worker runs this file as a script, so its folder is on sys.path).
+from _common import compiled_memory, environment, peak_memory_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("unroll", "remat", "tesla")
@@ -109,17 +111,6 @@ def _problem(preset: str, num_steps: int, conv_grad: str = "fast"):
     return model, args, jax.random.key(4)
 
 
-def _peak_memory_bytes() -> tuple[int, str]:
-    """The process's (CPU) or device's (GPU/TPU) peak memory so far, and what it measures."""
-    import jax
-
-    stats = jax.devices()[0].memory_stats()
-    if stats and "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
-
-
 def _compile(model, args, key, mode: str, loop):
     """AOT-compiles one iteration for abstract arguments; returns (compiled, seconds, memory)."""
     import jax
@@ -133,14 +124,7 @@ def _compile(model, args, key, mode: str, loop):
         *abstract[0], inner=inner, augment_key=abstract[1]
     ).compile()
     seconds = time.perf_counter() - start
-    stats = compiled.memory_analysis()
-    memory = {
-        "temp_bytes": int(stats.temp_size_in_bytes),
-        "argument_bytes": int(stats.argument_size_in_bytes),
-        "output_bytes": int(stats.output_size_in_bytes),
-        "alias_bytes": int(stats.alias_size_in_bytes),
-    }
-    return compiled, seconds, memory
+    return compiled, seconds, compiled_memory(compiled)
 
 
 def worker_match(opts: dict) -> dict:
@@ -149,7 +133,7 @@ def worker_match(opts: dict) -> dict:
 
     num_steps, mode, loop = opts["n"], opts["mode"], _loop_value(opts["loop"])
     model, args, key = _problem(opts["preset"], num_steps, opts["conv_grad"])
-    rss_setup, _ = _peak_memory_bytes()
+    rss_setup, _ = peak_memory_bytes()
     row = {"n": num_steps, "mode": mode, "loop": opts["loop"], "load_before": os.getloadavg()[0]}
 
     if opts["aot_loop"] != opts["loop"]:
@@ -183,7 +167,7 @@ def worker_match(opts: dict) -> dict:
         call()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-    peak, peak_kind = _peak_memory_bytes()
+    peak, peak_kind = peak_memory_bytes()
     row.update(
         s_per_iter=statistics.median(times),
         cpu_s_per_iter=statistics.median(cpu_times),
@@ -487,9 +471,7 @@ def main() -> None:
         _write_report(report, out, json_too=False)
         return
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import jax
-    from _common import environment
 
     backend = jax.default_backend()
     loop = args.loop if args.loop != "auto" else ("unrolled" if backend == "cpu" else "rolled")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from _common import environment  # noqa: E402
+from _common import compiled_memory, environment, peak_memory_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS = {
@@ -89,17 +88,6 @@ SRE2L_IMAGENET_MS_PER_ITER_RTX4090 = 52
 # --------------------------------------------------------------------------------------------
 
 
-def _peak_memory_bytes() -> tuple[int, str]:
-    """The process's (CPU) or device's (GPU/TPU) peak memory so far, and what it measures."""
-    import jax
-
-    stats = jax.devices()[0].memory_stats()
-    if stats and "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
-
-
 def worker(opts: dict) -> dict:
     """Compiles and times the recover step at one batch size; returns its JSON row."""
     import jax
@@ -128,20 +116,14 @@ def worker(opts: dict) -> dict:
     )
     labels = jax.numpy.asarray(np.arange(batch) % num_classes, jax.numpy.int32)
     state = recover_step.init_state(jax.random.key(1), batch, shape)
-    rss_setup, _ = _peak_memory_bytes()
+    rss_setup, _ = peak_memory_bytes()
     row = {"batch": batch, "load_before": os.getloadavg()[0]}
 
     step = recover_step.make_recover_step(model, settings)
     start = time.perf_counter()
     compiled = step.lower(state, variables, labels).compile()
     row["compile_s"] = time.perf_counter() - start
-    stats = compiled.memory_analysis()
-    row.update(
-        temp_bytes=int(stats.temp_size_in_bytes),
-        argument_bytes=int(stats.argument_size_in_bytes),
-        output_bytes=int(stats.output_size_in_bytes),
-        alias_bytes=int(stats.alias_size_in_bytes),
-    )
+    row.update(compiled_memory(compiled))
     for _ in range(opts["warmup"]):
         state, metrics = compiled(state, variables, labels)
         jax.block_until_ready(state)
@@ -151,7 +133,7 @@ def worker(opts: dict) -> dict:
         state, metrics = compiled(state, variables, labels)
         jax.block_until_ready(state)
         times.append(time.perf_counter() - start)
-    peak, peak_kind = _peak_memory_bytes()
+    peak, peak_kind = peak_memory_bytes()
     seconds = statistics.median(times)
     row.update(
         s_per_iter=seconds,
