@@ -100,6 +100,7 @@ PRESETS = {
     "cifar10": {"image_shape": (32, 32, 3), "num_classes": 10, "normalisation": "cifar10"},
 }
 MODES = ("unroll", "remat", "tesla")
+PARTS = ("mtt", "train", "recover")
 WIDTH = 128
 INNER_LR = 0.01  # distill.py --lr_teacher
 LR_IMG, LR_LR, MOMENTUM = 1000.0, 1e-5, 0.5  # distill.py --lr_img, --lr_lr; SGD momentum 0.5
@@ -133,7 +134,8 @@ def checkout_dirs(args: argparse.Namespace) -> tuple[dict[str, str], str | None]
     wanted = {"mtt": ("--mtt", "GeorgeCazenavette/mtt-distillation", MTT_FILES, [Path()])}
     wanted["recover"] = ("--sre2l", "VILA-Lab/SRe2L", SRE2L_FILES, [SRE2L_SMALL, Path()])
     for part, (option, repo, files, places) in wanted.items():
-        if args.only not in (None, part):
+        # The training-step part runs the official ConvNet and DiffAugment: the MTT checkout.
+        if args.only not in (None, part) and not (part == "mtt" and args.only == "train"):
             continue
         path = getattr(args, option[2:])
         if path is None:
@@ -551,8 +553,9 @@ def worker_mtt_ddjax(opts: dict) -> dict:
     model, args = _mtt_ddjax_args(opts, num_steps)
     inner = matching.InnerLoop(model, mode=opts["mode"])
     key = None if check else jax.random.key(4)  # None: no augmentation
+    batch = jax.ShapeDtypeStruct((args[5].shape[1], *args[0].shape[1:]), args[0].dtype)
     row = {
-        "loop": str(inner.loop),
+        "loop": f"{inner.loop}: {matching.resolve_loop(inner, args[3], batch)}",
         "conv_grad": model.conv_grad,
         "dsa_strategy": inner.dsa_strategy,
     }
@@ -582,6 +585,91 @@ def worker_mtt_ddjax(opts: dict) -> dict:
 
     def iteration():
         return jax.block_until_ready(compiled(*args, augment_key=key))
+
+    return _measure(row, iteration, opts, started, peak_memory_bytes)
+
+
+# --------------------------------------------------------------------------------------------
+# Workers: one plain training step
+# --------------------------------------------------------------------------------------------
+
+
+def worker_train_official(opts: dict) -> dict:
+    """One training step as MTT's ``utils.epoch`` takes it (``buffer.py``'s experts), timed."""
+    import numpy as np
+
+    started = time.perf_counter()
+    setup = _torch_setup()
+    torch, device = setup["torch"], setup["device"]
+    sys.path.insert(0, opts["checkout"])
+    import networks
+    import utils
+
+    data = np.load(opts["problem"])
+    num_images, channel, height, width = data["mtt_images"].shape
+    net = networks.ConvNet(
+        channel,
+        PRESETS[opts["preset"]]["num_classes"],
+        net_width=opts.get("width", WIDTH),
+        net_depth=3,
+        net_act="relu",
+        net_norm="instancenorm",
+        net_pooling="avgpooling",
+        im_size=(height, width),
+    ).to(device)
+    net.train()
+    # buffer.py: SGD(lr=lr_teacher, momentum=mom (0), weight_decay=l2 (0)).
+    optimizer = torch.optim.SGD(net.parameters(), lr=INNER_LR, momentum=0, weight_decay=0)
+    criterion = torch.nn.CrossEntropyLoss().to(device)
+    images = torch.tensor(data["mtt_images"], device=device)
+    labels = torch.tensor(data["mtt_labels"], device=device).long()
+    dsa_param = utils.ParamDiffAug()
+    standard_strides = images.stride()
+    layouts_restored = [0]
+
+    def iteration():
+        # utils.epoch's body for one batch (mode 'train', aug with DSA).
+        img = utils.DiffAugment(images, DSA_STRATEGY, param=dsa_param)
+        if img.stride() != standard_strides:  # as in worker_mtt_official
+            layouts_restored[0] += 1
+            img = img.clone(memory_format=torch.contiguous_format)
+        output = net(img)
+        loss = criterion(output, labels)
+        np.sum(np.equal(np.argmax(output.cpu().data.numpy(), axis=-1), labels.cpu().numpy()))
+        loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        _torch_sync(torch, device)
+
+    row = {"torchvision_compat": setup["torchvision_compat"], "device": device}
+    row = _measure(row, iteration, opts, started, lambda: _torch_peak(torch, device))
+    return {**row, "layouts_restored": layouts_restored[0], "batch": num_images}
+
+
+def worker_train_ddjax(opts: dict) -> dict:
+    """ddjax's training step (``ddjax.train``: SGD, DSA) on the same images, timed."""
+    import jax
+    from _common import compiled_memory, peak_memory_bytes
+
+    from ddjax import augment, train
+
+    started = time.perf_counter()
+    model, args = _mtt_ddjax_args(opts, 1)
+    images, labels = args[0], args[1]
+    tx = train.sgd(INNER_LR)
+    state = train.init_state(model, tx, jax.random.key(0), images.shape[1:])
+    step = jax.jit(train.make_train_step(model, tx, augment.make_augment("dsa", DSA_STRATEGY)))
+    key = jax.random.key(4)
+    start = time.perf_counter()
+    compiled = step.lower(state, images, labels, key).compile()
+    row = {"compile_s": time.perf_counter() - start, "conv_grad": model.conv_grad}
+    row.update(compiled_memory(compiled))
+    current = [state]
+
+    def iteration():
+        current[0], loss = compiled(current[0], images, labels, key)
+        float(loss)  # what a training loop that logs the loss reads; also a sync
 
     return _measure(row, iteration, opts, started, peak_memory_bytes)
 
@@ -787,6 +875,8 @@ WORKERS = {
     "mtt-ddjax": worker_mtt_ddjax,
     "recover-official": worker_recover_official,
     "recover-ddjax": worker_recover_ddjax,
+    "train-official": worker_train_official,
+    "train-ddjax": worker_train_ddjax,
 }
 
 
@@ -976,6 +1066,21 @@ def run_recover(args, dirs: dict, problem: Path, tmp: Path, budget: dict) -> dic
     return section
 
 
+def run_train(args, dirs: dict, problem: Path, tmp: Path, budget: dict) -> dict:
+    """The training-step part: one plain SGD step with DSA on the MTT images, each side."""
+    base = {"preset": args.preset, "problem": str(problem), "checkout": dirs["mtt"], **budget}
+    batch = args.ipc * PRESETS[args.preset]["num_classes"]
+    official = {"batch": batch, "side": "official"}
+    official.update(_spawn("train-official", base, budget["timeout_s"]))
+    print(f"batch {batch:4d} " + _row_line(official, "official train step"), flush=True)
+    row = {"batch": batch, "side": "ddjax", "mode": "train"}
+    row.update(_spawn("train-ddjax", base, budget["timeout_s"]))
+    _ratios(row, official if official.get("s_per_iter") is not None else None)
+    print(f"batch {batch:4d} " + _row_line(row, "ddjax train step"), flush=True)
+    # The MTT check already showed that both sides' ConvNet computes the same function.
+    return {"check": {"ok": True}, "rows": [official, row]}
+
+
 def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
@@ -997,7 +1102,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5, help="timed iterations (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     parser.add_argument("--modes", default=",".join(MODES), help="ddjax gradient modes")
-    parser.add_argument("--only", choices=("mtt", "recover"), help="run one part only")
+    parser.add_argument(
+        "--only", choices=PARTS, help="run one part only (train: one plain training step)"
+    )
     parser.add_argument(
         "--max-seconds-per-config",
         type=float,
@@ -1091,11 +1198,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vs_pytorch_") as tmp:
         problem = Path(tmp) / "problem.npz"
         write_problem(problem, args.preset, args.ipc, max(args.recover_batches))
-        for part, run in (("mtt", run_mtt), ("recover", run_recover)):
+        for part, run in (("mtt", run_mtt), ("train", run_train), ("recover", run_recover)):
             if args.only in (None, part):
                 report[part] = run(args, dirs, problem, Path(tmp), budget)
                 failed = failed or not report[part]["check"]["ok"]
-    rows = [r for part in ("mtt", "recover") for r in report.get(part, {}).get("rows", [])]
+    rows = [r for part in PARTS for r in report.get(part, {}).get("rows", [])]
     report["settings"]["torchvision_compat"] = any(r.get("torchvision_compat") for r in rows)
     torch_device = next((r["device"] for r in rows if r.get("device")), "unknown")
     report["settings"]["torch_device"] = torch_device
@@ -1152,6 +1259,8 @@ def _table(rows: list[dict], key: str, key_label: str, peak_label: str) -> list[
     ]
     for r in rows:
         code = "official" if r["side"] == "official" else f"ddjax {r['mode']}"
+        if r.get("loop"):  # "auto: rolled": the resolved loop form
+            code += f" ({r['loop'].split(': ')[-1]})"
         compile_s = r.get("compile_s")
         lines.append(
             f"| {r[key]} | {code} | {_seconds(r.get('s_per_iter'))} | "
@@ -1211,8 +1320,8 @@ def markdown(report: dict) -> str:
             f"{tuple(settings['image_shape'])} (IPC {settings['ipc']}), the whole set at every "
             f"inner step, DSA `{settings['dsa_strategy']}` on every step. Official: `distill.py`'s"
             " iteration (ReparamModule, DiffAugment, `create_graph=True`, backward, both SGD "
-            "steps). ddjax: `match_loss_and_grads`, loop form "
-            f"`{settings.get('loop')}` (InnerLoop's default).",
+            "steps). ddjax: `match_loss_and_grads` with InnerLoop's default loop form "
+            "`auto` (the form it resolved to in brackets; `ddjax.distill.matching.resolve_loop`).",
             "",
             f"Sanity check (no augmentation, N = {CHECK_N}): {_check_line(mtt['check'])}.",
             "",
@@ -1229,6 +1338,19 @@ def markdown(report: dict) -> str:
                 f"{', '.join(str(p['n']) for p in points)}; a configuration predicted to need "
                 f"more than {settings['fit_margin']:.0%} of the memory available is not run.",
             ]
+    if "train" in report:
+        lines += [
+            "",
+            "## One plain training step",
+            "",
+            f"The same ConvNet and {settings['batch_syn']} images: one SGD step (lr "
+            f"{settings['inner_lr']}, no momentum) with DSA, cross-entropy. Official: the body of "
+            "MTT's `utils.epoch` for one batch (DiffAugment, forward, loss, accuracy and "
+            "`loss.item()`, backward, step), as `buffer.py` trains its experts. ddjax: "
+            "`ddjax.train.make_train_step` (jitted), reading the loss.",
+            "",
+            *_table(report["train"]["rows"], "batch", "batch", peak_label),
+        ]
     if "recover" in report:
         recover = report["recover"]
         r = settings["recover"]
@@ -1280,12 +1402,15 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = [(p, k) for p, k in (("mtt", "n"), ("recover", "batch")) if p in report]
+    parts = [
+        (p, k) for p, k in (("mtt", "n"), ("train", "batch"), ("recover", "batch")) if p in report
+    ]
     fig, axes = plt.subplots(len(parts), 2, figsize=(10, 3.8 * len(parts)), squeeze=False)
-    styles = {"official": "kx--", "unroll": "o-", "remat": "s-", "tesla": "^-", "recover": "o-"}
+    styles = {"official": "kx--", "unroll": "o-", "remat": "s-", "tesla": "^-"}
+    styles.update(recover="o-", train="o")
     for (part, key), (ax_time, ax_memory) in zip(parts, axes, strict=True):
         rows = report[part]["rows"]
-        for code in ("official", *MODES, "recover"):
+        for code in ("official", *MODES, "recover", "train"):
             sub = [
                 r
                 for r in rows

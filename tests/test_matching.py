@@ -72,29 +72,41 @@ def _augment_key_at(step: int):
 
 
 @functools.cache
-def _loss_and_grads(num_steps: int, soft_labels: bool = False, **config):
-    """match_loss_and_grads on the shared problem with augmentation on (cached per config)."""
-    images, labels, start, target = _problem()
-    if soft_labels:
-        logits = jax.random.normal(jax.random.key(3), (NUM_IMAGES, NUM_CLASSES))
-        labels = jax.nn.softmax(logits + 2 * jax.nn.one_hot(labels, NUM_CLASSES))
-    indices, mask = _schedule(num_steps)
-    inner = matching.InnerLoop(_model(), dsa_strategy=STRATEGY, **config)
+def _loss_and_grads(num_steps: int, soft_labels: bool = False, float64: bool = False, **config):
+    """match_loss_and_grads on the shared problem with augmentation on (cached per config).
 
-    def loss_and_grads(images, inner_lr, augment_key):
-        return matching.match_loss_and_grads(
-            images,
-            labels,
-            inner_lr,
-            start,
-            target,
-            indices,
-            mask,
-            inner=inner,
-            augment_key=augment_key,
+    ``float64``: computed under x64 with the problem's floats in float64 (x64 is confined to
+    the call: the jit caches are keyed on it).
+    """
+    with jax.enable_x64(float64):
+        images, labels, start, target = jax.tree.map(
+            lambda a: a.astype(jnp.float64) if float64 and _is_float(a) else a, _problem()
         )
+        if soft_labels:
+            logits = jax.random.normal(jax.random.key(3), (NUM_IMAGES, NUM_CLASSES))
+            labels = jax.nn.softmax(logits + 2 * jax.nn.one_hot(labels, NUM_CLASSES))
+        indices, mask = _schedule(num_steps)
+        inner = matching.InnerLoop(_model(), dsa_strategy=STRATEGY, **config)
 
-    return _run(loss_and_grads, images, jnp.float32(INNER_LR), jax.random.key(AUGMENT_KEY_SEED))
+        def loss_and_grads(images, inner_lr, augment_key):
+            return matching.match_loss_and_grads(
+                images,
+                labels,
+                inner_lr,
+                start,
+                target,
+                indices,
+                mask,
+                inner=inner,
+                augment_key=augment_key,
+            )
+
+        inner_lr = jnp.asarray(INNER_LR, images.dtype)
+        return _run(loss_and_grads, images, inner_lr, jax.random.key(AUGMENT_KEY_SEED))
+
+
+def _is_float(a):
+    return jnp.issubdtype(a.dtype, jnp.floating)
 
 
 def _assert_trees_close(actual, expected, rtol, atol=0.0):
@@ -240,39 +252,12 @@ def test_loop_forms_give_the_same_loss_and_gradients_in_float64(mode):
     # 'auto' resolves to 'rolled' on CPU for remat and tesla (the student's convs all take the
     # fast gradient), so the rolled form must be the unrolled one up to float64 rounding:
     # N = 3 steps of sums of a few hundred terms, ≈ 1e-13 relative; asserted at 1e-10.
-    with jax.enable_x64(True):
-        images, labels, start, target = jax.tree.map(
-            lambda a: jnp.asarray(a, jnp.float64) if _is_float(a) else a, _problem()
-        )
-        indices, mask = _schedule(3)
-        results = {}
-        for loop in ("unrolled", "rolled"):
-            inner = matching.InnerLoop(_model(), mode=mode, loop=loop, dsa_strategy=STRATEGY)
-            results[loop] = _run(
-                lambda images, inner_lr, key, inner=inner: matching.match_loss_and_grads(
-                    images,
-                    labels,
-                    inner_lr,
-                    start,
-                    target,
-                    indices,
-                    mask,
-                    inner=inner,
-                    augment_key=key,
-                ),
-                images,
-                jnp.float64(INNER_LR),
-                jax.random.key(AUGMENT_KEY_SEED),
-            )
-        (loss, grads), (rolled_loss, rolled_grads) = results["unrolled"], results["rolled"]
-        assert grads.images.dtype == jnp.float64
-        np.testing.assert_allclose(rolled_loss, loss, rtol=1e-10)
-        _assert_trees_close(rolled_grads, grads, rtol=1e-10, atol=1e-14)
-        assert float(jnp.max(jnp.abs(grads.images))) > 0.0
-
-
-def _is_float(a):
-    return jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)
+    loss, grads = _loss_and_grads(3, float64=True, mode=mode, loop="unrolled")
+    rolled_loss, rolled_grads = _loss_and_grads(3, float64=True, mode=mode, loop="rolled")
+    assert grads.images.dtype == jnp.float64
+    np.testing.assert_allclose(rolled_loss, loss, rtol=1e-10)
+    _assert_trees_close(rolled_grads, grads, rtol=1e-10, atol=1e-14)
+    assert np.max(np.abs(grads.images)) > 0.0
 
 
 def test_auto_loop_is_rolled_where_every_conv_gradient_is_fast():
