@@ -384,6 +384,20 @@ def _not_fitting(predicted: float, available: float | None, source: str = "") ->
 # --------------------------------------------------------------------------------------------
 
 
+def _official_convnet(networks, opts: dict, channel: int, im_size: tuple[int, int]):
+    """MTT's ConvNet-3 (``networks.ConvNet``) as ``distill.py`` and ``buffer.py`` build it."""
+    return networks.ConvNet(
+        channel,
+        PRESETS[opts["preset"]]["num_classes"],
+        net_width=opts.get("width", WIDTH),
+        net_depth=3,
+        net_act="relu",
+        net_norm="instancenorm",
+        net_pooling="avgpooling",
+        im_size=im_size,
+    )
+
+
 def worker_mtt_official(opts: dict) -> dict:
     """The official MTT iteration (``distill.py``), timed; or the probe, or the check."""
     import numpy as np
@@ -399,17 +413,7 @@ def worker_mtt_official(opts: dict) -> dict:
     data = np.load(opts["problem"])
     images = data["mtt_images"]
     num_images, channel, height, width = images.shape
-    num_classes = PRESETS[opts["preset"]]["num_classes"]
-    net = networks.ConvNet(
-        channel,
-        num_classes,
-        net_width=opts.get("width", WIDTH),
-        net_depth=3,
-        net_act="relu",
-        net_norm="instancenorm",
-        net_pooling="avgpooling",
-        im_size=(height, width),
-    )
+    net = _official_convnet(networks, opts, channel, (height, width))
     student_net = reparam_module.ReparamModule(net.to(device))
     student_net.train()
     num_params = sum(int(np.prod(p.size())) for p in student_net.parameters())
@@ -607,16 +611,7 @@ def worker_train_official(opts: dict) -> dict:
 
     data = np.load(opts["problem"])
     num_images, channel, height, width = data["mtt_images"].shape
-    net = networks.ConvNet(
-        channel,
-        PRESETS[opts["preset"]]["num_classes"],
-        net_width=opts.get("width", WIDTH),
-        net_depth=3,
-        net_act="relu",
-        net_norm="instancenorm",
-        net_pooling="avgpooling",
-        im_size=(height, width),
-    ).to(device)
+    net = _official_convnet(networks, opts, channel, (height, width)).to(device)
     net.train()
     # buffer.py: SGD(lr=lr_teacher, momentum=mom (0), weight_decay=l2 (0)).
     optimizer = torch.optim.SGD(net.parameters(), lr=INNER_LR, momentum=0, weight_decay=0)
