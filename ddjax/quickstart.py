@@ -79,26 +79,29 @@ FULL = Budget(
 )
 
 #: The default: the same rows at sizes that fit a few minutes on 2 CPU cores (measured in
-#: the README). Width 32 (a quarter of width 64's convolution work); 2 experts of 22 epochs
-#: (T+ + M at IPC 10); trajectory matching with N = 10 in a rolled loop (XLA:CPU compiles the
-#: unrolled N = 20 step in ~3 minutes, the rolled one in ~20 s, at about the same time per
-#: iteration here); 100 evaluation epochs on 3 networks.
+#: the README). Width 32 (a quarter of width 64's convolution work) for every network; 2
+#: experts of 22 epochs (T+ + M at IPC 10); trajectory matching with N = 10 in a rolled loop:
+#: on XLA:CPU the unrolled IPC 10 step compiled in 180 s at N = 20 (width 64) against 26 s
+#: rolled, at 4.5 against 5.2 s per iteration, and at IPC 1 (N = 10) in 76 s against 21 s
+#: at 0.13 against 0.22 s, so over these short runs the rolled loop wins end to end. 100
+#: evaluation epochs on 3 networks: an evaluation costs a few CPU seconds once its programs
+#: are in the compilation cache, most of it training.
 FAST = Budget(
     name="fast",
     epochs=100,
     num_models=3,
     width=32,
-    feature_epochs=20,
+    feature_epochs=10,
     experts={"model": "ConvNetW32", "num_experts": 2, "epochs": 22, "test_every": 22},
     distill={
-        ("mtt", 1): {"model": "ConvNetW32", "loop": "rolled", "iterations": 100},
+        ("mtt", 1): {"model": "ConvNetW32", "loop": "rolled"},  # its 200 iterations: ~0.05 s each
         ("mtt", 10): {"model": "ConvNetW32", "loop": "rolled", "syn_steps": 10, "iterations": 50},
         ("datm", 10): {
             "model": "ConvNetW32",
             "loop": "rolled",
             "syn_steps": 10,
-            "iterations": 50,
-            "expansion_end_iteration": 50,
+            "iterations": 30,
+            "expansion_end_iteration": 30,
         },
     },
     squeeze={"epochs": 15},
