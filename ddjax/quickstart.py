@@ -94,7 +94,7 @@ FAST = Budget(
     feature_epochs=10,
     experts={"model": "ConvNetW32", "num_experts": 2, "epochs": 22, "test_every": 22},
     distill={
-        ("mtt", 1): {"model": "ConvNetW32", "loop": "rolled"},  # its 200 iterations: ~0.05 s each
+        ("mtt", 1): {"model": "ConvNetW32", "loop": "rolled", "iterations": 100},
         ("mtt", 10): {"model": "ConvNetW32", "loop": "rolled", "syn_steps": 10, "iterations": 50},
         ("datm", 10): {
             "model": "ConvNetW32",

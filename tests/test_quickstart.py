@@ -38,7 +38,7 @@ def test_fast_budget_is_the_default_and_its_rows_fit_its_experts():
         config = quickstart.budget_config(config_file, fast.distill[(method, ipc)])
         # The students are the experts' networks, in the rolled loop, short runs.
         assert (config.model, config.loop, config.syn_steps) == ("ConvNetW32", "rolled", 10)
-        assert config.iterations <= 200
+        assert config.iterations <= 100
         assert config.max_start_epoch + config.expert_epochs <= experts.epochs
         if method == "datm":
             assert config.expansion_end_iteration <= config.iterations
