@@ -121,12 +121,16 @@ def persistent_compilation_cache(directory: Path) -> Iterator[None]:
     Every evaluation compiles its training step anew (a fresh closure), and the rows share
     shapes: from the second row on, XLA's programs come from the cache (an IPC 10 evaluation
     then costs ~3 CPU s instead of ~11), and a re-run compiles nothing. Every program is
-    cached (no minimum compile time or size). The previous settings are restored after.
+    cached (no minimum compile time or size); keys do not depend on the directory, so a
+    cache copied from another workdir is used too. The previous settings are restored after.
     """
     options = {
         "jax_compilation_cache_dir": str(directory),
         "jax_persistent_cache_min_compile_time_secs": 0.0,
         "jax_persistent_cache_min_entry_size_bytes": 0,
+        # The default puts XLA's own caches under the directory, which makes the directory's
+        # path part of every key: a copied cache or another --workdir would never hit.
+        "jax_persistent_cache_enable_xla_caches": "none",
     }
     before = {name: getattr(jax.config, name) for name in options}
     for name, value in options.items():

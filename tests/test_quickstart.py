@@ -104,3 +104,15 @@ def test_a_workdir_of_the_other_budget_is_refused(tmp_path, capsys, no_rows):
     err = capsys.readouterr().err
     assert "holds a run with a different config" in err and "budget" in err
     assert len(no_rows) == 1  # the fast rows are not mixed with --full's
+
+
+def test_compilation_cache_keys_do_not_depend_on_its_directory(tmp_path):
+    # A cache copied from another workdir (or shared between them) must be hit: the same
+    # program compiled under two directories is written under the same key.
+    def compile_once(directory):
+        with quickstart.persistent_compilation_cache(directory):
+            jax.jit(lambda x: jax.numpy.sin(x) * 3.0)(jax.numpy.ones(5)).block_until_ready()
+        return sorted(path.name for path in directory.iterdir() if "lambda" in path.name)
+
+    first = compile_once(tmp_path / "a")
+    assert first and compile_once(tmp_path / "b") == first
