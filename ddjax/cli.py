@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "quickstart",
         help="coresets, MTT, DATM and SRe2L on the bundled digits at IPC 1 and 10; prints a table",
         description="Builds IPC 1 and IPC 10 sets of scikit-learn's bundled digits with random, "
-        "herding and k-center selection, with MTT (5 experts, then trajectory matching from "
+        "herding and k-center selection, with MTT (digits experts, then trajectory matching from "
         "the random sets), DATM at IPC 10 and SRe2L at IPC 10 (squeeze, recover, KD "
         "students), evaluates each with K ConvNets (MTT protocol, reduced epochs; KD for "
         "SRe2L), prints a table (mean ± std) and writes image grids. Needs no download. "
