@@ -398,6 +398,29 @@ def _official_convnet(networks, opts: dict, channel: int, im_size: tuple[int, in
     )
 
 
+class _OfficialAugment:
+    """The official ``utils.DiffAugment`` with the harness's one deviation, counted.
+
+    DiffAugment's crop returns 1-channel batches with channels-last strides (its final
+    ``.contiguous()`` is a no-op there, since such a tensor counts as contiguous); the official
+    ConvNet's convolutions keep that layout and its ``out.view(...)`` then fails under torch
+    2.x. Such a batch is copied to the standard layout, and :attr:`restored` counts the copies.
+    """
+
+    def __init__(self, torch, utils):
+        self.torch, self.utils = torch, utils
+        self.param = utils.ParamDiffAug()
+        self.restored = 0
+
+    def __call__(self, x):
+        standard = self.torch.empty(x.shape).stride()
+        x = self.utils.DiffAugment(x, DSA_STRATEGY, param=self.param)
+        if x.stride() != standard:
+            self.restored += 1
+            x = x.clone(memory_format=self.torch.contiguous_format)
+        return x
+
+
 def worker_mtt_official(opts: dict) -> dict:
     """The official MTT iteration (``distill.py``), timed; or the probe, or the check."""
     import numpy as np
@@ -427,14 +450,8 @@ def worker_mtt_official(opts: dict) -> dict:
     optimizer_img = torch.optim.SGD([image_syn], lr=LR_IMG, momentum=MOMENTUM)
     optimizer_lr = torch.optim.SGD([syn_lr], lr=LR_LR, momentum=MOMENTUM)
     criterion = torch.nn.CrossEntropyLoss().to(device)
-    dsa_param = utils.ParamDiffAug()
+    augment = _OfficialAugment(torch, utils)  # DiffAugment, 1-channel layout restored
     batch_syn = num_images  # distill.py: batch_syn = num_classes * ipc when not given
-    # DiffAugment's crop returns 1-channel batches with channels-last strides (its final
-    # .contiguous() is a no-op there, since such a tensor counts as contiguous); the ConvNet's
-    # convolutions keep that layout and its out.view(...) then fails under torch 2.x. The one
-    # deviation from the official loop: such a batch is copied to the standard layout.
-    standard_strides = torch.empty(num_images, channel, height, width).stride()
-    layouts_restored = [0]
 
     def iteration(syn_steps: int, dsa: bool, step: bool = True) -> float:
         # distill.py's loop body, from the student's parameters to the optimisers' steps.
@@ -448,10 +465,7 @@ def worker_mtt_official(opts: dict) -> dict:
             x = image_syn[these_indices]
             this_y = label_syn[these_indices]
             if dsa:
-                x = utils.DiffAugment(x, DSA_STRATEGY, param=dsa_param)
-                if x.stride() != standard_strides:
-                    layouts_restored[0] += 1
-                    x = x.clone(memory_format=torch.contiguous_format)
+                x = augment(x)
             x = student_net(x, flat_param=student_params[-1])
             ce_loss = criterion(x, this_y)
             grad = torch.autograd.grad(ce_loss, student_params[-1], create_graph=True)[0]
@@ -503,7 +517,7 @@ def worker_mtt_official(opts: dict) -> dict:
             "points": points,
             "peak_kind": kind,
             "device_total_bytes": available,
-            "layouts_restored": layouts_restored[0],
+            "layouts_restored": augment.restored,
         }
 
     row = _measure(
@@ -513,7 +527,7 @@ def worker_mtt_official(opts: dict) -> dict:
         started,
         lambda: _torch_peak(torch, device),
     )
-    return {**row, "layouts_restored": layouts_restored[0]}
+    return {**row, "layouts_restored": augment.restored}
 
 
 def _mtt_ddjax_args(opts: dict, num_steps: int):
@@ -618,16 +632,11 @@ def worker_train_official(opts: dict) -> dict:
     criterion = torch.nn.CrossEntropyLoss().to(device)
     images = torch.tensor(data["mtt_images"], device=device)
     labels = torch.tensor(data["mtt_labels"], device=device).long()
-    dsa_param = utils.ParamDiffAug()
-    standard_strides = images.stride()
-    layouts_restored = [0]
+    augment = _OfficialAugment(torch, utils)
 
     def iteration():
         # utils.epoch's body for one batch (mode 'train', aug with DSA).
-        img = utils.DiffAugment(images, DSA_STRATEGY, param=dsa_param)
-        if img.stride() != standard_strides:  # as in worker_mtt_official
-            layouts_restored[0] += 1
-            img = img.clone(memory_format=torch.contiguous_format)
+        img = augment(images)
         output = net(img)
         loss = criterion(output, labels)
         np.sum(np.equal(np.argmax(output.cpu().data.numpy(), axis=-1), labels.cpu().numpy()))
@@ -639,7 +648,7 @@ def worker_train_official(opts: dict) -> dict:
 
     row = {"torchvision_compat": setup["torchvision_compat"], "device": device}
     row = _measure(row, iteration, opts, started, lambda: _torch_peak(torch, device))
-    return {**row, "layouts_restored": layouts_restored[0], "batch": num_images}
+    return {**row, "layouts_restored": augment.restored, "batch": num_images}
 
 
 def worker_train_ddjax(opts: dict) -> dict:
