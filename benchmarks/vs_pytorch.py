@@ -563,6 +563,7 @@ def worker_mtt_ddjax(opts: dict) -> dict:
     import numpy as np
     from _common import compiled_memory, peak_memory_bytes
 
+    from ddjax import xla
     from ddjax.distill import matching
 
     started = time.perf_counter()
@@ -576,6 +577,7 @@ def worker_mtt_ddjax(opts: dict) -> dict:
         "loop": f"{inner.loop}: {matching.resolve_loop(inner, args[3], batch)}",
         "conv_grad": model.conv_grad,
         "dsa_strategy": inner.dsa_strategy,
+        "compiler_options": xla.options(),
     }
     if opts["mode"] == "unroll" and inner.loop != "rolled" and not check:
         # unroll's memory grows with N, and an unrolled loop compiles in minutes at large N; a
@@ -656,18 +658,23 @@ def worker_train_ddjax(opts: dict) -> dict:
     import jax
     from _common import compiled_memory, peak_memory_bytes
 
-    from ddjax import augment, train
+    from ddjax import augment, train, xla
 
     started = time.perf_counter()
     model, args = _mtt_ddjax_args(opts, 1)
     images, labels = args[0], args[1]
     tx = train.sgd(INNER_LR)
     state = train.init_state(model, tx, jax.random.key(0), images.shape[1:])
-    step = jax.jit(train.make_train_step(model, tx, augment.make_augment("dsa", DSA_STRATEGY)))
+    # Compiled as ddjax's training driver compiles its steps (with ddjax.xla's options).
+    step = xla.jit(train.make_train_step(model, tx, augment.make_augment("dsa", DSA_STRATEGY)))
     key = jax.random.key(4)
     start = time.perf_counter()
     compiled = step.lower(state, images, labels, key).compile()
-    row = {"compile_s": time.perf_counter() - start, "conv_grad": model.conv_grad}
+    row = {
+        "compile_s": time.perf_counter() - start,
+        "conv_grad": model.conv_grad,
+        "compiler_options": xla.options(),
+    }
     row.update(compiled_memory(compiled))
     current = [state]
 
@@ -834,12 +841,13 @@ def worker_recover_ddjax(opts: dict) -> dict:
     import numpy as np
     from _common import compiled_memory, peak_memory_bytes
 
+    from ddjax import xla
     from ddjax.sre2l import recover_step
 
     started = time.perf_counter()
     imported, settings, state, labels = _recover_ddjax_setup(opts)
     model, variables = imported.model, imported.variables
-    row = {"conv_grad": model.conv_grad}
+    row = {"conv_grad": model.conv_grad, "compiler_options": xla.options()}
     if opts.get("check"):
 
         def objective(images):
@@ -1308,6 +1316,19 @@ def markdown(report: dict) -> str:
         f"iterations after {settings['warmup']} warm-up, each configuration in a fresh process; "
         f"command: `{report['command']}`.",
     ]
+    compiled_with = {
+        json.dumps(row.get("compiler_options"), sort_keys=True)
+        for part in PARTS
+        for row in report.get(part, {}).get("rows", [])
+        if row.get("side") == "ddjax" and "compiler_options" in row
+    }
+    if compiled_with:
+        lines += [
+            "",
+            "ddjax's programs were compiled with the XLA options of `ddjax.xla.options()`: "
+            + ", ".join(f"`{options}`" for options in sorted(compiled_with))
+            + ".",
+        ]
     if settings.get("torchvision_compat"):
         lines += [
             "",

@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 from ddjax import augment as augment_lib
-from ddjax import guard
+from ddjax import guard, xla
 from ddjax.distill import matching
 from ddjax.distill.method import Method
 from ddjax.errors import check
@@ -340,7 +340,7 @@ def make_distill_step(
             metrics["label_grad_norm"] = jnp.sqrt(jnp.sum(jnp.square(grads.labels)))
         return new_state, metrics
 
-    return jax.jit(
+    return xla.jit(
         distill_step,
         donate_argnums=(0,) if donate else (),
         compiler_options=compiler_options,

@@ -75,7 +75,7 @@ import numpy as np
 import optax
 
 from ddjax import augment as augment_lib
-from ddjax import models
+from ddjax import models, xla
 from ddjax.errors import check
 
 __all__ = [
@@ -834,7 +834,7 @@ class MatchGrads(NamedTuple):
     labels: Array | None
 
 
-@functools.partial(jax.jit, static_argnames=("inner", "label_transform"))
+@xla.lazy_jit(static_argnames=("inner", "label_transform"))
 def match_loss_and_grads(
     images: Array,
     labels: Array,

@@ -59,7 +59,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from ddjax import distributed, guard, loop, models, sharding
+from ddjax import distributed, guard, loop, models, sharding, xla
 from ddjax.errors import DDJaxError, check
 from ddjax.sre2l import crops
 
@@ -457,7 +457,7 @@ def make_recover_step(
         new_state = RecoverState(images, opt_state, state.step + 1, key, skips)
         return new_state, {"loss": loss, "lr": lr, **parts}
 
-    return jax.jit(
+    return xla.jit(
         recover_step,
         donate_argnums=(0,) if donate else (),
         compiler_options=compiler_options,

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from ddjax import checkpoint, distributed, guard, sharding
+from ddjax import checkpoint, distributed, guard, sharding, xla
 from ddjax.errors import DDJaxError, check
 from ddjax.train.step import (
     TrainState,
@@ -596,9 +596,9 @@ class _StepPrograms(NamedTuple):
 @functools.lru_cache(maxsize=16)
 def _step_programs(step) -> _StepPrograms:
     return _StepPrograms(
-        one=jax.jit(step, donate_argnums=0),
-        pool_shared=jax.jit(jax.vmap(step, in_axes=(0, None, None, None)), donate_argnums=0),
-        pool_each=jax.jit(jax.vmap(step), donate_argnums=0),
+        one=xla.jit(step, donate_argnums=0),
+        pool_shared=xla.jit(jax.vmap(step, in_axes=(0, None, None, None)), donate_argnums=0),
+        pool_each=xla.jit(jax.vmap(step), donate_argnums=0),
     )
 
 
@@ -608,7 +608,7 @@ def _epoch_program(step, batch_size: int, form: str):
     if form == "pool":
         return make_pool_epoch(step, batch_size)
     if form == "one":
-        return jax.jit(make_epoch(step, batch_size), donate_argnums=(0,))
+        return xla.jit(make_epoch(step, batch_size), donate_argnums=(0,))
     return make_loop_epoch(step, batch_size)
 
 

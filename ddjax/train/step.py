@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ddjax import distributed, guard, sharding
+from ddjax import distributed, guard, sharding, xla
 from ddjax.errors import check
 
 Array = jax.Array
@@ -385,7 +385,7 @@ def make_pool_epoch(step, batch_size: int):
     device trains its own models.
     """
     epoch = make_epoch(step, batch_size)
-    return jax.jit(jax.vmap(epoch, in_axes=(0, None, None, 0)), donate_argnums=(0,))
+    return xla.jit(jax.vmap(epoch, in_axes=(0, None, None, 0)), donate_argnums=(0,))
 
 
 def make_loop_epoch(step, batch_size: int):
@@ -398,7 +398,7 @@ def make_loop_epoch(step, batch_size: int):
     both forms train identically.
     """
 
-    @functools.partial(jax.jit, donate_argnums=(0,))
+    @functools.partial(xla.jit, donate_argnums=(0,))
     def indexed_step(state, images, labels, index, key):
         return step(state, images[index], labels[index], key)
 
