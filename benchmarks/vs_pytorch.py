@@ -596,9 +596,19 @@ def worker_mtt_ddjax(opts: dict) -> dict:
 
     if check:
         loss, grads = compiled(*args, augment_key=key)
+        # The same iteration in float64: a reference that says how far each float32 side is
+        # from the exact value (the problem amplifies rounding; see compare_check).
+        with jax.enable_x64(True):
+            args64 = jax.tree.map(_to_float64, args)
+            loss64, grads64 = matching.match_loss_and_grads(*args64, inner=inner, augment_key=key)
+            float64 = {
+                "images": np.asarray(grads64.images).transpose(0, 3, 1, 2),
+                "inner_lr": np.asarray(grads64.inner_lr),
+            }
         images = np.asarray(grads.images).transpose(0, 3, 1, 2)  # NHWC -> NCHW
         np.savez(check, images=images, inner_lr=np.asarray(grads.inner_lr))
-        return {**row, "loss": float(loss)}
+        np.savez(f"{check}.float64.npz", **float64)
+        return {**row, "loss": float(loss), "float64": {"loss": float(loss64)}}
     row.update(_jax_fits(row))
     if "skipped" in row:
         return row
@@ -863,7 +873,27 @@ def worker_recover_ddjax(opts: dict) -> dict:
 
         (loss, parts), grads = jax.value_and_grad(objective, has_aux=True)(state.images)
         np.savez(opts["check"], images=np.asarray(grads).transpose(0, 3, 1, 2))
-        return {**row, "loss": float(loss), "ce": float(parts["ce"]), "bn": float(parts["bn"])}
+        with jax.enable_x64(True):  # the float64 reference (see the MTT check)
+            variables64, images64 = jax.tree.map(_to_float64, (variables, state.images))
+            (loss64, parts64), grads64 = jax.value_and_grad(
+                lambda images: recover_step.recover_loss(
+                    model,
+                    variables64,
+                    images,
+                    labels,
+                    r_bn=settings.r_bn,
+                    first_bn_multiplier=settings.first_bn_multiplier,
+                ),
+                has_aux=True,
+            )(images64)
+        np.savez(f"{opts['check']}.float64.npz", images=np.asarray(grads64).transpose(0, 3, 1, 2))
+        values = {"loss": loss, "ce": parts["ce"], "bn": parts["bn"]}
+        values64 = {"loss": loss64, "ce": parts64["ce"], "bn": parts64["bn"]}
+        return {
+            **row,
+            **{name: float(value) for name, value in values.items()},
+            "float64": {name: float(value) for name, value in values64.items()},
+        }
 
     step = recover_step.make_recover_step(model, settings)
     start = time.perf_counter()
@@ -928,6 +958,13 @@ def _spawn(kind: str, opts: dict, timeout_s: float) -> dict:
 _spawn.compat_said = False
 
 
+def _to_float64(x):
+    """A floating array as float64 (call under ``jax.enable_x64``); other leaves as they are."""
+    import jax.numpy as jnp
+
+    return x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
 def _relative_difference(a, b) -> float:
     """max |a − b| / max |b|: how far two gradients are apart, relative to their size."""
     import numpy as np
@@ -959,6 +996,22 @@ def compare_check(official: dict, ddjax: dict, grads: tuple[str, str] | None, na
         for name in theirs.files:
             diff = _relative_difference(ours[name], theirs[name])
             record["relative_difference"][f"grad_{name}"] = diff
+    reference = ddjax.get("float64")
+    if reference is not None:
+        # Distances from ddjax's float64 value: which float32 side is off when they differ.
+        distance = {"official": {}, "ddjax": {}}
+        for name in names:
+            for side, values in (("official", official), ("ddjax", ddjax)):
+                distance[side][name] = abs(values[name] - reference[name]) / max(
+                    abs(reference[name]), 1e-30
+                )
+        if grads is not None and Path(f"{grads[1]}.float64.npz").exists():
+            exact = np.load(f"{grads[1]}.float64.npz")
+            for side, path in (("official", grads[0]), ("ddjax", grads[1])):
+                values = np.load(path)
+                for name in exact.files:
+                    distance[side][f"grad_{name}"] = _relative_difference(values[name], exact[name])
+        record["float64_distance"] = distance
     return {**record, "ok": ok}
 
 
@@ -1161,8 +1214,19 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     from _common import environment
 
+    from ddjax import xla
+    from ddjax.errors import DDJaxError
+
+    try:
+        xla.check_environment()
+    except DDJaxError as error:
+        print(f"vs_pytorch.py: error: {error}", file=sys.stderr)
+        return 2
     backend = jax.default_backend()
-    out = Path(args.out or RESULTS / f"vs_pytorch_{args.preset}_{backend}")
+    # A run with DDJAX_CPU_FUSION set (ddjax.xla) is a variant: its own files.
+    fusion = os.environ.get(xla.ENV, "").replace(",", "_").replace(" ", "")
+    suffix = f"_fusion_{fusion}" if fusion and backend == "cpu" else ""
+    out = Path(args.out or RESULTS / f"vs_pytorch_{args.preset}_{backend}{suffix}")
     budget = {
         "repeats": args.repeats,
         "warmup": args.warmup,
@@ -1292,7 +1356,10 @@ def _check_line(check: dict) -> str:
         for name in check["official"]
     )
     diffs = ", ".join(f"{k} {v:.1e}" for k, v in check["relative_difference"].items())
-    return f"{'agrees' if check['ok'] else 'DISAGREES'}: {values}; relative differences: {diffs}"
+    line = f"{'agrees' if check['ok'] else 'DISAGREES'}: {values}; relative differences: {diffs}"
+    for side, distance in check.get("float64_distance", {}).items():
+        line += f"; {side} from float64: " + ", ".join(f"{k} {v:.1e}" for k, v in distance.items())
+    return line
 
 
 def markdown(report: dict) -> str:
@@ -1325,7 +1392,8 @@ def markdown(report: dict) -> str:
     if compiled_with:
         lines += [
             "",
-            "ddjax's programs were compiled with the XLA options of `ddjax.xla.options()`: "
+            "ddjax's programs were compiled with the XLA options of `ddjax.xla.options()` "
+            "(`DDJAX_CPU_FUSION`): "
             + ", ".join(f"`{options}`" for options in sorted(compiled_with))
             + ".",
         ]

@@ -28,6 +28,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
+from ddjax import xla
 from ddjax.errors import DDJaxError
 
 #: Each stage's function, as ``"module:function"``. This table is the one place the CLI imports
@@ -283,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        xla.check_environment()
         if args.stage == "quickstart":
             check_no_overrides(overrides, "quickstart")
             resolve(STAGES["quickstart"])(

@@ -1,23 +1,25 @@
-"""The XLA compiler options ddjax compiles its hot programs with, and ``jit`` that adds them.
+"""Opt-in XLA:CPU compiler options for ddjax's hot programs, and ``jit`` that adds them.
 
 On CPU, XLA (jaxlib 0.10) hands parts of a program to the YNNPACK library; the option
-``xla_cpu_experimental_ynn_fusion_type`` says which kinds. ddjax names two: matrix products
-(``DOT``) and reductions (``REDUCE``). Convolutions then run on XLA's own convolution kernels
-(Eigen) instead of YNNPACK's, which on the convolutions of MTT's ConvNet and their gradients
-(large-window kernel gradients above all) are the faster ones. Measured side by side with the
-official PyTorch code on a 2-core AMD EPYC (``benchmarks/vs_pytorch.py``), this takes the
-exact trajectory-matching iteration from 1.6x the official time to about 1x, and the
-training step and the SRe2L recover iteration most of the way there.
+``xla_cpu_experimental_ynn_fusion_type`` says which kinds. With only matrix products and
+reductions there (``DDJAX_CPU_FUSION=dot,reduce``), convolutions run on XLA's own kernels
+(Eigen), which for MTT's ConvNet and its gradients are faster: side by side with the official
+PyTorch code on a 2-core AMD EPYC (``benchmarks/vs_pytorch.py``) the exact trajectory-matching
+iteration went from 1.5-1.7x the official time to 0.94-1.09x, the recover iteration from
+1.28-1.39x to 0.98-1.10x.
 
-Why not ``DOT`` alone, a little faster still: reductions then go to XLA's own emitter, whose
-float32 sums lose digits. A BatchNorm ResNet-101's train-mode forward pass is 1.9e-4 from its
-float64 value with ``DOT`` alone, 2.8e-5 with ``DOT`` and ``REDUCE``, 2.5e-5 with XLA's default.
-Float64 results are the same with and without the options; float32 rounding moves, as it
-does with any change of kernels (``tests/test_xla.py`` holds both).
+Not the default, because float32 rounding gets worse. The harness's sanity check (N = 2, no
+augmentation) has a float64 reference: the official code's float32 image gradient is 1.2e-6
+from it, ddjax's 1.3e-6 with XLA's default and 1.5e-2 with ``dot,reduce`` (its loss 2.4e-6
+against 3.8e-8); with ``dot`` alone, reductions in XLA's own emitter lose more (a BatchNorm
+ResNet-101's train-mode forward pass: 1.9e-4 from float64, against 2.5e-5). Float64 results
+are the same either way (``tests/test_xla.py``). Choose it for speed where float32 training
+noise dwarfs that, not for comparisons with other code.
 
-The options apply per compilation (``compiler_options`` of ``jax.jit``), only on the CPU
-backend, and only when this jaxlib knows them (checked once by compiling a scalar program).
-A user who names the option in ``XLA_FLAGS`` keeps their own value: ddjax then adds nothing.
+``DDJAX_CPU_FUSION`` is read when a program is built: a comma-separated list of fusion types
+(:data:`FUSION_TYPES`' keys), applied per compilation (``compiler_options`` of ``jax.jit``) on
+the CPU backend only. A user who names the option in ``XLA_FLAGS`` keeps that value: ddjax
+then adds nothing. The CLI checks the variable before any work.
 """
 
 from __future__ import annotations
@@ -29,8 +31,16 @@ from typing import Any
 
 import jax
 
+from ddjax.errors import check
+
 FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-FUSION_TYPES = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+ENV = "DDJAX_CPU_FUSION"
+# The names DDJAX_CPU_FUSION accepts, and XLA's enum values for them.
+FUSION_TYPES = {
+    name: f"LIBRARY_FUSION_TYPE_{name.upper()}"
+    for name in ("dot", "reduce", "eltwise", "individual_dot", "individual_convolution")
+}
+RECOMMENDED = "dot,reduce"
 
 
 def user_sets_fusion() -> bool:
@@ -38,25 +48,53 @@ def user_sets_fusion() -> bool:
     return FUSION_OPTION in os.environ.get("XLA_FLAGS", "")
 
 
+def fusion_value(names: str) -> str:
+    """XLA's value for a ``DDJAX_CPU_FUSION`` list (``'dot,reduce'``); refuses unknown names."""
+    parts = [part.strip() for part in names.split(",")]
+    unknown = [part for part in parts if part not in FUSION_TYPES]
+    check(
+        not unknown and parts,
+        f"{ENV}={names!r}: expected a comma-separated list of {sorted(FUSION_TYPES)} "
+        f"(e.g. {RECOMMENDED!r}), or unset for XLA's default",
+    )
+    return ",".join(FUSION_TYPES[part] for part in parts)
+
+
+def check_environment() -> None:
+    """Refuses a malformed ``DDJAX_CPU_FUSION`` in one line (the CLI calls it first)."""
+    names = os.environ.get(ENV, "")
+    if names:
+        fusion_value(names)
+
+
 @functools.cache
-def _jaxlib_knows_fusion_option() -> bool:
-    options = {FUSION_OPTION: FUSION_TYPES}
+def _jaxlib_knows(value: str) -> bool:
     try:
-        jax.jit(lambda x: x + 1, compiler_options=options).lower(0.0).compile()
+        jax.jit(lambda x: x + 1, compiler_options={FUSION_OPTION: value}).lower(0.0).compile()
     except jax.errors.JaxRuntimeError:
         return False
     return True
 
 
 def options(extra: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """ddjax's compiler options for the default backend, merged with ``extra`` (which wins).
+    """The compiler options ``DDJAX_CPU_FUSION`` asks for, merged with ``extra`` (which wins).
 
     Returns ``None`` when there is nothing to set (``jax.jit``'s default). Initialises the
-    backend: call it where a program is built, not at import.
+    backend when the variable is set: call it where a program is built, not at import.
+
+    Raises:
+      DDJaxError: the variable names an unknown type, or this jaxlib has no such option.
     """
     merged: dict[str, Any] = {}
-    if jax.default_backend() == "cpu" and not user_sets_fusion() and _jaxlib_knows_fusion_option():
-        merged[FUSION_OPTION] = FUSION_TYPES
+    names = os.environ.get(ENV, "")
+    if names and not user_sets_fusion() and jax.default_backend() == "cpu":
+        value = fusion_value(names)
+        check(
+            _jaxlib_knows(value),
+            f"{ENV}={names!r}: this jaxlib ({jax.__version__}) has no XLA option "
+            f"{FUSION_OPTION} with these types; unset {ENV}",
+        )
+        merged[FUSION_OPTION] = value
     merged.update(extra or {})
     return merged or None
 

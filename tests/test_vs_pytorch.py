@@ -82,6 +82,23 @@ def test_sanity_check_fails_on_a_different_loss(vs, tmp_path):
     assert not failed["ok"] and "boom" in failed["error"]
 
 
+def test_sanity_check_says_which_side_is_off_from_float64(vs, tmp_path):
+    grads = (tmp_path / "official.npz", tmp_path / "ddjax.npz")
+    np.savez(grads[0], images=np.array([1.0, -2.0]))
+    np.savez(grads[1], images=np.array([1.0, -2.02]))
+    np.savez(f"{grads[1]}.float64.npz", images=np.array([1.0, -2.000002]))
+    paths = tuple(map(str, grads))
+    ddjax = {"loss": 1.0 + 2e-6, "float64": {"loss": 1.0}}
+    record = vs.compare_check({"loss": 1.0 + 1e-8}, ddjax, paths, ["loss"])
+    distance = record["float64_distance"]
+    assert distance["official"]["loss"] == pytest.approx(1e-8)
+    assert distance["ddjax"]["loss"] == pytest.approx(2e-6)
+    assert distance["official"]["grad_images"] == pytest.approx(1e-6, rel=1e-3)
+    assert distance["ddjax"]["grad_images"] == pytest.approx(0.019998 / 2.000002, rel=1e-3)
+    line = vs._check_line(record)
+    assert "official from float64: loss 1.0e-08" in line and "ddjax from float64" in line
+
+
 def test_predicts_that_a_configuration_does_not_fit(vs):
     gib = 2**30
     # The official code's peak grows by 0.3 GiB per inner step from 0.6 GiB.
