@@ -1223,7 +1223,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vs_pytorch.py: error: {error}", file=sys.stderr)
         return 2
     backend = jax.default_backend()
-    # A run with DDJAX_CPU_FUSION set (ddjax.xla) is a variant: its own files.
+    # A run with DDJAX_CPU_FUSION set (ddjax.xla; unset: ddjax's default) is a variant with
+    # its own files.
     fusion = os.environ.get(xla.ENV, "").replace(",", "_").replace(" ", "")
     suffix = f"_fusion_{fusion}" if fusion and backend == "cpu" else ""
     out = Path(args.out or RESULTS / f"vs_pytorch_{args.preset}_{backend}{suffix}")

@@ -1,31 +1,35 @@
-"""Opt-in XLA:CPU compiler options for ddjax's hot programs, and ``jit`` that adds them.
+"""The XLA:CPU compiler options of ddjax's hot programs, and ``jit`` that adds them.
 
 On CPU, XLA (jaxlib 0.10) hands parts of a program to the YNNPACK library; the option
-``xla_cpu_experimental_ynn_fusion_type`` says which kinds. With only matrix products and
-reductions there (``DDJAX_CPU_FUSION=dot,reduce``), convolutions run on XLA's own kernels
-(Eigen), which for MTT's ConvNet and its gradients are faster: side by side with the official
-PyTorch code on a 2-core AMD EPYC (``benchmarks/vs_pytorch.py``) the exact trajectory-matching
+``xla_cpu_experimental_ynn_fusion_type`` says which kinds. ddjax keeps only matrix products and
+reductions there (``dot,reduce``), so convolutions run on XLA's own (Eigen) kernels, which for
+MTT's ConvNet and its gradients are the faster ones: side by side with the official PyTorch
+code on a 2-core AMD EPYC (``benchmarks/vs_pytorch.py``) the exact trajectory-matching
 iteration went from 1.5-1.7x the official time to 0.94-1.09x, the recover iteration from
-1.28-1.39x to 0.98-1.10x.
+1.28-1.39x to 0.98-1.10x, the training step from 1.7x to 1.1-1.3x.
 
-Not the default, because float32 rounding gets worse. The harness's sanity check (N = 2, no
-augmentation) has a float64 reference: the official code's float32 image gradient is 1.2e-6
-from it, ddjax's 1.3e-6 with XLA's default and 1.5e-2 with ``dot,reduce`` (its loss 2.4e-6
-against 3.8e-8); with ``dot`` alone, reductions in XLA's own emitter lose more (a BatchNorm
-ResNet-101's train-mode forward pass: 1.9e-4 from float64, against 2.5e-5). Float64 results
-are the same either way (``tests/test_xla.py``). Choose it for speed where float32 training
-noise dwarfs that, not for comparisons with other code.
+Values: float64 results are the same with and without the option. In float32 only rounding
+moves, and where it shows is a ReLU whose input is within rounding of zero: its mask can come
+out either way, and one such flip moves a first-order kernel gradient by about 1e-3 (the
+sanity check of the harness, which has a float64 reference, once drew one). Over six random
+image sets of the benchmark's shapes, 9 masks flipped against float64 with this option and 4
+with XLA's default (``tests/test_xla.py`` holds the rest). ``dot`` alone, a little faster,
+is not used: reductions then go to XLA's own emitter, whose float32 sums lose digits (a
+BatchNorm ResNet-101's train-mode forward pass: 1.9e-4 from float64, against 2.8e-5 with
+``dot,reduce`` and 2.5e-5 with XLA's default).
 
-``DDJAX_CPU_FUSION`` is read when a program is built: a comma-separated list of fusion types
-(:data:`FUSION_TYPES`' keys), applied per compilation (``compiler_options`` of ``jax.jit``) on
-the CPU backend only. A user who names the option in ``XLA_FLAGS`` keeps that value: ddjax
-then adds nothing. The CLI checks the variable before any work.
+``DDJAX_CPU_FUSION`` overrides the choice when a program is built: ``xla`` for XLA's own
+default, or a comma-separated list of fusion types (:data:`FUSION_TYPES`' keys). The options
+apply per compilation (``compiler_options`` of ``jax.jit``) on the CPU backend only; a user
+who names the option in ``XLA_FLAGS`` keeps that value and ddjax adds nothing. The CLI checks
+the variable before any work.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,7 +44,8 @@ FUSION_TYPES = {
     name: f"LIBRARY_FUSION_TYPE_{name.upper()}"
     for name in ("dot", "reduce", "eltwise", "individual_dot", "individual_convolution")
 }
-RECOMMENDED = "dot,reduce"
+DEFAULT = "dot,reduce"
+XLA_DEFAULT = "xla"  # DDJAX_CPU_FUSION=xla: XLA's own choice (no option)
 
 
 def user_sets_fusion() -> bool:
@@ -54,8 +59,8 @@ def fusion_value(names: str) -> str:
     unknown = [part for part in parts if part not in FUSION_TYPES]
     check(
         not unknown and parts,
-        f"{ENV}={names!r}: expected a comma-separated list of {sorted(FUSION_TYPES)} "
-        f"(e.g. {RECOMMENDED!r}), or unset for XLA's default",
+        f"{ENV}={names!r}: expected {XLA_DEFAULT!r} (XLA's default) or a comma-separated "
+        f"list of {sorted(FUSION_TYPES)} (unset: {DEFAULT!r})",
     )
     return ",".join(FUSION_TYPES[part] for part in parts)
 
@@ -63,7 +68,7 @@ def fusion_value(names: str) -> str:
 def check_environment() -> None:
     """Refuses a malformed ``DDJAX_CPU_FUSION`` in one line (the CLI calls it first)."""
     names = os.environ.get(ENV, "")
-    if names:
+    if names and names != XLA_DEFAULT:
         fusion_value(names)
 
 
@@ -76,25 +81,38 @@ def _jaxlib_knows(value: str) -> bool:
     return True
 
 
+@functools.cache
+def _say_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
 def options(extra: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """The compiler options ``DDJAX_CPU_FUSION`` asks for, merged with ``extra`` (which wins).
+    """ddjax's compiler options for the default backend, merged with ``extra`` (which wins).
 
     Returns ``None`` when there is nothing to set (``jax.jit``'s default). Initialises the
-    backend when the variable is set: call it where a program is built, not at import.
+    backend: call it where a program is built, not at import.
 
     Raises:
-      DDJaxError: the variable names an unknown type, or this jaxlib has no such option.
+      DDJaxError: the variable names an unknown type, or asks for types this jaxlib does not
+        have (unset, ddjax then warns once and compiles with XLA's default).
     """
     merged: dict[str, Any] = {}
-    names = os.environ.get(ENV, "")
-    if names and not user_sets_fusion() and jax.default_backend() == "cpu":
+    asked = os.environ.get(ENV, "")
+    names = asked or DEFAULT
+    if names != XLA_DEFAULT and not user_sets_fusion() and jax.default_backend() == "cpu":
         value = fusion_value(names)
-        check(
-            _jaxlib_knows(value),
-            f"{ENV}={names!r}: this jaxlib ({jax.__version__}) has no XLA option "
-            f"{FUSION_OPTION} with these types; unset {ENV}",
-        )
-        merged[FUSION_OPTION] = value
+        if _jaxlib_knows(value):
+            merged[FUSION_OPTION] = value
+        else:
+            check(
+                not asked,
+                f"{ENV}={names!r}: this jaxlib ({jax.__version__}) has no XLA option "
+                f"{FUSION_OPTION} with these types; set {ENV}={XLA_DEFAULT}",
+            )
+            _say_once(
+                f"ddjax: this jaxlib ({jax.__version__}) has no XLA option {FUSION_OPTION}; "
+                "compiling with XLA's default fusions"
+            )
     merged.update(extra or {})
     return merged or None
 
