@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU comp
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 4
-NUM_IMAGES = 50
+NUM_IMAGES = 20
 DEFAULT = {}  # XLA's own choice of fusions
 
 
@@ -101,7 +101,7 @@ def test_the_options_reach_the_training_step(monkeypatch):
 
 
 def _matching_problem(dtype):
-    model = models.get_model("ConvNet", NUM_CLASSES, IMAGE_SHAPE, width=64)
+    model = models.get_model("ConvNet", NUM_CLASSES, IMAGE_SHAPE, width=32)
     rng = np.random.default_rng(0)
     start = models.init_variables(model, jax.random.key(0), IMAGE_SHAPE)["params"]
     target = jax.tree.map(lambda p: p + 0.05 * rng.normal(size=p.shape), start)
@@ -140,10 +140,11 @@ def test_matching_in_float64_is_the_same_with_and_without_the_options():
 
 
 def test_matching_in_float32_stays_within_the_stated_bound_of_float64():
-    # Here the options' image gradient is 6.5e-6 from float64 (median over images) where XLA's
-    # default gives 5e-7: in float32 a ReLU input within rounding of zero can come out on
-    # either side, and one such flip in an inner step moves every image's gradient (README:
-    # both settings draw such flips). The bound is what the README states for this problem.
+    # Here the options' image gradient is 4.0e-7 from float64 (median over images) and XLA's
+    # default 3.2e-7. In float32 a ReLU input within rounding of zero can come out on either
+    # side, and one such flip in an inner step moves every image's gradient (with width 64 and
+    # 50 images: 6.5e-6 against 5e-7; README: both settings draw such flips). The bound leaves
+    # room for a flip and is what the README states.
     reference = _loss_and_grads(jnp.float64, None)
     loss, images, inner_lr = _loss_and_grads(jnp.float32, xla.fusion_value(xla.DEFAULT))
     assert _distance([loss, inner_lr], [reference[0], reference[2]]) < 1e-4
